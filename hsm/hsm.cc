@@ -1,0 +1,263 @@
+#include "hsm/hsm.h"
+
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/p256.h"
+#include "common/status_macros.h"
+#include "hsm/ck_status.h"
+#include "hsm/key_templates.h"
+#include "hsm/pin_file.h"
+
+namespace custos::hsm {
+namespace {
+
+// Runs `f(Session&) -> StatusOr<T>` on the pool and returns its value. The
+// result lives in shared state because a timed-out call may finish later.
+template <typename T, typename F>
+absl::StatusOr<T> Call(SessionPool& pool, F f) {
+  auto out = std::make_shared<std::optional<T>>();
+  absl::Status s = pool.Run(
+      [f = std::move(f), out](Session& session) mutable -> absl::Status {
+        absl::StatusOr<T> r = f(session);
+        if (!r.ok()) return r.status();
+        *out = *std::move(r);
+        return absl::OkStatus();
+      });
+  if (!s.ok()) return s;
+  return std::move(**out);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Hsm>> Hsm::Open(const Module& module,
+                                               const Options& options) {
+  if (options.token_label.empty()) {
+    return absl::InvalidArgumentError(
+        "token_label is empty: name the HSM token Custos uses");
+  }
+  CUSTOS_ASSIGN_OR_RETURN(CK_SLOT_ID slot,
+                          module.FindSlotByTokenLabel(options.token_label));
+  CUSTOS_ASSIGN_OR_RETURN(SecretBytes pin, ReadPinFile(options.pin_file));
+  absl::StatusOr<std::unique_ptr<SessionPool>> pool =
+      SessionPool::Create(module.fn(), slot, std::move(pin), options.pool);
+  if (!pool.ok()) {
+    return absl::Status(pool.status().code(),
+                        absl::StrCat("opening sessions on token '",
+                                     options.token_label,
+                                     "': ", pool.status().message()));
+  }
+  return std::unique_ptr<Hsm>(new Hsm(*std::move(pool)));
+}
+
+absl::StatusOr<CK_OBJECT_HANDLE> Hsm::Resolve(Session& session,
+                                              const std::string& id,
+                                              CK_OBJECT_CLASS cls) {
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = handles_.find(std::make_pair(cls, id));
+    if (it != handles_.end()) return it->second;
+  }
+  AttributeTemplate query;
+  query.Ulong(CKA_CLASS, cls).Bytes(CKA_ID, id);
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
+                          session.FindObjects(query, 2));
+  if (found.empty()) {
+    return absl::NotFoundError(
+        absl::StrCat("no HSM object with CKA_ID ", ObjectIdHex(id)));
+  }
+  if (found.size() > 1) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "several HSM objects share CKA_ID ", ObjectIdHex(id),
+        ": refusing an ambiguous key"));
+  }
+  if (cls == CKO_SECRET_KEY) {
+    CUSTOS_RETURN_IF_ERROR(VerifyCmkAttributes(session, found[0]));
+  } else if (cls == CKO_PRIVATE_KEY) {
+    CUSTOS_RETURN_IF_ERROR(VerifySigningKeyAttributes(session, found[0]));
+  }
+  absl::MutexLock lock(&mu_);
+  handles_[std::make_pair(cls, id)] = found[0];
+  return found[0];
+}
+
+void Hsm::Forget(const std::string& id, CK_OBJECT_CLASS cls) {
+  absl::MutexLock lock(&mu_);
+  handles_.erase(std::make_pair(cls, id));
+}
+
+template <typename T, typename F>
+absl::StatusOr<T> Hsm::WithObject(Session& session, const std::string& id,
+                                  CK_OBJECT_CLASS cls, F use) {
+  CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE handle, Resolve(session, id, cls));
+  absl::StatusOr<T> result = use(handle);
+  if (!result.ok() && IsStaleObjectHandle(result.status())) {
+    Forget(id, cls);
+    CUSTOS_ASSIGN_OR_RETURN(handle, Resolve(session, id, cls));
+    result = use(handle);
+  }
+  return result;
+}
+
+absl::StatusOr<std::string> Hsm::GenerateAesKey(absl::string_view label) {
+  return Call<std::string>(
+      *pool_, [this, label = std::string(label)](
+                  Session& session) -> absl::StatusOr<std::string> {
+        CUSTOS_ASSIGN_OR_RETURN(SecretBytes id_bytes,
+                                session.GenerateRandom(kObjectIdSize));
+        std::string id(id_bytes.view());
+        CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE key,
+                                GenerateCmk(session, id, label));
+        absl::MutexLock lock(&mu_);
+        handles_[std::make_pair(CKO_SECRET_KEY, id)] = key;
+        return id;
+      });
+}
+
+absl::Status Hsm::VerifyAesKey(absl::string_view id) {
+  Forget(std::string(id), CKO_SECRET_KEY);  // verify afresh, not from cache
+  return Call<bool>(*pool_,
+                    [this, id = std::string(id)](
+                        Session& session) -> absl::StatusOr<bool> {
+                      CUSTOS_RETURN_IF_ERROR(
+                          Resolve(session, id, CKO_SECRET_KEY).status());
+                      return true;
+                    })
+      .status();
+}
+
+absl::StatusOr<GcmSealed> Hsm::EncryptAesGcm(absl::string_view id,
+                                             absl::string_view aad,
+                                             absl::string_view plaintext) {
+  return Call<GcmSealed>(
+      *pool_,
+      [this, id = std::string(id), aad = std::string(aad),
+       plaintext = SecretBytes::CopyOf(plaintext)](
+          Session& session) -> absl::StatusOr<GcmSealed> {
+        return WithObject<GcmSealed>(
+            session, id, CKO_SECRET_KEY,
+            [&](CK_OBJECT_HANDLE key) -> absl::StatusOr<GcmSealed> {
+              CUSTOS_ASSIGN_OR_RETURN(SecretBytes iv,
+                                      session.GenerateRandom(kGcmIvSize));
+              GcmSealed sealed{std::string(iv.view()), ""};
+              CUSTOS_ASSIGN_OR_RETURN(
+                  sealed.ciphertext,
+                  session.EncryptAesGcm(key, sealed.iv, aad, plaintext.view()));
+              return sealed;
+            });
+      });
+}
+
+absl::StatusOr<SecretBytes> Hsm::DecryptAesGcm(absl::string_view id,
+                                               absl::string_view iv,
+                                               absl::string_view aad,
+                                               absl::string_view ciphertext) {
+  if (iv.size() != kGcmIvSize) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "AES-GCM IV must be ", kGcmIvSize, " bytes, got ", iv.size()));
+  }
+  if (ciphertext.size() < kGcmTagSize) {
+    return absl::InvalidArgumentError("AES-GCM ciphertext shorter than a tag");
+  }
+  return Call<SecretBytes>(
+      *pool_, [this, id = std::string(id), iv = std::string(iv),
+               aad = std::string(aad), ciphertext = std::string(ciphertext)](
+                  Session& session) -> absl::StatusOr<SecretBytes> {
+        return WithObject<SecretBytes>(
+            session, id, CKO_SECRET_KEY, [&](CK_OBJECT_HANDLE key) {
+              return session.DecryptAesGcm(key, iv, aad, ciphertext);
+            });
+      });
+}
+
+absl::StatusOr<SecretBytes> Hsm::GenerateRandom(size_t size) {
+  return Call<SecretBytes>(*pool_, [size](Session& session) {
+    return session.GenerateRandom(size);
+  });
+}
+
+absl::StatusOr<std::string> Hsm::GenerateSigningKey(absl::string_view label) {
+  return Call<std::string>(
+      *pool_, [this, label = std::string(label)](
+                  Session& session) -> absl::StatusOr<std::string> {
+        CUSTOS_ASSIGN_OR_RETURN(SecretBytes id_bytes,
+                                session.GenerateRandom(kObjectIdSize));
+        std::string id(id_bytes.view());
+        CUSTOS_ASSIGN_OR_RETURN(auto pair,
+                                GenerateP256SigningKeyPair(session, id, label));
+        absl::MutexLock lock(&mu_);
+        handles_[std::make_pair(CKO_PUBLIC_KEY, id)] = pair.first;
+        handles_[std::make_pair(CKO_PRIVATE_KEY, id)] = pair.second;
+        return id;
+      });
+}
+
+absl::StatusOr<std::string> Hsm::SignP256(absl::string_view id,
+                                          absl::string_view message) {
+  return Call<std::string>(
+      *pool_, [this, id = std::string(id), digest = Sha256(message)](
+                  Session& session) -> absl::StatusOr<std::string> {
+        return WithObject<std::string>(
+            session, id, CKO_PRIVATE_KEY, [&](CK_OBJECT_HANDLE key) {
+              return session.SignEcdsa(key, digest);
+            });
+      });
+}
+
+absl::StatusOr<std::string> Hsm::SigningPublicKeyPem(absl::string_view id) {
+  CUSTOS_ASSIGN_OR_RETURN(
+      std::string point,
+      Call<std::string>(*pool_, [this, id = std::string(id)](Session& session) {
+        return WithObject<std::string>(
+            session, id, CKO_PUBLIC_KEY, [&](CK_OBJECT_HANDLE key) {
+              return session.GetBytesAttribute(key, CKA_EC_POINT);
+            });
+      }));
+  return P256PublicKeyPemFromEcPoint(point);
+}
+
+absl::StatusOr<int> Hsm::DestroyObjects(absl::string_view id) {
+  std::string key(id);
+  {
+    absl::MutexLock lock(&mu_);
+    for (CK_OBJECT_CLASS cls :
+         {CKO_SECRET_KEY, CKO_PRIVATE_KEY, CKO_PUBLIC_KEY}) {
+      handles_.erase(std::make_pair(cls, key));
+    }
+  }
+  return Call<int>(*pool_, [key](Session& session) -> absl::StatusOr<int> {
+    AttributeTemplate query;
+    query.Bytes(CKA_ID, key);
+    CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
+                            session.FindObjects(query, 16));
+    for (CK_OBJECT_HANDLE object : found) {
+      CUSTOS_RETURN_IF_ERROR(session.DestroyObject(object));
+    }
+    return static_cast<int>(found.size());
+  });
+}
+
+absl::StatusOr<std::vector<HsmObject>> Hsm::ListKeyObjects() {
+  return Call<std::vector<HsmObject>>(
+      *pool_, [](Session& session) -> absl::StatusOr<std::vector<HsmObject>> {
+        std::vector<HsmObject> objects;
+        for (CK_OBJECT_CLASS cls : {CKO_SECRET_KEY, CKO_PRIVATE_KEY}) {
+          AttributeTemplate query;
+          query.Ulong(CKA_CLASS, cls);
+          CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
+                                  session.FindObjects(query, 1 << 20));
+          for (CK_OBJECT_HANDLE object : found) {
+            HsmObject o{cls, "", ""};
+            CUSTOS_ASSIGN_OR_RETURN(o.id,
+                                    session.GetBytesAttribute(object, CKA_ID));
+            CUSTOS_ASSIGN_OR_RETURN(
+                o.label, session.GetBytesAttribute(object, CKA_LABEL));
+            objects.push_back(std::move(o));
+          }
+        }
+        return objects;
+      });
+}
+
+}  // namespace custos::hsm

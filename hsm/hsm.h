@@ -1,0 +1,119 @@
+// Hsm: the HSM as the rest of Custos sees it. Keys are named by their CKA_ID
+// (random, 16 bytes); every operation runs on a pooled session within the
+// pool's deadlines; object handles are cached per CKA_ID, each key verified
+// against its template before first use, and found again by CKA_ID when a
+// handle goes stale (after C_CloseAllSessions or a re-login).
+//
+// It knows nothing of key ids, policies, SQL or gRPC. Thread-safe.
+#ifndef CUSTOS_HSM_HSM_H_
+#define CUSTOS_HSM_HSM_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "common/secret_bytes.h"
+#include "hsm/module.h"
+#include "hsm/session_pool.h"
+
+namespace custos::hsm {
+
+// The output of EncryptAesGcm: a fresh 12-byte IV from the HSM's RNG and the
+// ciphertext with its 16-byte tag appended.
+struct GcmSealed {
+  std::string iv;
+  std::string ciphertext;  // ciphertext || tag
+};
+
+// One Custos object on the token, for inventory and reconciliation.
+struct HsmObject {
+  CK_OBJECT_CLASS object_class;
+  std::string id;     // CKA_ID, raw bytes
+  std::string label;  // CKA_LABEL
+};
+
+class Hsm {
+ public:
+  struct Options {
+    std::string token_label;
+    std::string pin_file;  // read once, mode-checked (see ReadPinFile)
+    SessionPool::Options pool;
+  };
+
+  // Finds the token by label, reads the PIN file and logs in the pool's
+  // sessions. `module` must outlive the Hsm.
+  static absl::StatusOr<std::unique_ptr<Hsm>> Open(const Module& module,
+                                                   const Options& options);
+
+  // Generates an AES-256 CMK version in the HSM (template: key_templates.h),
+  // verifies it, and returns its new random CKA_ID.
+  absl::StatusOr<std::string> GenerateAesKey(absl::string_view label);
+  // Finds the key by CKA_ID and checks its attributes: NOT_FOUND if absent,
+  // FAILED_PRECONDITION if it fails the template (then it is never used).
+  absl::Status VerifyAesKey(absl::string_view id);
+
+  // AES-256-GCM inside the HSM under key `id`, with a fresh random 96-bit IV
+  // and a 128-bit tag.
+  absl::StatusOr<GcmSealed> EncryptAesGcm(absl::string_view id,
+                                          absl::string_view aad,
+                                          absl::string_view plaintext);
+  // INVALID_ARGUMENT "AES-GCM authentication failed" when the tag does not
+  // verify (wrong key, IV, AAD, or altered ciphertext).
+  absl::StatusOr<SecretBytes> DecryptAesGcm(absl::string_view id,
+                                            absl::string_view iv,
+                                            absl::string_view aad,
+                                            absl::string_view ciphertext);
+
+  absl::StatusOr<SecretBytes> GenerateRandom(size_t size);
+
+  // Generates an ECDSA P-256 key pair (private half non-extractable) and
+  // returns its CKA_ID.
+  absl::StatusOr<std::string> GenerateSigningKey(absl::string_view label);
+  // Raw r||s ECDSA signature over SHA-256(message).
+  absl::StatusOr<std::string> SignP256(absl::string_view id,
+                                       absl::string_view message);
+  // The public half as a SubjectPublicKeyInfo PEM.
+  absl::StatusOr<std::string> SigningPublicKeyPem(absl::string_view id);
+
+  // Destroys every object with this CKA_ID; returns how many there were
+  // (0 is not an error: destruction is idempotent).
+  absl::StatusOr<int> DestroyObjects(absl::string_view id);
+  // Every secret and private key object on the token.
+  absl::StatusOr<std::vector<HsmObject>> ListKeyObjects();
+
+  SessionPool::Stats pool_stats() const { return pool_->stats(); }
+  // Runs an operation of the caller's own on a pooled session.
+  absl::Status Run(SessionPool::Op op) { return pool_->Run(std::move(op)); }
+
+ private:
+  explicit Hsm(std::unique_ptr<SessionPool> pool) : pool_(std::move(pool)) {}
+
+  // The verified handle of the object (class `cls`) with CKA_ID `id`, from
+  // the cache or found and verified now. Called on a worker's session.
+  absl::StatusOr<CK_OBJECT_HANDLE> Resolve(Session& session,
+                                           const std::string& id,
+                                           CK_OBJECT_CLASS cls);
+  // Runs `use` with the object's handle; on a stale handle, forgets it,
+  // finds it again and retries once.
+  template <typename T, typename F>
+  absl::StatusOr<T> WithObject(Session& session, const std::string& id,
+                               CK_OBJECT_CLASS cls, F use);
+  void Forget(const std::string& id, CK_OBJECT_CLASS cls);
+
+  std::unique_ptr<SessionPool> pool_;
+  absl::Mutex mu_;
+  // (class, CKA_ID) -> verified handle.
+  absl::flat_hash_map<std::pair<CK_OBJECT_CLASS, std::string>,
+                      CK_OBJECT_HANDLE>
+      handles_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace custos::hsm
+
+#endif  // CUSTOS_HSM_HSM_H_

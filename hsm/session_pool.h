@@ -1,0 +1,122 @@
+// SessionPool: a fixed number of logged-in PKCS#11 sessions, each owned by a
+// worker thread of its own, on which callers run HSM operations with a
+// deadline.
+//
+// Why a thread per session: a PKCS#11 call cannot be cancelled, so the only
+// way to bound how long a caller waits on a hung HSM is to make the call on
+// another thread. A call that overruns `call_timeout` answers
+// DEADLINE_EXCEEDED; its session is abandoned (closed when the call finally
+// returns) and replaced by a fresh one, so a hung HSM does not exhaust the
+// pool (up to `max_abandoned` hung calls at once).
+//
+// Recovery: when an operation fails with a broken-session CK_RV
+// (IsSessionBroken: handle invalid, session closed, logged out, device
+// removed or failed, token not present), that session is closed and reopened
+// with a fresh C_Login before its next use, and the operation is retried on
+// another session, at most `size + 1` attempts in all. The service recovers
+// from C_CloseAllSessions or a token re-insertion without a restart.
+//
+// Thread-safe.
+#ifndef CUSTOS_HSM_SESSION_POOL_H_
+#define CUSTOS_HSM_SESSION_POOL_H_
+
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/functional/any_invocable.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/secret_bytes.h"
+#include "hsm/session.h"
+
+namespace custos::hsm {
+
+class SessionPool {
+ public:
+  struct Options {
+    int size = 4;
+    // How long a caller waits for a free session before UNAVAILABLE.
+    absl::Duration lease_timeout = absl::Seconds(5);
+    // How long one operation may take before DEADLINE_EXCEEDED.
+    absl::Duration call_timeout = absl::Seconds(10);
+    // Hung calls whose sessions are replaced; beyond this the pool shrinks
+    // until they return.
+    int max_abandoned = 4;
+  };
+
+  struct Stats {
+    uint64_t leases = 0;          // operations started
+    uint64_t waits = 0;           // leases that found no free session
+    uint64_t lease_timeouts = 0;  // waits that gave up (UNAVAILABLE)
+    uint64_t evictions = 0;       // sessions closed after a broken-session rv
+    uint64_t resets = 0;          // sessions replaced after a failed call
+    uint64_t reopens = 0;         // sessions opened to replace others
+    uint64_t retries = 0;         // operations retried on another session
+    uint64_t call_timeouts = 0;   // operations that overran call_timeout
+    int workers = 0;              // sessions serving the pool now
+    int idle = 0;                 // of which free
+    int abandoned = 0;            // hung calls still running
+  };
+
+  // An operation on one session. It runs on the session's worker thread and
+  // may outlive the Run() call that started it (after a timeout), so it must
+  // own, not borrow, everything it touches. It may run more than once.
+  using Op = absl::AnyInvocable<absl::Status(Session&)>;
+
+  // Opens and logs in `options.size` sessions on `slot`. Fails (with the
+  // CK_RV, never the PIN) if any cannot be opened.
+  static absl::StatusOr<std::unique_ptr<SessionPool>> Create(
+      CK_FUNCTION_LIST* fn, CK_SLOT_ID slot, SecretBytes pin, Options options);
+  // Stops every worker. Waits for calls still inside the HSM to return.
+  ~SessionPool();
+  SessionPool(const SessionPool&) = delete;
+  SessionPool& operator=(const SessionPool&) = delete;
+
+  // Runs `op` on a free session within the deadlines; see the class comment.
+  absl::Status Run(Op op);
+
+  Stats stats() const;
+  const Options& options() const { return options_; }
+
+ private:
+  class Worker;
+  struct Job;
+
+  SessionPool(CK_FUNCTION_LIST* fn, CK_SLOT_ID slot, SecretBytes pin,
+              Options options);
+  absl::StatusOr<Worker*> Acquire();
+  void Release(Worker* worker);
+  absl::Status RunOnce(std::shared_ptr<Op> op);
+  // Starts a worker and makes it available; `session` may be empty (opened
+  // by the worker on first use).
+  void AddWorkerLocked(std::unique_ptr<Session> session)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void OnAbandonedWorkerDone(Worker* worker);
+  void ReapLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Called by workers.
+  absl::StatusOr<Session> OpenSession();
+  void CountEviction();
+  void CountReset();
+
+  CK_FUNCTION_LIST* const fn_;
+  const CK_SLOT_ID slot_;
+  const SecretBytes pin_;
+  const Options options_;
+
+  mutable absl::Mutex mu_;
+  std::list<std::unique_ptr<Worker>> workers_ ABSL_GUARDED_BY(mu_);
+  std::vector<Worker*> idle_ ABSL_GUARDED_BY(mu_);
+  std::vector<Worker*> finished_ ABSL_GUARDED_BY(mu_);  // to join
+  int live_workers_ ABSL_GUARDED_BY(mu_) = 0;  // not abandoned
+  int abandoned_ ABSL_GUARDED_BY(mu_) = 0;
+  Stats stats_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace custos::hsm
+
+#endif  // CUSTOS_HSM_SESSION_POOL_H_
