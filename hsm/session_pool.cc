@@ -1,93 +1,56 @@
 #include "hsm/session_pool.h"
 
+#include <algorithm>
 #include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/notification.h"
 #include "common/status_macros.h"
 #include "hsm/ck_status.h"
 
 namespace custos::hsm {
 
+// One operation on its way through the pool. State and result are guarded
+// by the pool's mutex.
 struct SessionPool::Job {
+  enum class State { kQueued, kRunning, kDone };
   std::shared_ptr<Op> op;
+  State state = State::kQueued;
+  Worker* worker = nullptr;  // while running
   absl::Status result;
-  absl::Notification done;
+
+  static bool Started(Job* job) { return job->state != State::kQueued; }
+  static bool Done(Job* job) { return job->state == State::kDone; }
 };
 
-// One session and the thread that alone uses it. Jobs are handed over one at
-// a time; a worker whose caller gave up waiting (abandoned) closes its
-// session and ends once its call returns.
+// One session and the thread that alone uses it.
 class SessionPool::Worker {
  public:
   Worker(SessionPool* pool, std::unique_ptr<Session> session)
       : pool_(pool), session_(std::move(session)) {
     thread_ = std::thread([this] { Loop(); });
   }
-  ~Worker() {
-    {
-      absl::MutexLock lock(&mu_);
-      stop_ = true;
-    }
-    thread_.join();
-  }
+  ~Worker() { thread_.join(); }
 
-  void Post(std::shared_ptr<Job> job) {
-    absl::MutexLock lock(&mu_);
-    job_ = std::move(job);
-  }
-
-  // Marks this worker abandoned unless `job` has already finished. The check
-  // and the job's completion happen under the same lock, so exactly one side
-  // owns what follows.
-  bool AbandonIfBusy(const Job& job) {
-    absl::MutexLock lock(&mu_);
-    if (job.done.HasBeenNotified()) return false;
-    abandoned_ = true;
-    return true;
-  }
+  bool abandoned = false;  // guarded by pool_->mu_
 
  private:
-  bool HasWorkOrStop() const ABSL_SHARED_LOCKS_REQUIRED(mu_) {
-    return job_ != nullptr || stop_;
-  }
-
   void Loop() {
-    for (;;) {
-      std::shared_ptr<Job> job;
-      {
-        absl::MutexLock lock(&mu_);
-        mu_.Await(absl::Condition(this, &Worker::HasWorkOrStop));
-        if (job_ == nullptr) return;  // stopping
-        job = std::move(job_);
-      }
-      Execute(*job);
-      bool abandoned;
-      {
-        absl::MutexLock lock(&mu_);
-        abandoned = abandoned_;
-        job->done.Notify();
-      }
-      if (abandoned) {
-        session_.reset();
-        pool_->OnAbandonedWorkerDone(this);
-        return;
-      }
+    while (std::shared_ptr<Job> job = pool_->NextJob(this)) {
+      absl::Status result = Execute(*job->op);
+      if (!pool_->FinishJob(this, *job, std::move(result))) break;
     }
+    session_.reset();
   }
 
-  void Execute(Job& job) {
+  absl::Status Execute(Op& op) {
     if (session_ == nullptr) {
       absl::StatusOr<Session> session = pool_->OpenSession();
-      if (!session.ok()) {
-        job.result = session.status();
-        return;
-      }
+      if (!session.ok()) return session.status();
       session_ = std::make_unique<Session>(*std::move(session));
     }
-    job.result = (*job.op)(*session_);
-    if (IsSessionBroken(job.result)) {
+    absl::Status result = op(*session_);
+    if (IsSessionBroken(result)) {
       session_.reset();
       pool_->CountEviction();
     } else if (session_->needs_reset()) {
@@ -101,14 +64,11 @@ class SessionPool::Worker {
       }
       pool_->CountReset();
     }
+    return result;
   }
 
   SessionPool* const pool_;
   std::unique_ptr<Session> session_;  // used by thread_ only
-  absl::Mutex mu_;
-  std::shared_ptr<Job> job_ ABSL_GUARDED_BY(mu_);
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
-  bool abandoned_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
 };
 
@@ -143,8 +103,8 @@ SessionPool::~SessionPool() {
   std::list<std::unique_ptr<Worker>> workers;
   {
     absl::MutexLock lock(&mu_);
+    stopping_ = true;
     workers.swap(workers_);
-    idle_.clear();
     finished_.clear();
   }
   workers.clear();  // joins each worker, waiting for calls still running
@@ -152,7 +112,6 @@ SessionPool::~SessionPool() {
 
 void SessionPool::AddWorkerLocked(std::unique_ptr<Session> session) {
   workers_.push_back(std::make_unique<Worker>(this, std::move(session)));
-  idle_.push_back(workers_.back().get());
   ++live_workers_;
 }
 
@@ -164,31 +123,32 @@ void SessionPool::ReapLocked() {
   finished_.clear();
 }
 
-absl::StatusOr<SessionPool::Worker*> SessionPool::Acquire() {
+std::shared_ptr<SessionPool::Job> SessionPool::NextJob(Worker* worker) {
   absl::MutexLock lock(&mu_);
-  ReapLocked();
-  ++stats_.leases;
-  if (idle_.empty()) {
-    ++stats_.waits;
-    auto has_idle = [](std::vector<Worker*>* idle) { return !idle->empty(); };
-    if (!mu_.AwaitWithTimeout(
-            absl::Condition(+has_idle, &idle_), options_.lease_timeout)) {
-      ++stats_.lease_timeouts;
-      return absl::UnavailableError(absl::StrCat(
-          "no HSM session became free within ",
-          absl::FormatDuration(options_.lease_timeout), " (pool of ",
-          live_workers_, ", ", abandoned_,
-          " hung calls): the HSM is overloaded or not answering"));
-    }
-  }
-  Worker* worker = idle_.back();
-  idle_.pop_back();
-  return worker;
+  mu_.Await(absl::Condition(this, &SessionPool::HasWorkOrStopping));
+  if (stopping_) return nullptr;
+  std::shared_ptr<Job> job = std::move(queue_.front());
+  queue_.pop_front();
+  job->state = Job::State::kRunning;
+  job->worker = worker;
+  ++running_;
+  return job;
 }
 
-void SessionPool::Release(Worker* worker) {
+bool SessionPool::FinishJob(Worker* worker, Job& job, absl::Status result) {
   absl::MutexLock lock(&mu_);
-  idle_.push_back(worker);
+  job.result = std::move(result);
+  job.state = Job::State::kDone;
+  if (!worker->abandoned) {
+    --running_;
+    return !stopping_;
+  }
+  // The caller gave up on this call long ago: retire the worker, and refill
+  // the pool if the hang left it short.
+  --abandoned_;
+  finished_.push_back(worker);
+  if (live_workers_ < options_.size && !stopping_) AddWorkerLocked(nullptr);
+  return false;
 }
 
 absl::Status SessionPool::Run(Op op) {
@@ -206,34 +166,40 @@ absl::Status SessionPool::Run(Op op) {
 }
 
 absl::Status SessionPool::RunOnce(std::shared_ptr<Op> op) {
-  CUSTOS_ASSIGN_OR_RETURN(Worker * worker, Acquire());
   auto job = std::make_shared<Job>();
   job->op = std::move(op);
-  worker->Post(job);
-  if (job->done.WaitForNotificationWithTimeout(options_.call_timeout) ||
-      !worker->AbandonIfBusy(*job)) {
-    absl::Status result = job->result;
-    Release(worker);
-    return result;
-  }
   absl::MutexLock lock(&mu_);
-  ++stats_.call_timeouts;
+  ReapLocked();
+  ++stats_.leases;
+  if (running_ + static_cast<int>(queue_.size()) >= live_workers_) {
+    ++stats_.waits;
+  }
+  queue_.push_back(job);
+  if (!mu_.AwaitWithTimeout(absl::Condition(&Job::Started, job.get()),
+                            options_.lease_timeout)) {
+    queue_.erase(std::find(queue_.begin(), queue_.end(), job));
+    ++stats_.lease_timeouts;
+    return absl::UnavailableError(absl::StrCat(
+        "no HSM session became free within ",
+        absl::FormatDuration(options_.lease_timeout), " (pool of ",
+        live_workers_, ", ", abandoned_,
+        " hung calls): the HSM is overloaded or not answering"));
+  }
+  if (mu_.AwaitWithTimeout(absl::Condition(&Job::Done, job.get()),
+                           options_.call_timeout)) {
+    return job->result;
+  }
+  // The call is stuck inside the HSM. Abandon its worker and replace it so
+  // that other callers keep being served.
+  job->worker->abandoned = true;
+  --running_;
   --live_workers_;
   ++abandoned_;
-  // Replace the hung session so that callers keep being served.
+  ++stats_.call_timeouts;
   if (abandoned_ <= options_.max_abandoned) AddWorkerLocked(nullptr);
   return absl::DeadlineExceededError(
       absl::StrCat("HSM call did not return within ",
                    absl::FormatDuration(options_.call_timeout)));
-}
-
-void SessionPool::OnAbandonedWorkerDone(Worker* worker) {
-  absl::MutexLock lock(&mu_);
-  --abandoned_;
-  finished_.push_back(worker);
-  if (live_workers_ < options_.size && !workers_.empty()) {
-    AddWorkerLocked(nullptr);
-  }
 }
 
 absl::StatusOr<Session> SessionPool::OpenSession() {
@@ -258,8 +224,9 @@ SessionPool::Stats SessionPool::stats() const {
   absl::MutexLock lock(&mu_);
   Stats s = stats_;
   s.workers = live_workers_;
-  s.idle = static_cast<int>(idle_.size());
+  s.idle = live_workers_ - running_;
   s.abandoned = abandoned_;
+  s.queued = static_cast<int>(queue_.size());
   return s;
 }
 

@@ -1,26 +1,30 @@
 // SessionPool: a fixed number of logged-in PKCS#11 sessions, each owned by a
-// worker thread of its own, on which callers run HSM operations with a
-// deadline.
+// worker thread of its own, serving one queue of HSM operations with
+// deadlines.
 //
-// Why a thread per session: a PKCS#11 call cannot be cancelled, so the only
-// way to bound how long a caller waits on a hung HSM is to make the call on
-// another thread. A call that overruns `call_timeout` answers
-// DEADLINE_EXCEEDED; its session is abandoned (closed when the call finally
-// returns) and replaced by a fresh one, so a hung HSM does not exhaust the
-// pool (up to `max_abandoned` hung calls at once).
+// Why threads: a PKCS#11 call cannot be cancelled, so the only way to bound
+// how long a caller waits on a hung HSM is to make the call on another
+// thread. Callers enqueue an operation and wait. An operation still queued
+// after `lease_timeout` is withdrawn (UNAVAILABLE); one that runs longer than
+// `call_timeout` answers DEADLINE_EXCEEDED, and its worker is abandoned (it
+// closes its session when the call finally returns) and replaced by a fresh
+// one, so a hung HSM does not exhaust the pool (up to `max_abandoned` hung
+// calls at once). Under load, workers take the next operation from the queue
+// without sleeping.
 //
 // Recovery: when an operation fails with a broken-session CK_RV
 // (IsSessionBroken: handle invalid, session closed, logged out, device
 // removed or failed, token not present), that session is closed and reopened
-// with a fresh C_Login before its next use, and the operation is retried on
-// another session, at most `size + 1` attempts in all. The service recovers
-// from C_CloseAllSessions or a token re-insertion without a restart.
+// with a fresh C_Login before its next use, and the operation is retried, at
+// most `size + 1` attempts in all. The service recovers from
+// C_CloseAllSessions or a token re-insertion without a restart.
 //
 // Thread-safe.
 #ifndef CUSTOS_HSM_SESSION_POOL_H_
 #define CUSTOS_HSM_SESSION_POOL_H_
 
 #include <cstdint>
+#include <deque>
 #include <list>
 #include <memory>
 #include <vector>
@@ -50,9 +54,9 @@ class SessionPool {
   };
 
   struct Stats {
-    uint64_t leases = 0;          // operations started
-    uint64_t waits = 0;           // leases that found no free session
-    uint64_t lease_timeouts = 0;  // waits that gave up (UNAVAILABLE)
+    uint64_t leases = 0;          // operations submitted
+    uint64_t waits = 0;           // of which found every session busy
+    uint64_t lease_timeouts = 0;  // withdrawn from the queue (UNAVAILABLE)
     uint64_t evictions = 0;       // sessions closed after a broken-session rv
     uint64_t resets = 0;          // sessions replaced after a failed call
     uint64_t reopens = 0;         // sessions opened to replace others
@@ -61,6 +65,7 @@ class SessionPool {
     int workers = 0;              // sessions serving the pool now
     int idle = 0;                 // of which free
     int abandoned = 0;            // hung calls still running
+    int queued = 0;               // operations waiting for a session
   };
 
   // An operation on one session. It runs on the session's worker thread and
@@ -89,16 +94,20 @@ class SessionPool {
 
   SessionPool(CK_FUNCTION_LIST* fn, CK_SLOT_ID slot, SecretBytes pin,
               Options options);
-  absl::StatusOr<Worker*> Acquire();
-  void Release(Worker* worker);
   absl::Status RunOnce(std::shared_ptr<Op> op);
-  // Starts a worker and makes it available; `session` may be empty (opened
-  // by the worker on first use).
+  // Starts a worker; `session` may be empty (opened by the worker on first
+  // use).
   void AddWorkerLocked(std::unique_ptr<Session> session)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void OnAbandonedWorkerDone(Worker* worker);
   void ReapLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool HasWorkOrStopping() const ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    return !queue_.empty() || stopping_;
+  }
   // Called by workers.
+  std::shared_ptr<Job> NextJob(Worker* worker);
+  // Records the result; returns false if the worker was abandoned and must
+  // end.
+  bool FinishJob(Worker* worker, Job& job, absl::Status result);
   absl::StatusOr<Session> OpenSession();
   void CountEviction();
   void CountReset();
@@ -109,11 +118,13 @@ class SessionPool {
   const Options options_;
 
   mutable absl::Mutex mu_;
+  std::deque<std::shared_ptr<Job>> queue_ ABSL_GUARDED_BY(mu_);
   std::list<std::unique_ptr<Worker>> workers_ ABSL_GUARDED_BY(mu_);
-  std::vector<Worker*> idle_ ABSL_GUARDED_BY(mu_);
   std::vector<Worker*> finished_ ABSL_GUARDED_BY(mu_);  // to join
   int live_workers_ ABSL_GUARDED_BY(mu_) = 0;  // not abandoned
+  int running_ ABSL_GUARDED_BY(mu_) = 0;       // live workers mid-operation
   int abandoned_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   Stats stats_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -114,9 +114,9 @@ void BM_HsmRandom32(benchmark::State& state) {
 BENCHMARK(BM_RawSessionEncrypt32)->Threads(1)->Threads(2)->UseRealTime();
 BENCHMARK(BM_RawSessionDecrypt32)->Threads(1)->Threads(2)->UseRealTime();
 BENCHMARK(BM_RawSessionRandom32)->Threads(1)->Threads(2)->UseRealTime();
-BENCHMARK(BM_HsmEncrypt32)->Threads(1)->Threads(2)->UseRealTime();
-BENCHMARK(BM_HsmDecrypt32)->Threads(1)->Threads(2)->UseRealTime();
-BENCHMARK(BM_HsmRandom32)->Threads(1)->Threads(2)->UseRealTime();
+BENCHMARK(BM_HsmEncrypt32)->Threads(1)->Threads(2)->Threads(8)->UseRealTime();
+BENCHMARK(BM_HsmDecrypt32)->Threads(1)->Threads(2)->Threads(8)->UseRealTime();
+BENCHMARK(BM_HsmRandom32)->Threads(1)->Threads(2)->Threads(8)->UseRealTime();
 
 }  // namespace
 
