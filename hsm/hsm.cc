@@ -56,6 +56,10 @@ absl::StatusOr<CK_OBJECT_HANDLE> Hsm::Resolve(Session& session,
                                               CK_OBJECT_CLASS cls) {
   {
     absl::MutexLock lock(&mu_);
+    if (uint64_t epoch = pool_->epoch(); epoch != handles_epoch_) {
+      handles_.clear();  // a session broke: handles may have been renumbered
+      handles_epoch_ = epoch;
+    }
     auto it = handles_.find(std::make_pair(cls, id));
     if (it != handles_.end()) return it->second;
   }
@@ -219,23 +223,29 @@ absl::StatusOr<std::string> Hsm::SigningPublicKeyPem(absl::string_view id) {
 
 absl::StatusOr<int> Hsm::DestroyObjects(absl::string_view id) {
   std::string key(id);
-  {
-    absl::MutexLock lock(&mu_);
-    for (CK_OBJECT_CLASS cls :
-         {CKO_SECRET_KEY, CKO_PRIVATE_KEY, CKO_PUBLIC_KEY}) {
-      handles_.erase(std::make_pair(cls, key));
-    }
+  absl::StatusOr<int> destroyed =
+      Call<int>(*pool_, [key](Session& session) -> absl::StatusOr<int> {
+        int count = 0;
+        for (;;) {
+          AttributeTemplate query;
+          query.Bytes(CKA_ID, key);
+          CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
+                                  session.FindObjects(query, 64));
+          if (found.empty()) return count;
+          for (CK_OBJECT_HANDLE object : found) {
+            CUSTOS_RETURN_IF_ERROR(session.DestroyObject(object));
+            ++count;
+          }
+        }
+      });
+  // Forget the handles after the objects are gone, so that no concurrent
+  // Resolve can cache one of them again.
+  absl::MutexLock lock(&mu_);
+  for (CK_OBJECT_CLASS cls :
+       {CKO_SECRET_KEY, CKO_PRIVATE_KEY, CKO_PUBLIC_KEY}) {
+    handles_.erase(std::make_pair(cls, key));
   }
-  return Call<int>(*pool_, [key](Session& session) -> absl::StatusOr<int> {
-    AttributeTemplate query;
-    query.Bytes(CKA_ID, key);
-    CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
-                            session.FindObjects(query, 16));
-    for (CK_OBJECT_HANDLE object : found) {
-      CUSTOS_RETURN_IF_ERROR(session.DestroyObject(object));
-    }
-    return static_cast<int>(found.size());
-  });
+  return destroyed;
 }
 
 absl::StatusOr<std::vector<HsmObject>> Hsm::ListKeyObjects() {

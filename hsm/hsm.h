@@ -112,6 +112,7 @@ class Hsm {
   absl::flat_hash_map<std::pair<CK_OBJECT_CLASS, std::string>,
                       CK_OBJECT_HANDLE>
       handles_ ABSL_GUARDED_BY(mu_);
+  uint64_t handles_epoch_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace custos::hsm

@@ -4,6 +4,7 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/status_macros.h"
 
 namespace custos::hsm {
@@ -20,11 +21,17 @@ struct Expectation {
   bool optional;   // may be unknown to older tokens
 };
 
+// Reads every expected attribute and refuses the object unless all match,
+// naming each mismatch. Values start as sentinels that are neither CK_TRUE
+// nor CK_FALSE, so an attribute the module did not fill in (whatever its
+// return value said) can never pass as "false".
 absl::Status Verify(Session& session, CK_OBJECT_HANDLE object,
                     absl::string_view what,
                     const std::vector<Expectation>& expected) {
-  std::vector<CK_ULONG> ulongs(expected.size(), 0);
-  std::vector<CK_BBOOL> bools(expected.size(), 0);
+  constexpr CK_BBOOL kUnsetBool = 0xA5;
+  constexpr CK_ULONG kUnsetUlong = CK_UNAVAILABLE_INFORMATION;
+  std::vector<CK_ULONG> ulongs(expected.size(), kUnsetUlong);
+  std::vector<CK_BBOOL> bools(expected.size(), kUnsetBool);
   std::vector<CK_ATTRIBUTE> attrs;
   for (size_t i = 0; i < expected.size(); ++i) {
     if (expected[i].is_bool) {
@@ -34,23 +41,34 @@ absl::Status Verify(Session& session, CK_OBJECT_HANDLE object,
     }
   }
   CUSTOS_RETURN_IF_ERROR(session.GetAttributes(object, attrs));
+  std::vector<std::string> problems;
   for (size_t i = 0; i < expected.size(); ++i) {
     const Expectation& e = expected[i];
-    if (attrs[i].ulValueLen == CK_UNAVAILABLE_INFORMATION) {
-      if (e.optional) continue;
-      return absl::FailedPreconditionError(absl::StrCat(
-          what, " refused: the token does not report ", e.name));
+    bool unavailable = attrs[i].ulValueLen == CK_UNAVAILABLE_INFORMATION ||
+                       (e.is_bool ? (bools[i] != CK_TRUE && bools[i] != CK_FALSE)
+                                  : ulongs[i] == kUnsetUlong);
+    if (unavailable) {
+      if (!e.optional) {
+        problems.push_back(absl::StrCat(e.name, " is not reported"));
+      }
+      continue;
     }
-    CK_ULONG actual = e.is_bool ? bools[i] : ulongs[i];
-    if (e.is_bool ? ((actual != 0) != (e.value != 0)) : actual != e.value) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          what, " refused: ", e.name, " is ",
-          e.is_bool ? (actual ? "true" : "false") : absl::StrCat(actual),
-          ", must be ",
-          e.is_bool ? (e.value ? "true" : "false") : absl::StrCat(e.value)));
+    if (e.is_bool) {
+      bool actual = bools[i] == CK_TRUE;
+      if (actual != (e.value != 0)) {
+        problems.push_back(absl::StrCat(e.name, " is ",
+                                        actual ? "true" : "false",
+                                        " (must be ",
+                                        e.value ? "true" : "false", ")"));
+      }
+    } else if (ulongs[i] != e.value) {
+      problems.push_back(absl::StrCat(e.name, " is ", ulongs[i],
+                                      " (must be ", e.value, ")"));
     }
   }
-  return absl::OkStatus();
+  if (problems.empty()) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat(what, " refused: ", absl::StrJoin(problems, "; ")));
 }
 
 #define CUSTOS_BOOL(attr, v, opt) {attr, #attr, v, true, opt}
@@ -107,17 +125,19 @@ absl::Status VerifyCmkAttributes(Session& session, CK_OBJECT_HANDLE key) {
                     CUSTOS_BOOL(CKA_TOKEN, true, false),
                     CUSTOS_BOOL(CKA_PRIVATE, true, false),
                     CUSTOS_BOOL(CKA_SENSITIVE, true, false),
-                    CUSTOS_BOOL(CKA_ALWAYS_SENSITIVE, true, false),
-                    CUSTOS_BOOL(CKA_NEVER_EXTRACTABLE, true, false),
-                    CUSTOS_BOOL(CKA_LOCAL, true, false),
                     CUSTOS_BOOL(CKA_EXTRACTABLE, false, false),
                     CUSTOS_BOOL(CKA_ENCRYPT, true, false),
                     CUSTOS_BOOL(CKA_DECRYPT, true, false),
                     CUSTOS_BOOL(CKA_WRAP, false, false),
                     CUSTOS_BOOL(CKA_UNWRAP, false, false),
                     CUSTOS_BOOL(CKA_DERIVE, false, false),
+                    CUSTOS_BOOL(CKA_SIGN, false, false),
+                    CUSTOS_BOOL(CKA_VERIFY, false, false),
                     CUSTOS_BOOL(CKA_MODIFIABLE, false, false),
                     CUSTOS_BOOL(CKA_COPYABLE, false, true),
+                    CUSTOS_BOOL(CKA_ALWAYS_SENSITIVE, true, false),
+                    CUSTOS_BOOL(CKA_NEVER_EXTRACTABLE, true, false),
+                    CUSTOS_BOOL(CKA_LOCAL, true, false),
                 });
 }
 
@@ -145,6 +165,7 @@ GenerateP256SigningKeyPair(Session& session, absl::string_view id,
       .Bool(CKA_SENSITIVE, true)
       .Bool(CKA_EXTRACTABLE, false)
       .Bool(CKA_SIGN, true)
+      .Bool(CKA_SIGN_RECOVER, false)
       .Bool(CKA_DECRYPT, false)
       .Bool(CKA_UNWRAP, false)
       .Bool(CKA_DERIVE, false)
@@ -165,23 +186,35 @@ GenerateP256SigningKeyPair(Session& session, absl::string_view id,
 
 absl::Status VerifySigningKeyAttributes(Session& session,
                                         CK_OBJECT_HANDLE key) {
-  return Verify(session, key, "HSM signing key",
+  absl::Status s = Verify(session, key, "HSM signing key",
                 {
                     CUSTOS_ULONG(CKA_CLASS, CKO_PRIVATE_KEY),
                     CUSTOS_ULONG(CKA_KEY_TYPE, CKK_EC),
                     CUSTOS_BOOL(CKA_TOKEN, true, false),
                     CUSTOS_BOOL(CKA_PRIVATE, true, false),
                     CUSTOS_BOOL(CKA_SENSITIVE, true, false),
-                    CUSTOS_BOOL(CKA_ALWAYS_SENSITIVE, true, false),
-                    CUSTOS_BOOL(CKA_NEVER_EXTRACTABLE, true, false),
-                    CUSTOS_BOOL(CKA_LOCAL, true, false),
                     CUSTOS_BOOL(CKA_EXTRACTABLE, false, false),
                     CUSTOS_BOOL(CKA_SIGN, true, false),
+                    CUSTOS_BOOL(CKA_SIGN_RECOVER, false, true),
                     CUSTOS_BOOL(CKA_DECRYPT, false, false),
                     CUSTOS_BOOL(CKA_UNWRAP, false, false),
                     CUSTOS_BOOL(CKA_DERIVE, false, false),
                     CUSTOS_BOOL(CKA_MODIFIABLE, false, false),
+                    CUSTOS_BOOL(CKA_COPYABLE, false, true),
+                    CUSTOS_BOOL(CKA_ALWAYS_SENSITIVE, true, false),
+                    CUSTOS_BOOL(CKA_NEVER_EXTRACTABLE, true, false),
+                    CUSTOS_BOOL(CKA_LOCAL, true, false),
                 });
+  if (!s.ok()) return s;
+  // The curve must be P-256: the verifier of checkpoint signatures assumes
+  // it.
+  CUSTOS_ASSIGN_OR_RETURN(std::string params,
+                          session.GetBytesAttribute(key, CKA_EC_PARAMS));
+  if (params != absl::string_view(kP256Oid, sizeof(kP256Oid) - 1)) {
+    return absl::FailedPreconditionError(
+        "HSM signing key refused: CKA_EC_PARAMS is not P-256");
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace custos::hsm

@@ -222,15 +222,19 @@ absl::StatusOr<SecretBytes> Session::DecryptAesGcm(
   CK_ULONG out_len = out.size();
   CK_RV rv = fn_->C_Decrypt(handle_, Bytes(ciphertext), ciphertext.size(),
                             out.data(), &out_len);
-  if (rv != CKR_OK) needs_reset_ = true;
   // A failed tag check is CKR_ENCRYPTED_DATA_INVALID by the spec, and
-  // CKR_GENERAL_ERROR from SoftHSM (MEASURED.md).
+  // CKR_GENERAL_ERROR from SoftHSM (MEASURED.md). Both end the operation
+  // (PKCS#11 v2.40 section 5.2), so the session stays usable: a stream of bad
+  // ciphertexts must not cost a new session each.
   if (rv == CKR_ENCRYPTED_DATA_INVALID || rv == CKR_GENERAL_ERROR ||
       rv == CKR_ENCRYPTED_DATA_LEN_RANGE) {
     return CkStatusAs(absl::StatusCode::kInvalidArgument,
                       "AES-GCM authentication failed", rv);
   }
-  if (rv != CKR_OK) return CkStatus(rv, "C_Decrypt");
+  if (rv != CKR_OK) {
+    needs_reset_ = true;
+    return CkStatus(rv, "C_Decrypt");
+  }
   if (out_len != ciphertext.size() - kGcmTagSize) {
     return absl::InternalError("C_Decrypt: unexpected AES-GCM output length");
   }

@@ -38,9 +38,14 @@ class SessionPool::Worker {
   void Loop() {
     while (std::shared_ptr<Job> job = pool_->NextJob(this)) {
       absl::Status result = Execute(*job->op);
+      bool broken = IsSessionBroken(result);
       if (!pool_->FinishJob(this, *job, std::move(result))) break;
+      Maintain(broken);
     }
+    // Retired (abandoned after a hang, or stopping): close the session here,
+    // on this thread, so that nobody waits on a slow C_CloseSession.
     session_.reset();
+    pool_->WorkerExited(this);
   }
 
   absl::Status Execute(Op& op) {
@@ -49,8 +54,14 @@ class SessionPool::Worker {
       if (!session.ok()) return session.status();
       session_ = std::make_unique<Session>(*std::move(session));
     }
-    absl::Status result = op(*session_);
-    if (IsSessionBroken(result)) {
+    return op(*session_);
+  }
+
+  // Between jobs: drop a broken session (reopened on next use) or replace
+  // one left in an unknown state.
+  void Maintain(bool broken) {
+    if (session_ == nullptr) return;
+    if (broken) {
       session_.reset();
       pool_->CountEviction();
     } else if (session_->needs_reset()) {
@@ -64,7 +75,6 @@ class SessionPool::Worker {
       }
       pool_->CountReset();
     }
-    return result;
   }
 
   SessionPool* const pool_;
@@ -107,7 +117,9 @@ SessionPool::~SessionPool() {
     workers.swap(workers_);
     finished_.clear();
   }
-  workers.clear();  // joins each worker, waiting for calls still running
+  // Joins each worker, waiting for calls still inside the HSM. Workers that
+  // exit meanwhile call WorkerExited, which only records them.
+  workers.clear();
 }
 
 void SessionPool::AddWorkerLocked(std::unique_ptr<Session> session) {
@@ -115,12 +127,25 @@ void SessionPool::AddWorkerLocked(std::unique_ptr<Session> session) {
   ++live_workers_;
 }
 
-void SessionPool::ReapLocked() {
+std::vector<std::unique_ptr<SessionPool::Worker>>
+SessionPool::TakeExitedLocked() {
+  std::vector<std::unique_ptr<Worker>> exited;
   for (Worker* done : finished_) {
-    workers_.remove_if(
-        [done](const std::unique_ptr<Worker>& w) { return w.get() == done; });
+    for (auto it = workers_.begin(); it != workers_.end(); ++it) {
+      if (it->get() == done) {
+        exited.push_back(std::move(*it));
+        workers_.erase(it);
+        break;
+      }
+    }
   }
   finished_.clear();
+  return exited;
+}
+
+void SessionPool::WorkerExited(Worker* worker) {
+  absl::MutexLock lock(&mu_);
+  if (!stopping_) finished_.push_back(worker);
 }
 
 std::shared_ptr<SessionPool::Job> SessionPool::NextJob(Worker* worker) {
@@ -143,40 +168,53 @@ bool SessionPool::FinishJob(Worker* worker, Job& job, absl::Status result) {
     --running_;
     return !stopping_;
   }
-  // The caller gave up on this call long ago: retire the worker, and refill
-  // the pool if the hang left it short.
+  // The caller gave up on this call long ago: retire the worker (it exits and
+  // is reaped), and refill the pool if the hang left it short.
   --abandoned_;
-  finished_.push_back(worker);
   if (live_workers_ < options_.size && !stopping_) AddWorkerLocked(nullptr);
   return false;
 }
 
 absl::Status SessionPool::Run(Op op) {
   auto shared = std::make_shared<Op>(std::move(op));
+  const absl::Time deadline =
+      absl::Now() + options_.lease_timeout + options_.call_timeout;
   absl::Status status;
   for (int attempt = 0; attempt <= options_.size; ++attempt) {
     if (attempt > 0) {
+      if (absl::Now() >= deadline) break;
       absl::MutexLock lock(&mu_);
       ++stats_.retries;
     }
-    status = RunOnce(shared);
+    status = RunOnce(shared, deadline);
     if (!IsSessionBroken(status)) return status;
   }
   return status;
 }
 
-absl::Status SessionPool::RunOnce(std::shared_ptr<Op> op) {
+absl::Status SessionPool::RunOnce(std::shared_ptr<Op> op,
+                                  absl::Time deadline) {
   auto job = std::make_shared<Job>();
   job->op = std::move(op);
+  std::vector<std::unique_ptr<Worker>> exited;
+  absl::Status result = Submit(job, deadline, exited);
+  exited.clear();  // joins retired workers outside the lock
+  return result;
+}
+
+absl::Status SessionPool::Submit(const std::shared_ptr<Job>& job,
+                                 absl::Time deadline,
+                                 std::vector<std::unique_ptr<Worker>>& exited) {
   absl::MutexLock lock(&mu_);
-  ReapLocked();
+  exited = TakeExitedLocked();
   ++stats_.leases;
   if (running_ + static_cast<int>(queue_.size()) >= live_workers_) {
     ++stats_.waits;
   }
   queue_.push_back(job);
-  if (!mu_.AwaitWithTimeout(absl::Condition(&Job::Started, job.get()),
-                            options_.lease_timeout)) {
+  const absl::Time now = absl::Now();
+  if (!mu_.AwaitWithDeadline(absl::Condition(&Job::Started, job.get()),
+                             std::min(deadline, now + options_.lease_timeout))) {
     queue_.erase(std::find(queue_.begin(), queue_.end(), job));
     ++stats_.lease_timeouts;
     return absl::UnavailableError(absl::StrCat(
@@ -185,8 +223,9 @@ absl::Status SessionPool::RunOnce(std::shared_ptr<Op> op) {
         live_workers_, ", ", abandoned_,
         " hung calls): the HSM is overloaded or not answering"));
   }
-  if (mu_.AwaitWithTimeout(absl::Condition(&Job::Done, job.get()),
-                           options_.call_timeout)) {
+  if (mu_.AwaitWithDeadline(
+          absl::Condition(&Job::Done, job.get()),
+          std::min(deadline, absl::Now() + options_.call_timeout))) {
     return job->result;
   }
   // The call is stuck inside the HSM. Abandon its worker and replace it so
@@ -211,6 +250,7 @@ absl::StatusOr<Session> SessionPool::OpenSession() {
 }
 
 void SessionPool::CountEviction() {
+  epoch_.fetch_add(1, std::memory_order_acq_rel);
   absl::MutexLock lock(&mu_);
   ++stats_.evictions;
 }

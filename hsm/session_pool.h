@@ -16,13 +16,15 @@
 // (IsSessionBroken: handle invalid, session closed, logged out, device
 // removed or failed, token not present), that session is closed and reopened
 // with a fresh C_Login before its next use, and the operation is retried, at
-// most `size + 1` attempts in all. The service recovers from
+// most `size + 1` attempts in all, all within one overall deadline of
+// lease_timeout + call_timeout. The service recovers from
 // C_CloseAllSessions or a token re-insertion without a restart.
 //
 // Thread-safe.
 #ifndef CUSTOS_HSM_SESSION_POOL_H_
 #define CUSTOS_HSM_SESSION_POOL_H_
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <list>
@@ -87,6 +89,10 @@ class SessionPool {
 
   Stats stats() const;
   const Options& options() const { return options_; }
+  // Changes whenever a session is evicted as broken. Object handles cached
+  // under an older epoch may be stale (a re-login or token re-insertion can
+  // renumber them) and must be found again.
+  uint64_t epoch() const { return epoch_.load(std::memory_order_acquire); }
 
  private:
   class Worker;
@@ -94,20 +100,27 @@ class SessionPool {
 
   SessionPool(CK_FUNCTION_LIST* fn, CK_SLOT_ID slot, SecretBytes pin,
               Options options);
-  absl::Status RunOnce(std::shared_ptr<Op> op);
+  absl::Status RunOnce(std::shared_ptr<Op> op, absl::Time deadline);
+  absl::Status Submit(const std::shared_ptr<Job>& job, absl::Time deadline,
+                      std::vector<std::unique_ptr<Worker>>& exited);
   // Starts a worker; `session` may be empty (opened by the worker on first
   // use).
   void AddWorkerLocked(std::unique_ptr<Session> session)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void ReapLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Takes the workers that have exited out of the pool; the caller joins
+  // them (instantly: their threads have ended) after releasing mu_.
+  std::vector<std::unique_ptr<Worker>> TakeExitedLocked()
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool HasWorkOrStopping() const ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     return !queue_.empty() || stopping_;
   }
   // Called by workers.
   std::shared_ptr<Job> NextJob(Worker* worker);
-  // Records the result; returns false if the worker was abandoned and must
-  // end.
+  // Records the result; returns false if the worker was abandoned (or the
+  // pool is stopping) and must end.
   bool FinishJob(Worker* worker, Job& job, absl::Status result);
+  // Called by a retired worker as the very last thing it does.
+  void WorkerExited(Worker* worker);
   absl::StatusOr<Session> OpenSession();
   void CountEviction();
   void CountReset();
@@ -126,6 +139,7 @@ class SessionPool {
   int abandoned_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   Stats stats_ ABSL_GUARDED_BY(mu_);
+  std::atomic<uint64_t> epoch_{0};
 };
 
 }  // namespace custos::hsm

@@ -267,6 +267,17 @@ void Decide(size_t function, long* hang_ms, CK_RV* rv) {
   }
 }
 
+// Sessions open on the real module, for leak checks (see
+// custos_fault_open_sessions below).
+std::atomic<long> g_open_sessions{0};
+
+void CountSessions(size_t function, CK_RV rv) {
+  if (rv != CKR_OK) return;
+  if (function == kC_OpenSession) ++g_open_sessions;
+  if (function == kC_CloseSession) --g_open_sessions;
+  if (function == kC_CloseAllSessions) g_open_sessions = 0;
+}
+
 template <size_t I, typename Fn>
 struct Wrap;
 
@@ -282,7 +293,9 @@ struct Wrap<I, CK_RV (*)(Args...)> {
     if (rv != CKR_OK) return rv;
     auto real = reinterpret_cast<CK_RV (*)(Args...)>(S().real_fns[I]);
     if (real == nullptr) return CKR_FUNCTION_NOT_SUPPORTED;
-    return real(args...);
+    rv = real(args...);
+    CountSessions(I, rv);
+    return rv;
   }
 };
 
@@ -324,6 +337,12 @@ CK_RV Setup() {
 }
 
 }  // namespace
+
+// Sessions opened through this module and not yet closed (one token).
+extern "C" __attribute__((visibility("default"))) long
+custos_fault_open_sessions() {
+  return g_open_sessions.load();
+}
 
 extern "C" __attribute__((visibility("default"))) CK_RV C_GetFunctionList(
     CK_FUNCTION_LIST_PTR_PTR list) {

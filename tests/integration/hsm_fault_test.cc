@@ -3,6 +3,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <dlfcn.h>
+
+#include <atomic>
 #include <chrono>
 #include <thread>
 
@@ -197,16 +200,51 @@ TEST_F(HsmFaultTest, MoreHungCallsThanSparesGiveUnavailableNotAHang) {
   EXPECT_THAT(hsm_->GenerateRandom(8), IsOk());
 }
 
-TEST_F(HsmFaultTest, FailingKeyGenerationLeavesNoObject) {
+TEST_F(HsmFaultTest, KeyThatCannotBeVerifiedIsDestroyedNotKept) {
   auto before = hsm_->ListKeyObjects();
   ASSERT_THAT(before, IsOk());
-  SetFaults("fail C_GenerateKey rv=CKR_DEVICE_ERROR\n");
+  // C_GenerateKey succeeds; the attribute check right after it fails, so
+  // the new object must be destroyed rather than left behind.
+  SetFaults("fail C_GetAttributeValue rv=CKR_FUNCTION_FAILED times=1\n");
   EXPECT_THAT(hsm_->GenerateAesKey("never"),
-              StatusIs(absl::StatusCode::kUnavailable));
+              StatusIs(absl::StatusCode::kInternal,
+                       HasSubstr("C_GetAttributeValue")));
   SetFaults("");
   auto after = hsm_->ListKeyObjects();
   ASSERT_THAT(after, IsOk());
   EXPECT_EQ(after->size(), before->size());
+}
+
+TEST_F(HsmFaultTest, ConcurrentLoadAndRecoveryLeakNoSession) {
+  // The fault module counts the sessions open on the real module.
+  void* fault_module = dlopen(CUSTOS_FAULT_MODULE, RTLD_NOW | RTLD_NOLOAD);
+  ASSERT_NE(fault_module, nullptr);
+  auto open_sessions = reinterpret_cast<long (*)()>(
+      dlsym(fault_module, "custos_fault_open_sessions"));
+  ASSERT_NE(open_sessions, nullptr) << dlerror();
+  const std::string& id = *key_id_;
+  SetFaults("fail C_Encrypt rv=CKR_SESSION_HANDLE_INVALID every=50\n");
+  std::vector<std::thread> threads;
+  std::atomic<int> errors{0};
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 1000; ++i) {
+        if (!hsm_->EncryptAesGcm(id, "", "x").ok()) ++errors;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_GE(hsm_->pool_stats().evictions, 100u);
+  EXPECT_EQ(hsm_->pool_stats().workers, 3);
+  // Evicted sessions were closed (and reopened lazily): never more than the
+  // pool's three are open on the token.
+  EXPECT_LE(open_sessions(), 3);
+  SetFaults("");
+  for (int i = 0; i < 20; ++i) EXPECT_THAT(hsm_->GenerateRandom(8), IsOk());
+  EXPECT_LE(open_sessions(), 3);
+  EXPECT_GE(open_sessions(), 1);
+  dlclose(fault_module);
 }
 
 }  // namespace

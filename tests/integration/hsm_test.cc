@@ -110,25 +110,24 @@ TEST_F(HsmTest, CmkCannotBeWrappedUnderAnyKey) {
       .Bool(CKA_EXTRACTABLE, true);
   CUSTOS_ASSERT_OK_AND_ASSIGN(CK_OBJECT_HANDLE wrapping_key,
                               s.GenerateKey(CKM_AES_KEY_GEN, wrapper));
-  for (CK_MECHANISM_TYPE mech :
-       {CKM_AES_KEY_WRAP, CKM_AES_KEY_WRAP_PAD, CKM_AES_CBC_PAD, CKM_AES_GCM}) {
+  // The two wrapping mechanisms SoftHSM supports (MEASURED.md) refuse the
+  // CMK because it is not extractable.
+  for (CK_MECHANISM_TYPE mech : {CKM_AES_KEY_WRAP, CKM_AES_KEY_WRAP_PAD}) {
     CK_MECHANISM m = {mech, nullptr, 0};
     unsigned char out[256];
     CK_ULONG out_len = sizeof(out);
-    CK_RV rv =
-        s.fn()->C_WrapKey(s.handle(), &m, wrapping_key, cmk, out, &out_len);
-    EXPECT_NE(rv, CKR_OK) << "mechanism 0x" << std::hex << mech;
+    EXPECT_EQ(
+        s.fn()->C_WrapKey(s.handle(), &m, wrapping_key, cmk, out, &out_len),
+        CKR_KEY_UNEXTRACTABLE)
+        << "mechanism 0x" << std::hex << mech;
   }
-  // And with the CMK itself as the wrapping key (it has no CKA_WRAP).
+  // And the CMK cannot wrap anything itself (it has no CKA_WRAP).
   CK_MECHANISM m = {CKM_AES_KEY_WRAP_PAD, nullptr, 0};
   unsigned char out[256];
   CK_ULONG out_len = sizeof(out);
-  EXPECT_NE(s.fn()->C_WrapKey(s.handle(), &m, cmk, wrapping_key, out,
+  EXPECT_EQ(s.fn()->C_WrapKey(s.handle(), &m, cmk, wrapping_key, out,
                               &out_len),
-            CKR_OK);
-  EXPECT_EQ(s.fn()->C_WrapKey(s.handle(), &m, wrapping_key, cmk, out,
-                              &out_len),
-            CKR_KEY_UNEXTRACTABLE);
+            CKR_KEY_FUNCTION_NOT_PERMITTED);
 }
 
 TEST_F(HsmTest, CmkAttributesCannotBeWeakened) {
@@ -230,12 +229,18 @@ TEST_P(WeakKeyTest, KeyWithWeakerTemplateIsRefused) {
 INSTANTIATE_TEST_SUITE_P(
     Table, WeakKeyTest,
     ::testing::Values(
-        WeakCase{"extractable", CKA_EXTRACTABLE, true, "EXTRACTABLE"},
-        WeakCase{"not_sensitive", CKA_SENSITIVE, false, "CKA_SENSITIVE"},
-        WeakCase{"wrap", CKA_WRAP, true, "CKA_WRAP"},
-        WeakCase{"unwrap", CKA_UNWRAP, true, "CKA_UNWRAP"},
-        WeakCase{"derive", CKA_DERIVE, true, "CKA_DERIVE"},
-        WeakCase{"modifiable", CKA_MODIFIABLE, true, "CKA_MODIFIABLE"}),
+        WeakCase{"extractable", CKA_EXTRACTABLE, true,
+                 "CKA_EXTRACTABLE is true (must be false)"},
+        WeakCase{"not_sensitive", CKA_SENSITIVE, false,
+                 "CKA_SENSITIVE is false (must be true)"},
+        WeakCase{"wrap", CKA_WRAP, true, "CKA_WRAP is true (must be false)"},
+        WeakCase{"unwrap", CKA_UNWRAP, true,
+                 "CKA_UNWRAP is true (must be false)"},
+        WeakCase{"derive", CKA_DERIVE, true,
+                 "CKA_DERIVE is true (must be false)"},
+        WeakCase{"sign", CKA_SIGN, true, "CKA_SIGN is true (must be false)"},
+        WeakCase{"modifiable", CKA_MODIFIABLE, true,
+                 "CKA_MODIFIABLE is true (must be false)"}),
     [](const auto& p) { return std::string(p.param.name); });
 
 TEST_F(HsmTest, ImportedKeyIsNotLocalAndIsRefused) {
@@ -257,7 +262,7 @@ TEST_F(HsmTest, ImportedKeyIsNotLocalAndIsRefused) {
   ASSERT_EQ(s.fn()->C_CreateObject(s.handle(), t.data(), t.size(), &h), CKR_OK);
   EXPECT_THAT(hsm_->VerifyAesKey("imported"),
               StatusIs(absl::StatusCode::kFailedPrecondition,
-                       HasSubstr("CKA_")));
+                       HasSubstr("CKA_LOCAL is false (must be true)")));
 }
 
 TEST_F(HsmTest, GcmRoundTripAndFreshIvs) {
@@ -310,6 +315,12 @@ TEST_F(HsmTest, EveryFlippedBitInCiphertextTagIvOrAadFails) {
     ++tried;
   }
   EXPECT_EQ(tried, (48 + 12 + 11) * 8);
+  // Failed tag checks do not cost sessions, and the pool still opens blobs.
+  EXPECT_EQ(hsm_->pool_stats().resets, 0u);
+  CUSTOS_ASSERT_OK_AND_ASSIGN(
+      SecretBytes opened,
+      hsm_->DecryptAesGcm(id, sealed.iv, aad, sealed.ciphertext));
+  EXPECT_TRUE(opened.Equals(std::string(32, 'k')));
   // The refusal is the authentication failure, not a device fault.
   std::string ct = sealed.ciphertext;
   ct.back() ^= 1;
@@ -425,15 +436,8 @@ TEST_F(HsmTest, EightThreadsTenThousandOperationsEachLeakNoSession) {
   EXPECT_GE(after.leases - before.leases,
             static_cast<uint64_t>(kThreads) * kOps);
   EXPECT_GT(after.waits, before.waits);  // 8 callers on 4 sessions
-  // The token sees the pool's sessions and no more.
-  auto slot = module_->FindSlotByTokenLabel(token_->label());
-  ASSERT_TRUE(slot.ok());
-  CK_TOKEN_INFO info;
-  ASSERT_EQ(module_->fn()->C_GetTokenInfo(*slot, &info), CKR_OK);
-  if (info.ulSessionCount != CK_UNAVAILABLE_INFORMATION &&
-      info.ulSessionCount != CK_EFFECTIVELY_INFINITE) {
-    EXPECT_EQ(info.ulSessionCount, 4u);
-  }
+  // (SoftHSM does not report open sessions; hsm_fault_test counts them
+  // through the fault module.)
 }
 
 TEST_F(HsmTest, RecoversAfterAllSessionsAreClosedBehindThePoolsBack) {

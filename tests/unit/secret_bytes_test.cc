@@ -29,8 +29,10 @@ TEST(SecretBytesTest, MoveLeavesTheSourceEmpty) {
 
 TEST(SecretBytesTest, TruncateShortensAndNeverGrows) {
   SecretBytes s = SecretBytes::CopyOf("0123456789");
+  const uint8_t* storage = s.data();
   s.Truncate(4);
   EXPECT_EQ(s.view(), "0123");
+  for (size_t i = 4; i < 10; ++i) EXPECT_EQ(storage[i], 0) << i;
   s.Truncate(40);
   EXPECT_EQ(s.view(), "0123");
 }
