@@ -1,0 +1,297 @@
+#include "kms/audit/audit_log.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/p256.h"
+#include "common/status_macros.h"
+#include "nlohmann/json.hpp"
+#include "common/logging.h"
+
+namespace custos::kms {
+namespace {
+
+using OrderedJson = nlohmann::ordered_json;
+
+std::string Errno(absl::string_view what, const std::string& path) {
+  return absl::StrCat(what, " ", path, ": ", std::strerror(errno));
+}
+
+// Reads up to the last `max` bytes of the file at `fd`.
+std::string ReadTail(int fd, off_t size, size_t max) {
+  off_t start = size > static_cast<off_t>(max) ? size - max : 0;
+  std::string buf(size - start, '\0');
+  ssize_t n = pread(fd, buf.data(), buf.size(), start);
+  buf.resize(n < 0 ? 0 : n);
+  return buf;
+}
+
+absl::Status SyncDir(const std::string& dir) {
+  int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return absl::UnavailableError(Errno("audit: open", dir));
+  int rc = fsync(fd);
+  close(fd);
+  if (rc != 0) return absl::UnavailableError(Errno("audit: fsync", dir));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+const char* AuditOutcomeName(AuditOutcome outcome) {
+  switch (outcome) {
+    case AuditOutcome::kAllowed:
+      return "ALLOWED";
+    case AuditOutcome::kDenied:
+      return "DENIED";
+    case AuditOutcome::kFailed:
+      return "FAILED";
+  }
+  return "UNKNOWN";
+}
+
+std::string AuditLineHash(absl::string_view line) {
+  return absl::BytesToHexString(Sha256(line));
+}
+
+absl::StatusOr<std::unique_ptr<FileAuditLog>> FileAuditLog::Open(
+    Options options) {
+  if (options.dir.empty()) {
+    return absl::InvalidArgumentError(
+        "audit_dir is empty: name a directory for the audit segments");
+  }
+  if (options.node_id.empty()) {
+    return absl::InvalidArgumentError("node_id is empty");
+  }
+  if (mkdir(options.dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    return absl::UnavailableError(Errno("audit: mkdir", options.dir));
+  }
+  std::unique_ptr<FileAuditLog> log(new FileAuditLog(options));
+  // Find the newest segment of this node: names sort by first sequence.
+  const std::string prefix = absl::StrCat("audit-", options.node_id, "-");
+  std::vector<std::string> segments;
+  if (DIR* d = opendir(options.dir.c_str())) {
+    while (dirent* e = readdir(d)) {
+      std::string name = e->d_name;
+      if (absl::StartsWith(name, prefix) && absl::EndsWith(name, ".jsonl")) {
+        segments.push_back(name);
+      }
+    }
+    closedir(d);
+  } else {
+    return absl::UnavailableError(Errno("audit: opendir", options.dir));
+  }
+  std::sort(segments.begin(), segments.end());
+  uint64_t next_seq = 1;
+  std::string prev = kAuditGenesisHash;
+  for (auto it = segments.rbegin(); it != segments.rend(); ++it) {
+    std::string path = options.dir + "/" + *it;
+    int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) return absl::UnavailableError(Errno("audit: open", path));
+    struct stat st;
+    fstat(fd, &st);
+    std::string tail = ReadTail(fd, st.st_size, 1 << 20);
+    size_t end = tail.rfind('\n');
+    size_t keep = end == std::string::npos ? 0 : end + 1;
+    if (keep != tail.size()) {
+      // A crash tore the final line: it was never durable, so no reply
+      // depended on it. Cut it off and say so.
+      off_t new_size = st.st_size - (tail.size() - keep);
+      if (ftruncate(fd, new_size) != 0 || fsync(fd) != 0) {
+        close(fd);
+        return absl::UnavailableError(Errno("audit: truncate", path));
+      }
+      spdlog::warn("audit: truncated a torn final line ({} bytes) in {}",
+                   tail.size() - keep, path);
+      tail.resize(keep);
+    }
+    close(fd);
+    if (tail.empty()) continue;  // empty segment: look at the one before
+    tail.pop_back();             // the final newline
+    size_t start = tail.rfind('\n');
+    std::string last = tail.substr(start == std::string::npos ? 0 : start + 1);
+    nlohmann::json j = nlohmann::json::parse(last, nullptr, false);
+    if (j.is_discarded() || !j.contains("seq") || !j["seq"].is_number()) {
+      return absl::DataLossError(absl::StrCat(
+          "audit: the last record of ", path,
+          " is not a valid record; the log needs an auditor's attention "
+          "(verify it with `custos audit verify`) before custosd can append"));
+    }
+    next_seq = j["seq"].get<uint64_t>() + 1;
+    prev = AuditLineHash(last);
+    break;
+  }
+  log->segment_path_ = absl::StrFormat("%s/%s%020d.jsonl", options.dir,
+                                       prefix, next_seq);
+  log->fd_ = open(log->segment_path_.c_str(),
+                  O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (log->fd_ < 0) {
+    return absl::UnavailableError(Errno("audit: create", log->segment_path_));
+  }
+  struct stat st;
+  fstat(log->fd_, &st);
+  log->durable_size_ = st.st_size;
+  CUSTOS_RETURN_IF_ERROR(SyncDir(options.dir));
+  {
+    absl::MutexLock lock(&log->mu_);
+    log->next_seq_ = next_seq;
+    log->prev_hash_ = prev;
+  }
+  log->writer_ = std::thread([raw = log.get()] { raw->WriterLoop(); });
+  return log;
+}
+
+FileAuditLog::~FileAuditLog() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  writer_.join();
+  if (fd_ >= 0) close(fd_);
+}
+
+absl::Status FileAuditLog::Append(AuditRecord record) {
+  auto pending = std::make_shared<Pending>();
+  pending->record = std::move(record);
+  absl::MutexLock lock(&mu_);
+  if (stopping_) return absl::UnavailableError("audit log is shutting down");
+  auto has_room = [](FileAuditLog* self) ABSL_SHARED_LOCKS_REQUIRED(
+                      self->mu_) {
+    return self->queue_.size() < self->options_.max_queue || self->stopping_;
+  };
+  mu_.Await(absl::Condition(+has_room, this));
+  queue_.push_back(pending);
+  auto done = [](Pending* p) { return p->done; };
+  mu_.Await(absl::Condition(+done, pending.get()));
+  return pending->result;
+}
+
+void FileAuditLog::WriterLoop() {
+  for (;;) {
+    std::vector<std::shared_ptr<Pending>> batch;
+    uint64_t seq;
+    std::string prev;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(this, &FileAuditLog::HasWork));
+      if (queue_.empty()) return;  // stopping, nothing left
+      batch.assign(queue_.begin(), queue_.end());
+      queue_.clear();
+      seq = next_seq_;
+      prev = prev_hash_;
+    }
+    std::string bytes;
+    for (const auto& p : batch) {
+      std::string line = Serialize(p->record, seq++, prev);
+      prev = AuditLineHash(line);
+      bytes.append(line).push_back('\n');
+    }
+    absl::Status s = WriteBatch(bytes);
+    absl::MutexLock lock(&mu_);
+    if (s.ok()) {
+      next_seq_ = seq;
+      prev_hash_ = prev;
+      stats_.records += batch.size();
+      ++stats_.batches;
+    } else {
+      ++stats_.failures;
+      spdlog::error("{}", s.message());
+    }
+    for (const auto& p : batch) {
+      p->result = s;
+      p->done = true;
+    }
+  }
+}
+
+absl::Status FileAuditLog::WriteBatch(const std::string& bytes) {
+  if (fd_ < 0) {
+    fd_ = open(segment_path_.c_str(),
+               O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (fd_ < 0) {
+      return absl::UnavailableError(absl::StrCat(
+          "audit log unavailable: ", Errno("open", segment_path_),
+          "; requests are refused until it is writable"));
+    }
+    struct stat st;
+    fstat(fd_, &st);
+    durable_size_ = st.st_size;
+  }
+  size_t written = 0;
+  const char* what = "write";
+  bool ok = true;
+  while (written < bytes.size()) {
+    ssize_t n = write(fd_, bytes.data() + written, bytes.size() - written);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      ok = false;
+      break;
+    }
+    written += static_cast<size_t>(n);
+  }
+  if (ok && options_.sync && fdatasync(fd_) != 0) {
+    what = "fdatasync";
+    ok = false;
+  }
+  if (ok) {
+    durable_size_ += bytes.size();
+    return absl::OkStatus();
+  }
+  std::string error = Errno(what, segment_path_);
+  // Roll back to the last durable record so the chain stays whole, and
+  // reopen next time (after a failed fsync the page cache cannot be trusted).
+  if (ftruncate(fd_, durable_size_) != 0) {
+    spdlog::error("audit: could not roll back {} to {} bytes", segment_path_,
+                  durable_size_);
+  }
+  close(fd_);
+  fd_ = -1;
+  return absl::UnavailableError(absl::StrCat(
+      "audit log unavailable: ", error,
+      "; requests are refused until it is writable"));
+}
+
+std::string FileAuditLog::Serialize(const AuditRecord& r, uint64_t seq,
+                                    const std::string& prev) const {
+  OrderedJson j;
+  j["seq"] = seq;
+  j["time"] = absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", r.time,
+                               absl::UTCTimeZone());
+  j["node"] = options_.node_id;
+  j["principal"] = r.principal;
+  j["operation"] = r.operation;
+  if (!r.key_id.empty()) j["key_id"] = r.key_id;
+  if (r.key_version != 0) j["key_version"] = r.key_version;
+  if (!r.context.empty()) j["context"] = r.context;
+  if (r.has_justification) {
+    j["justification"] = {
+        {"reason", JustificationReasonName(r.justification.reason)},
+        {"detail", r.justification.detail}};
+  }
+  j["outcome"] = AuditOutcomeName(r.outcome);
+  j["code"] = absl::StatusCodeToString(r.code);
+  if (!r.request_id.empty()) j["request_id"] = r.request_id;
+  if (!r.peer.empty()) j["peer"] = r.peer;
+  if (!r.detail.empty()) j["detail"] = r.detail;
+  j["prev"] = prev;
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+FileAuditLog::Stats FileAuditLog::stats() const {
+  absl::MutexLock lock(&mu_);
+  Stats s = stats_;
+  s.next_seq = next_seq_;
+  return s;
+}
+
+}  // namespace custos::kms

@@ -1,0 +1,128 @@
+// The audit log: one JSON line per request that reaches the service,
+// allowed, refused or failed, written durably before the reply goes out.
+//
+// FileAuditLog appends to segment files in one directory with group commit:
+// callers enqueue a record and wait; one writer thread appends every queued
+// record, fdatasyncs once for the batch, and releases the callers. Each
+// record carries its sequence number and `prev`, the SHA-256 (hex) of the
+// previous record's line, so any edit, deletion or reordering breaks the
+// chain. If a write or sync fails, every caller of that batch and later gets
+// UNAVAILABLE (the service then releases nothing) until a write succeeds
+// again: the log recovers by itself, without a restart.
+//
+// Never holds plaintext, data keys, PINs or ciphertext blobs: records are
+// built from allow-listed fields only. Thread-safe.
+#ifndef CUSTOS_KMS_AUDIT_AUDIT_LOG_H_
+#define CUSTOS_KMS_AUDIT_AUDIT_LOG_H_
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "kms/encryption_context.h"
+#include "kms/policy.h"
+
+namespace custos::kms {
+
+enum class AuditOutcome { kAllowed, kDenied, kFailed };
+const char* AuditOutcomeName(AuditOutcome outcome);
+
+// What one request did. Field names in the JSON line are documented in
+// docs/audit-format.md and stable.
+struct AuditRecord {
+  absl::Time time;
+  std::string principal;
+  std::string operation;  // the RPC name, e.g. "GenerateDataKey"
+  std::string key_id;     // empty when no key was involved or resolved
+  uint32_t key_version = 0;
+  EncryptionContext context;
+  bool has_justification = false;
+  Justification justification;
+  AuditOutcome outcome = AuditOutcome::kAllowed;
+  absl::StatusCode code = absl::StatusCode::kOk;
+  std::string request_id;
+  std::string peer;
+  std::string detail;  // short, non-secret: "count=100", an error summary
+};
+
+// Where records go. The service depends on this interface only.
+class AuditLog {
+ public:
+  virtual ~AuditLog() = default;
+  // Returns once the record is durable; UNAVAILABLE if it cannot be made so.
+  virtual absl::Status Append(AuditRecord record) = 0;
+};
+
+class FileAuditLog : public AuditLog {
+ public:
+  struct Options {
+    std::string dir;
+    std::string node_id;
+    size_t max_queue = 16384;  // callers wait beyond this
+    bool sync = true;          // fdatasync each batch (off only to measure)
+  };
+  struct Stats {
+    uint64_t records = 0;
+    uint64_t batches = 0;  // = fdatasync calls when sync is on
+    uint64_t failures = 0;
+    uint64_t next_seq = 0;
+  };
+
+  // Creates the directory if needed, finds the end of the existing chain
+  // (truncating a torn final line left by a crash, and logging that it did),
+  // and opens a new segment "audit-<node>-<first seq, 20 digits>.jsonl".
+  static absl::StatusOr<std::unique_ptr<FileAuditLog>> Open(Options options);
+  ~FileAuditLog() override;
+
+  absl::Status Append(AuditRecord record) override;
+  Stats stats() const;
+  const std::string& segment_path() const { return segment_path_; }
+
+ private:
+  struct Pending {
+    AuditRecord record;
+    absl::Status result;
+    bool done = false;
+  };
+
+  explicit FileAuditLog(Options options) : options_(std::move(options)) {}
+  void WriterLoop();
+  bool HasWork() const ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    return !queue_.empty() || stopping_;
+  }
+  // Writes and syncs one batch; on failure, rolls the file back to its last
+  // durable length.
+  absl::Status WriteBatch(const std::string& bytes);
+  std::string Serialize(const AuditRecord& record, uint64_t seq,
+                        const std::string& prev) const;
+
+  const Options options_;
+  std::string segment_path_;
+  int fd_ = -1;             // writer thread only (and Open)
+  uint64_t durable_size_ = 0;  // writer thread only
+
+  mutable absl::Mutex mu_;
+  std::deque<std::shared_ptr<Pending>> queue_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
+  std::string prev_hash_ ABSL_GUARDED_BY(mu_);  // hex of the last line
+  Stats stats_ ABSL_GUARDED_BY(mu_);
+  std::thread writer_;
+};
+
+// SHA-256 (hex) of an audit line without its trailing newline: the `prev` of
+// the next record. The chain starts from 64 zeros.
+std::string AuditLineHash(absl::string_view line);
+inline constexpr char kAuditGenesisHash[] =
+    "0000000000000000000000000000000000000000000000000000000000000000";
+
+}  // namespace custos::kms
+
+#endif  // CUSTOS_KMS_AUDIT_AUDIT_LOG_H_

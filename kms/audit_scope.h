@@ -1,0 +1,81 @@
+// KeyService::Audit: builds the audit record of one call and writes it when
+// the call ends. Private to the kms/ implementation files.
+#ifndef CUSTOS_KMS_AUDIT_SCOPE_H_
+#define CUSTOS_KMS_AUDIT_SCOPE_H_
+
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kms/key_service.h"
+
+namespace custos::kms {
+
+// Not thread-safe: one per call, on the calling thread.
+class KeyService::Audit {
+ public:
+  Audit(KeyService* service, const Caller& caller, Rpc rpc)
+      : service_(service) {
+    record_.time = service->options_.now();
+    record_.principal = caller.principal;
+    record_.operation = RpcName(rpc);
+    record_.request_id = caller.request_id;
+    record_.peer = caller.peer;
+  }
+
+  void SetKey(const std::string& id, uint32_t version) {
+    record_.key_id = id;
+    if (version != 0) record_.key_version = version;
+  }
+  void SetContext(const EncryptionContext& context) {
+    record_.context = context;
+  }
+  void SetJustification(const Justification* justification) {
+    record_.has_justification = justification != nullptr;
+    if (justification != nullptr) record_.justification = *justification;
+  }
+  void AddDetail(absl::string_view detail) {
+    if (!record_.detail.empty()) record_.detail += "; ";
+    record_.detail.append(std::string(detail.substr(0, 256)));
+  }
+
+  // Writes the record for a call that ended with `outcome`. Returns the
+  // append's status: when it fails, the caller must release nothing.
+  absl::Status Record(const absl::Status& outcome) {
+    record_.code = outcome.code();
+    if (outcome.ok()) {
+      record_.outcome = AuditOutcome::kAllowed;
+    } else if (absl::IsPermissionDenied(outcome) ||
+               absl::IsUnauthenticated(outcome)) {
+      record_.outcome = AuditOutcome::kDenied;
+    } else {
+      record_.outcome = AuditOutcome::kFailed;
+      AddDetail(outcome.message());
+    }
+    return service_->audit_->Append(std::move(record_));
+  }
+
+  // Runs `body`, records its outcome, and returns its result, unless the
+  // record could not be written: then UNAVAILABLE, and the result (with any
+  // data key in it) is dropped and cleansed.
+  template <typename T, typename F>
+  absl::StatusOr<T> Run(F body) {
+    absl::StatusOr<T> result = body();
+    absl::Status appended = Record(result.status());
+    if (!appended.ok()) {
+      return absl::UnavailableError(
+          absl::StrCat("request refused because the audit log cannot record "
+                       "it: ",
+                       appended.message()));
+    }
+    return result;
+  }
+
+ private:
+  KeyService* const service_;
+  AuditRecord record_;
+};
+
+}  // namespace custos::kms
+
+#endif  // CUSTOS_KMS_AUDIT_SCOPE_H_

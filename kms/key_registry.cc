@@ -1,0 +1,136 @@
+#include "kms/key_registry.h"
+
+#include <algorithm>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace custos::kms {
+
+absl::StatusOr<std::unique_ptr<KeyRegistry>> KeyRegistry::Load(Store* store) {
+  std::unique_ptr<KeyRegistry> registry(new KeyRegistry(store));
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<Key> keys, store->LoadAllKeys());
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<AliasRecord> aliases,
+                          store->ListAliases());
+  absl::MutexLock lock(&registry->mu_);
+  for (Key& key : keys) {
+    registry->PutLocked(std::make_shared<const Key>(std::move(key)));
+  }
+  for (AliasRecord& alias : aliases) {
+    registry->aliases_[alias.name] = std::move(alias);
+  }
+  return registry;
+}
+
+void KeyRegistry::PutLocked(std::shared_ptr<const Key> key) {
+  std::string id = key->id;
+  keys_[id] = std::move(key);
+}
+
+absl::StatusOr<std::shared_ptr<const Key>> KeyRegistry::Find(
+    absl::string_view name) const {
+  absl::ReaderMutexLock lock(&mu_);
+  std::string id(name);
+  if (absl::StartsWith(name, "alias/")) {
+    auto alias = aliases_.find(id);
+    if (alias == aliases_.end()) {
+      return absl::NotFoundError(absl::StrCat("alias ", name, " not found"));
+    }
+    id = alias->second.key_id;
+  }
+  auto it = keys_.find(id);
+  if (it == keys_.end()) {
+    return absl::NotFoundError(absl::StrCat("key ", name, " not found"));
+  }
+  return it->second;
+}
+
+std::vector<std::shared_ptr<const Key>> KeyRegistry::All() const {
+  std::vector<std::shared_ptr<const Key>> out;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    out.reserve(keys_.size());
+    for (const auto& [id, key] : keys_) out.push_back(key);
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) {
+    if (a->create_time != b->create_time) {
+      return a->create_time > b->create_time;
+    }
+    return a->id < b->id;
+  });
+  return out;
+}
+
+size_t KeyRegistry::size() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return keys_.size();
+}
+
+absl::Status KeyRegistry::Insert(Key key) {
+  absl::MutexLock write(&write_mu_);
+  CUSTOS_RETURN_IF_ERROR(store_->InsertKey(key));
+  absl::MutexLock lock(&mu_);
+  for (const std::string& alias : key.aliases) {
+    aliases_[alias] = AliasRecord{alias, key.id, key.create_time};
+  }
+  PutLocked(std::make_shared<const Key>(std::move(key)));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<const Key>> KeyRegistry::Update(
+    absl::string_view id, Store::Mutator mutate) {
+  absl::MutexLock write(&write_mu_);
+  CUSTOS_ASSIGN_OR_RETURN(Key key, store_->UpdateKey(id, mutate));
+  auto snapshot = std::make_shared<const Key>(std::move(key));
+  absl::MutexLock lock(&mu_);
+  PutLocked(snapshot);
+  return snapshot;
+}
+
+absl::Status KeyRegistry::CreateAlias(const AliasRecord& alias) {
+  absl::MutexLock write(&write_mu_);
+  CUSTOS_RETURN_IF_ERROR(store_->CreateAlias(alias));
+  CUSTOS_ASSIGN_OR_RETURN(Key key, store_->LoadKey(alias.key_id));
+  absl::MutexLock lock(&mu_);
+  aliases_[alias.name] = alias;
+  PutLocked(std::make_shared<const Key>(std::move(key)));
+  return absl::OkStatus();
+}
+
+absl::Status KeyRegistry::DeleteAlias(absl::string_view alias) {
+  absl::MutexLock write(&write_mu_);
+  std::string key_id;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    auto it = aliases_.find(std::string(alias));
+    if (it != aliases_.end()) key_id = it->second.key_id;
+  }
+  CUSTOS_RETURN_IF_ERROR(store_->DeleteAlias(alias));
+  absl::MutexLock lock(&mu_);
+  aliases_.erase(std::string(alias));
+  auto it = keys_.find(key_id);
+  if (it != keys_.end()) {
+    Key copy = *it->second;
+    copy.aliases.erase(
+        std::remove(copy.aliases.begin(), copy.aliases.end(), alias),
+        copy.aliases.end());
+    PutLocked(std::make_shared<const Key>(std::move(copy)));
+  }
+  return absl::OkStatus();
+}
+
+std::vector<AliasRecord> KeyRegistry::Aliases(absl::string_view key_id) const {
+  std::vector<AliasRecord> out;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    for (const auto& [name, alias] : aliases_) {
+      if (key_id.empty() || alias.key_id == key_id) out.push_back(alias);
+    }
+  }
+  std::sort(out.begin(), out.end(),
+            [](const auto& a, const auto& b) { return a.name < b.name; });
+  return out;
+}
+
+}  // namespace custos::kms

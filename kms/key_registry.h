@@ -1,0 +1,56 @@
+// KeyRegistry: every key's metadata in memory, in front of the Store. Reads
+// (the hot path: every data-key request) come from immutable snapshots;
+// writes go to the Store in one transaction and then replace the snapshot.
+// Thread-safe.
+#ifndef CUSTOS_KMS_KEY_REGISTRY_H_
+#define CUSTOS_KMS_KEY_REGISTRY_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "kms/key.h"
+#include "kms/store/store.h"
+
+namespace custos::kms {
+
+class KeyRegistry {
+ public:
+  // Loads every key from `store`, which must outlive the registry.
+  static absl::StatusOr<std::unique_ptr<KeyRegistry>> Load(Store* store);
+
+  // The key named by id ("k-...") or alias ("alias/..."); NOT_FOUND if none.
+  absl::StatusOr<std::shared_ptr<const Key>> Find(absl::string_view name) const;
+  // Every key, newest first.
+  std::vector<std::shared_ptr<const Key>> All() const;
+  size_t size() const;
+
+  absl::Status Insert(Key key);
+  absl::StatusOr<std::shared_ptr<const Key>> Update(absl::string_view id,
+                                                    Store::Mutator mutate);
+  absl::Status CreateAlias(const AliasRecord& alias);
+  absl::Status DeleteAlias(absl::string_view alias);
+  // Aliases (of one key when `key_id` is not empty), sorted by name.
+  std::vector<AliasRecord> Aliases(absl::string_view key_id) const;
+
+ private:
+  explicit KeyRegistry(Store* store) : store_(store) {}
+  void PutLocked(std::shared_ptr<const Key> key)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  Store* const store_;
+  // Serialises writers so the cache applies store changes in order.
+  absl::Mutex write_mu_;
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<std::string, std::shared_ptr<const Key>> keys_
+      ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, AliasRecord> aliases_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace custos::kms
+
+#endif  // CUSTOS_KMS_KEY_REGISTRY_H_

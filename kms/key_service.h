@@ -1,0 +1,287 @@
+// KeyService: the operations of Custos, free of any transport. The gRPC
+// handlers (kms/server/) and the tests call it alike.
+//
+// Every call is authorized at one point (Authorizer) and audited: one record
+// per call, allowed, refused or failed, durable before the call returns. If
+// the record cannot be written the call fails with UNAVAILABLE and releases
+// nothing (fail closed). Data keys are returned in SecretBytes, which
+// cleanse themselves.
+//
+// Thread-safe.
+#ifndef CUSTOS_KMS_KEY_SERVICE_H_
+#define CUSTOS_KMS_KEY_SERVICE_H_
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/secret_bytes.h"
+#include "hsm/hsm.h"
+#include "kms/audit/audit_log.h"
+#include "kms/authorizer.h"
+#include "kms/encryption_context.h"
+#include "kms/key.h"
+#include "kms/key_registry.h"
+#include "kms/policy.h"
+
+namespace custos::kms {
+
+inline constexpr size_t kMaxDataKeyBytes = 1024;
+inline constexpr size_t kMaxDescriptionBytes = 8192;
+
+struct CreateKeyParams {
+  std::string description;
+  std::map<std::string, std::string> labels;
+  absl::Duration rotation_period = absl::ZeroDuration();
+  KeyPolicy policy;
+  std::string alias;  // optional
+};
+
+struct ListKeysParams {
+  uint32_t page_size = 0;  // 0: default 100
+  std::string page_token;
+  bool filter_state = false;
+  KeyState state = KeyState::kEnabled;
+  std::string label;  // "name" or "name=value"
+};
+
+struct ListKeysResult {
+  std::vector<std::shared_ptr<const Key>> keys;
+  std::string next_page_token;
+};
+
+struct UpdateKeyParams {
+  std::string key;
+  bool set_description = false;
+  std::string description;
+  bool set_labels = false;
+  std::map<std::string, std::string> labels;
+  bool set_rotation_period = false;
+  absl::Duration rotation_period = absl::ZeroDuration();
+};
+
+// Optional justification carried by data operations.
+struct JustificationParam {
+  bool present = false;
+  Justification value;
+  const Justification* get() const { return present ? &value : nullptr; }
+};
+
+struct DataKeyParams {
+  std::string key;
+  size_t bytes = 32;
+  EncryptionContext context;
+  JustificationParam justification;
+  bool include_plaintext = true;
+};
+
+struct DataKeyResult {
+  std::string key_id;
+  uint32_t version = 0;
+  SecretBytes plaintext;  // empty when include_plaintext was false
+  std::string blob;
+};
+
+struct EncryptParams {
+  std::string key;
+  SecretBytes plaintext;
+  EncryptionContext context;
+  JustificationParam justification;
+};
+
+struct EncryptResult {
+  std::string key_id;
+  uint32_t version = 0;
+  std::string blob;
+};
+
+struct DecryptParams {
+  std::string blob;
+  EncryptionContext context;
+  std::string expected_key;  // optional id or alias
+  JustificationParam justification;
+};
+
+struct DecryptResult {
+  std::string key_id;
+  uint32_t version = 0;
+  SecretBytes plaintext;
+};
+
+struct ReEncryptParams {
+  std::string blob;
+  EncryptionContext source_context;
+  std::string source_expected_key;
+  std::string destination_key;  // empty: the source key
+  EncryptionContext destination_context;
+  JustificationParam justification;
+};
+
+struct ReEncryptResult {
+  std::string source_key_id;
+  uint32_t source_version = 0;
+  std::string key_id;
+  uint32_t version = 0;
+  std::string blob;
+};
+
+// What the background tasks did in one pass.
+struct MaintenanceReport {
+  int rotated = 0;
+  int destroyed_keys = 0;
+  int destroyed_objects = 0;
+  int orphans_destroyed = 0;
+  int missing_objects = 0;
+  int failures = 0;
+};
+
+class KeyService {
+ public:
+  struct Options {
+    std::string node_id = "custos";
+    // Encryptions per version before automatic rotation (NIST SP 800-38D
+    // keeps random 96-bit IVs far below 2^32 per key).
+    uint64_t encryption_limit = uint64_t{1} << 30;
+    // Durable counter reservations are made this many at a time; a crash
+    // can only over-count, never under-count.
+    uint64_t counter_block = 4096;
+    // How long a "day" of ScheduleKeyDeletion lasts. Tests shorten it.
+    absl::Duration deletion_day = absl::Hours(24);
+    // Shortest rotation period accepted. Tests shorten it.
+    absl::Duration min_rotation_period = absl::Hours(24);
+    std::function<absl::Time()> now = [] { return absl::Now(); };
+  };
+
+  // All pointers must outlive the service.
+  KeyService(Options options, hsm::Hsm* hsm, KeyRegistry* registry,
+             AuditLog* audit, const Authorizer* authorizer);
+  ~KeyService();
+
+  // Key management (admins).
+  absl::StatusOr<std::shared_ptr<const Key>> CreateKey(
+      const Caller& caller, const CreateKeyParams& params);
+  absl::StatusOr<std::shared_ptr<const Key>> GetKey(const Caller& caller,
+                                                    const std::string& key);
+  absl::StatusOr<ListKeysResult> ListKeys(const Caller& caller,
+                                          const ListKeysParams& params);
+  absl::StatusOr<std::shared_ptr<const Key>> UpdateKey(
+      const Caller& caller, const UpdateKeyParams& params);
+  absl::StatusOr<std::shared_ptr<const Key>> RotateKey(const Caller& caller,
+                                                       const std::string& key);
+  absl::StatusOr<std::shared_ptr<const Key>> EnableKey(const Caller& caller,
+                                                       const std::string& key);
+  absl::StatusOr<std::shared_ptr<const Key>> DisableKey(const Caller& caller,
+                                                        const std::string& key);
+  // `days` 0 means 30; otherwise 7–30.
+  absl::StatusOr<std::shared_ptr<const Key>> ScheduleKeyDeletion(
+      const Caller& caller, const std::string& key, uint32_t days);
+  absl::StatusOr<std::shared_ptr<const Key>> CancelKeyDeletion(
+      const Caller& caller, const std::string& key);
+  absl::StatusOr<AliasRecord> CreateAlias(const Caller& caller,
+                                          const std::string& alias,
+                                          const std::string& key);
+  absl::Status DeleteAlias(const Caller& caller, const std::string& alias);
+  absl::StatusOr<std::vector<AliasRecord>> ListAliases(
+      const Caller& caller, const std::string& key);
+  absl::StatusOr<KeyPolicy> GetKeyPolicy(const Caller& caller,
+                                         const std::string& key);
+  absl::StatusOr<KeyPolicy> SetKeyPolicy(const Caller& caller,
+                                         const std::string& key,
+                                         const KeyPolicy& policy,
+                                         uint64_t expected_version);
+
+  // Cryptographic operations (services, as key policies allow).
+  absl::StatusOr<DataKeyResult> GenerateDataKey(const Caller& caller,
+                                                const DataKeyParams& params);
+  absl::StatusOr<EncryptResult> Encrypt(const Caller& caller,
+                                        const EncryptParams& params);
+  absl::StatusOr<DecryptResult> Decrypt(const Caller& caller,
+                                        const DecryptParams& params);
+  absl::StatusOr<ReEncryptResult> ReEncrypt(const Caller& caller,
+                                            const ReEncryptParams& params);
+  absl::StatusOr<SecretBytes> GenerateRandom(const Caller& caller,
+                                             size_t bytes);
+
+  // Background work: scheduled rotations and deletions whose time has
+  // come. Idempotent; safe to rerun after a crash at any step.
+  MaintenanceReport RunScheduledWork();
+  // Start-up reconciliation of the HSM with the database: destroys HSM
+  // objects that no version row owns (left by a crash between generating a
+  // key and committing its row) and objects of destroyed versions; reports
+  // version rows whose object is missing. Logs what it did.
+  absl::StatusOr<MaintenanceReport> Reconcile();
+
+  const Options& options() const { return options_; }
+
+ private:
+  class Audit;
+  struct Counter;
+  struct SealedData {
+    std::string key_id;
+    uint32_t version;
+    std::string blob;
+  };
+
+  // Resolves `name` and authorizes `op` on it for the caller. Refusals and
+  // unknown keys both give PERMISSION_DENIED.
+  absl::StatusOr<std::shared_ptr<const Key>> AuthorizeKeyUse(
+      const Caller& caller, Rpc rpc, KeyOperation op, const std::string& name,
+      const EncryptionContext& context, const Justification* justification,
+      Audit& audit);
+  // Management RPCs on an existing key.
+  absl::StatusOr<std::shared_ptr<const Key>> AdminKey(const Caller& caller,
+                                                      Rpc rpc,
+                                                      const std::string& name,
+                                                      Audit& audit);
+  // Encrypts `plaintext` under the key's primary version (rotating first if
+  // the version reached its encryption limit).
+  absl::StatusOr<SealedData> Seal(std::shared_ptr<const Key> key,
+                                  absl::string_view plaintext,
+                                  const EncryptionContext& context,
+                                  Audit& audit);
+  // Opens a blob for a caller allowed `op` on its key. Every failure to open
+  // is INVALID_ARGUMENT "invalid ciphertext".
+  absl::StatusOr<DecryptResult> Open(const Caller& caller, Rpc rpc,
+                                     KeyOperation op, const std::string& blob,
+                                     const EncryptionContext& context,
+                                     const std::string& expected_key,
+                                     const Justification* justification,
+                                     Audit& audit);
+  // Takes one encryption from the version's durable budget. Returns
+  // RESOURCE_EXHAUSTED when the version reached the encryption limit.
+  absl::Status TakeEncryption(const Key& key, const KeyVersion& version);
+  // Adds a version generated in the HSM and makes it primary, unless the
+  // primary is no longer `expected_primary` (someone else rotated).
+  absl::StatusOr<std::shared_ptr<const Key>> RotateFrom(
+      const std::string& key_id, uint32_t expected_primary);
+  absl::Status ValidateLabels(const std::map<std::string, std::string>& labels);
+  absl::Status ValidateRotationPeriod(absl::Duration period);
+  absl::Status DestroyKeyMaterial(const std::string& key_id,
+                                  MaintenanceReport& report);
+  Counter& CounterFor(const std::string& key_id, uint32_t version);
+
+  const Options options_;
+  hsm::Hsm* const hsm_;
+  KeyRegistry* const registry_;
+  AuditLog* const audit_;
+  const Authorizer* const authorizer_;
+
+  absl::Mutex rotate_mu_;  // one rotation at a time
+  absl::Mutex counters_mu_;
+  absl::flat_hash_map<std::string, std::unique_ptr<Counter>> counters_
+      ABSL_GUARDED_BY(counters_mu_);
+};
+
+// The principal recorded for work the service does by itself.
+inline constexpr char kSystemPrincipal[] = "custos:system";
+
+}  // namespace custos::kms
+
+#endif  // CUSTOS_KMS_KEY_SERVICE_H_

@@ -1,0 +1,262 @@
+#include "kms/server/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace custos::server {
+namespace {
+
+absl::Status FieldError(absl::string_view field, absl::string_view problem) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("config: ", field, ": ", problem));
+}
+
+// Refuses keys of `node` not in `allowed`.
+absl::Status OnlyKnown(const YAML::Node& node, absl::string_view where,
+                       const std::set<std::string>& allowed) {
+  if (!node.IsMap()) {
+    return FieldError(where.empty() ? "(top level)" : where,
+                      "must be a mapping");
+  }
+  for (const auto& kv : node) {
+    std::string key = kv.first.as<std::string>();
+    if (allowed.count(key) == 0) {
+      return FieldError(
+          where.empty() ? key : absl::StrCat(where, ".", key),
+          absl::StrCat("unknown field; known fields are ",
+                       absl::StrJoin(allowed, ", ")));
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::string Resolve(const std::string& path, const std::string& base) {
+  if (path.empty() || path[0] == '/' || base.empty()) return path;
+  return base + "/" + path;
+}
+
+template <typename T>
+absl::Status Get(const YAML::Node& node, const char* key,
+                 absl::string_view field, T* out) {
+  const YAML::Node v = node[key];
+  if (!v) return absl::OkStatus();
+  try {
+    *out = v.as<T>();
+  } catch (const YAML::Exception&) {
+    return FieldError(field, "has the wrong type");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GetSeconds(const YAML::Node& node, const char* key,
+                        absl::string_view field, absl::Duration* out) {
+  double seconds = absl::ToDoubleSeconds(*out);
+  absl::Status s = Get(node, key, field, &seconds);
+  if (!s.ok()) return s;
+  if (seconds < 0) return FieldError(field, "must not be negative");
+  *out = absl::Seconds(seconds);
+  return absl::OkStatus();
+}
+
+#define CUSTOS_CFG(expr)          \
+  do {                            \
+    absl::Status s_ = (expr);     \
+    if (!s_.ok()) return s_;      \
+  } while (0)
+
+}  // namespace
+
+absl::StatusOr<Config> ParseConfig(const std::string& yaml,
+                                   const std::string& base_dir) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml);
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: not valid YAML (line ", e.mark.line + 1, "): ",
+                     e.msg));
+  }
+  if (!root || root.IsNull()) {
+    return absl::InvalidArgumentError("config: the file is empty");
+  }
+  Config c;
+  try {
+    CUSTOS_CFG(OnlyKnown(root, "",
+                         {"node_id", "listen", "tls", "hsm", "storage",
+                          "audit_dir", "admins", "auditors", "limits",
+                          "encryption_limit", "maintenance_interval_seconds",
+                          "log_level", "development", "testing"}));
+    CUSTOS_CFG(Get(root, "node_id", "node_id", &c.node_id));
+    CUSTOS_CFG(Get(root, "listen", "listen", &c.listen));
+    CUSTOS_CFG(Get(root, "storage", "storage", &c.storage));
+    CUSTOS_CFG(Get(root, "audit_dir", "audit_dir", &c.audit_dir));
+    CUSTOS_CFG(Get(root, "admins", "admins", &c.admins));
+    CUSTOS_CFG(Get(root, "auditors", "auditors", &c.auditors));
+    CUSTOS_CFG(Get(root, "encryption_limit", "encryption_limit",
+                   &c.encryption_limit));
+    CUSTOS_CFG(GetSeconds(root, "maintenance_interval_seconds",
+                          "maintenance_interval_seconds",
+                          &c.maintenance_interval));
+    CUSTOS_CFG(Get(root, "log_level", "log_level", &c.log_level));
+    if (YAML::Node tls = root["tls"]) {
+      CUSTOS_CFG(OnlyKnown(tls, "tls", {"cert", "key", "client_ca"}));
+      CUSTOS_CFG(Get(tls, "cert", "tls.cert", &c.tls.cert));
+      CUSTOS_CFG(Get(tls, "key", "tls.key", &c.tls.key));
+      CUSTOS_CFG(Get(tls, "client_ca", "tls.client_ca", &c.tls.client_ca));
+    }
+    if (YAML::Node hsm = root["hsm"]) {
+      CUSTOS_CFG(OnlyKnown(hsm, "hsm",
+                           {"module", "token_label", "pin_file", "pool_size",
+                            "call_timeout_ms", "lease_timeout_ms"}));
+      CUSTOS_CFG(Get(hsm, "module", "hsm.module", &c.hsm.module));
+      CUSTOS_CFG(Get(hsm, "token_label", "hsm.token_label",
+                     &c.hsm.token_label));
+      CUSTOS_CFG(Get(hsm, "pin_file", "hsm.pin_file", &c.hsm.pin_file));
+      CUSTOS_CFG(Get(hsm, "pool_size", "hsm.pool_size", &c.hsm.pool_size));
+      int64_t call_ms = absl::ToInt64Milliseconds(c.hsm.call_timeout);
+      int64_t lease_ms = absl::ToInt64Milliseconds(c.hsm.lease_timeout);
+      CUSTOS_CFG(Get(hsm, "call_timeout_ms", "hsm.call_timeout_ms", &call_ms));
+      CUSTOS_CFG(
+          Get(hsm, "lease_timeout_ms", "hsm.lease_timeout_ms", &lease_ms));
+      if (call_ms <= 0 || lease_ms <= 0) {
+        return FieldError("hsm.call_timeout_ms / hsm.lease_timeout_ms",
+                          "must be positive");
+      }
+      c.hsm.call_timeout = absl::Milliseconds(call_ms);
+      c.hsm.lease_timeout = absl::Milliseconds(lease_ms);
+    }
+    if (YAML::Node limits = root["limits"]) {
+      CUSTOS_CFG(OnlyKnown(limits, "limits",
+                           {"max_message_bytes", "max_concurrent_streams"}));
+      CUSTOS_CFG(Get(limits, "max_message_bytes", "limits.max_message_bytes",
+                     &c.limits.max_message_bytes));
+      CUSTOS_CFG(Get(limits, "max_concurrent_streams",
+                     "limits.max_concurrent_streams",
+                     &c.limits.max_concurrent_streams));
+    }
+    if (YAML::Node dev = root["development"]) {
+      CUSTOS_CFG(OnlyKnown(dev, "development",
+                           {"insecure_listen", "insecure_principal"}));
+      CUSTOS_CFG(Get(dev, "insecure_listen", "development.insecure_listen",
+                     &c.development.insecure_listen));
+      CUSTOS_CFG(Get(dev, "insecure_principal",
+                     "development.insecure_principal",
+                     &c.development.insecure_principal));
+    }
+    if (YAML::Node testing = root["testing"]) {
+      CUSTOS_CFG(OnlyKnown(testing, "testing",
+                           {"deletion_day_seconds",
+                            "min_rotation_period_seconds"}));
+      CUSTOS_CFG(GetSeconds(testing, "deletion_day_seconds",
+                            "testing.deletion_day_seconds",
+                            &c.testing.deletion_day));
+      CUSTOS_CFG(GetSeconds(testing, "min_rotation_period_seconds",
+                            "testing.min_rotation_period_seconds",
+                            &c.testing.min_rotation_period));
+    }
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: line ", e.mark.line + 1, ": ", e.msg));
+  }
+
+  // Required fields and consistency.
+  if (c.listen.empty()) {
+    return FieldError("listen", "required, e.g. \"0.0.0.0:7443\"");
+  }
+  if (c.tls.cert.empty() || c.tls.key.empty() || c.tls.client_ca.empty()) {
+    return FieldError("tls",
+                      "cert, key and client_ca are all required: custosd "
+                      "serves mutual TLS only");
+  }
+  if (c.hsm.module.empty()) {
+    return FieldError("hsm.module",
+                      "required: the path of the HSM's PKCS#11 library");
+  }
+  if (c.hsm.token_label.empty()) {
+    return FieldError("hsm.token_label", "required");
+  }
+  if (c.hsm.pin_file.empty()) {
+    return FieldError("hsm.pin_file",
+                      "required: a file (mode 0400) holding the user PIN");
+  }
+  if (c.hsm.pool_size < 1 || c.hsm.pool_size > 64) {
+    return FieldError("hsm.pool_size", "must be 1 to 64");
+  }
+  if (c.storage.empty()) {
+    return FieldError("storage", "required, e.g. sqlite:///var/lib/custos/"
+                                 "custos.db");
+  }
+  if (c.audit_dir.empty()) return FieldError("audit_dir", "required");
+  if (c.admins.empty()) {
+    return FieldError("admins",
+                      "name at least one admin principal (a client "
+                      "certificate's SAN URI, DNS name or CN)");
+  }
+  for (const std::string& node : {c.node_id}) {
+    if (node.empty() || node.size() > 64 ||
+        node.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") !=
+            std::string::npos) {
+      return FieldError("node_id", "1-64 characters of [A-Za-z0-9._-]");
+    }
+  }
+  if (c.limits.max_message_bytes < 4096 + 1024 ||
+      c.limits.max_message_bytes > 16 * 1024 * 1024) {
+    return FieldError("limits.max_message_bytes",
+                      "must be between 5120 and 16777216");
+  }
+  if (c.limits.max_concurrent_streams < 1) {
+    return FieldError("limits.max_concurrent_streams", "must be positive");
+  }
+  if (c.encryption_limit < 1) {
+    return FieldError("encryption_limit", "must be positive");
+  }
+  if (c.maintenance_interval <= absl::ZeroDuration()) {
+    return FieldError("maintenance_interval_seconds", "must be positive");
+  }
+  if (!c.development.insecure_listen.empty() &&
+      c.development.insecure_principal.empty()) {
+    return FieldError("development.insecure_principal",
+                      "required with development.insecure_listen: the "
+                      "identity every plaintext call acts as");
+  }
+  if (c.testing.deletion_day <= absl::ZeroDuration() ||
+      c.testing.min_rotation_period <= absl::ZeroDuration()) {
+    return FieldError("testing", "durations must be positive");
+  }
+  const std::set<std::string> levels = {"trace", "debug", "info",
+                                        "warn",  "error", "critical"};
+  if (levels.count(c.log_level) == 0) {
+    return FieldError("log_level", "one of trace, debug, info, warn, error, "
+                                   "critical");
+  }
+  c.tls.cert = Resolve(c.tls.cert, base_dir);
+  c.tls.key = Resolve(c.tls.key, base_dir);
+  c.tls.client_ca = Resolve(c.tls.client_ca, base_dir);
+  c.hsm.pin_file = Resolve(c.hsm.pin_file, base_dir);
+  c.audit_dir = Resolve(c.audit_dir, base_dir);
+  return c;
+}
+
+absl::StatusOr<Config> LoadConfig(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) {
+    return absl::NotFoundError(
+        absl::StrCat("config: cannot read '", path, "'"));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  std::string base;
+  if (size_t slash = path.rfind('/'); slash != std::string::npos) {
+    base = path.substr(0, slash);
+  }
+  return ParseConfig(text.str(), base);
+}
+
+}  // namespace custos::server

@@ -1,0 +1,64 @@
+// custosd's configuration, read from one YAML file. Every error names the
+// field and the fix; unknown fields are refused (a typo must not silently
+// leave a default in place). Secrets are never in this file: the HSM PIN is
+// read from `hsm.pin_file`.
+#ifndef CUSTOS_KMS_SERVER_CONFIG_H_
+#define CUSTOS_KMS_SERVER_CONFIG_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace custos::server {
+
+struct Config {
+  std::string node_id = "custos-1";
+  std::string listen;  // host:port for mutual TLS (required)
+  struct Tls {
+    std::string cert;       // server certificate chain (PEM)
+    std::string key;        // its private key (PEM)
+    std::string client_ca;  // CA bundle that client certificates chain to
+  } tls;
+  struct Hsm {
+    std::string module;
+    std::string token_label;
+    std::string pin_file;
+    int pool_size = 2;
+    absl::Duration call_timeout = absl::Seconds(10);
+    absl::Duration lease_timeout = absl::Seconds(5);
+  } hsm;
+  std::string storage;    // sqlite:///path
+  std::string audit_dir;  // audit segments
+  std::vector<std::string> admins;
+  std::vector<std::string> auditors;
+  struct Limits {
+    int max_message_bytes = 64 * 1024;
+    int max_concurrent_streams = 256;
+  } limits;
+  uint64_t encryption_limit = uint64_t{1} << 30;
+  absl::Duration maintenance_interval = absl::Seconds(10);
+  std::string log_level = "info";
+  // Development only, off unless named: a plaintext listener on which every
+  // call acts as `insecure_principal`.
+  struct Development {
+    std::string insecure_listen;
+    std::string insecure_principal;
+  } development;
+  // Test only: shorten the clock of deletion windows and rotation periods.
+  struct Testing {
+    absl::Duration deletion_day = absl::Hours(24);
+    absl::Duration min_rotation_period = absl::Hours(24);
+  } testing;
+};
+
+// Parses and validates YAML text. `base_dir` resolves relative paths.
+absl::StatusOr<Config> ParseConfig(const std::string& yaml,
+                                   const std::string& base_dir);
+// Reads and parses the file at `path`.
+absl::StatusOr<Config> LoadConfig(const std::string& path);
+
+}  // namespace custos::server
+
+#endif  // CUSTOS_KMS_SERVER_CONFIG_H_

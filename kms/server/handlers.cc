@@ -1,0 +1,385 @@
+#include "kms/server/handlers.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace custos::server {
+namespace {
+
+// Authenticates, runs `body(caller) -> absl::Status`, finishes the call.
+// `reactor` defaults to the context's; crypto calls pass a cleansing one.
+template <typename F>
+grpc::ServerUnaryReactor* Serve(grpc::CallbackServerContext* ctx,
+                                CallerResolver* callers, F body,
+                                grpc::ServerUnaryReactor* reactor = nullptr) {
+  if (reactor == nullptr) reactor = ctx->DefaultReactor();
+  absl::StatusOr<kms::Caller> caller = callers->Resolve(ctx);
+  if (!caller.ok()) {
+    reactor->Finish(ToGrpc(caller.status()));
+    return reactor;
+  }
+  reactor->Finish(ToGrpc(body(*caller)));
+  return reactor;
+}
+
+// Fills `resp` from a key result.
+absl::Status KeyReply(
+    const absl::StatusOr<std::shared_ptr<const kms::Key>>& key,
+    pb::Key* resp) {
+  if (!key.ok()) return key.status();
+  ToProto(**key, /*with_versions=*/true, resp);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// ---- KeyManagementService ----------------------------------------------
+
+grpc::ServerUnaryReactor* KeyManagementHandler::CreateKey(
+    grpc::CallbackServerContext* ctx, const pb::CreateKeyRequest* req,
+    pb::Key* resp) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
+    if (req->purpose() != pb::KEY_PURPOSE_UNSPECIFIED &&
+        req->purpose() != pb::ENCRYPT_DECRYPT) {
+      return absl::InvalidArgumentError(
+          "purpose: only ENCRYPT_DECRYPT keys exist so far");
+    }
+    kms::CreateKeyParams params;
+    params.description = req->description();
+    params.labels.insert(req->labels().begin(), req->labels().end());
+    if (req->has_rotation_period()) {
+      absl::StatusOr<absl::Duration> period =
+          FromProto(req->rotation_period(), "rotation_period");
+      if (!period.ok()) return period.status();
+      params.rotation_period = *period;
+    }
+    absl::StatusOr<kms::KeyPolicy> policy = FromProto(req->policy());
+    if (!policy.ok()) return policy.status();
+    params.policy = *std::move(policy);
+    params.alias = req->alias();
+    return KeyReply(service_->CreateKey(caller, params), resp);
+  });
+}
+
+grpc::ServerUnaryReactor* KeyManagementHandler::GetKey(
+    grpc::CallbackServerContext* ctx, const pb::GetKeyRequest* req,
+    pb::Key* resp) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) {
+    return KeyReply(service_->GetKey(caller, req->key()), resp);
+  });
+}
+
+grpc::ServerUnaryReactor* KeyManagementHandler::ListKeys(
+    grpc::CallbackServerContext* ctx, const pb::ListKeysRequest* req,
+    pb::ListKeysResponse* resp) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
+    kms::ListKeysParams params;
+    params.page_size = req->page_size();
+    params.page_token = req->page_token();
+    if (req->state() != pb::KEY_STATE_UNSPECIFIED) {
+      if (req->state() < pb::ENABLED || req->state() > pb::DESTROYED) {
+        return absl::InvalidArgumentError("state: unknown value");
+      }
+      params.filter_state = true;
+      params.state = static_cast<kms::KeyState>(req->state());
+    }
+    params.label = req->label();
+    absl::StatusOr<kms::ListKeysResult> result =
+        service_->ListKeys(caller, params);
+    if (!result.ok()) return result.status();
+    for (const auto& key : result->keys) {
+      ToProto(*key, /*with_versions=*/false, resp->add_keys());
+    }
+    resp->set_next_page_token(result->next_page_token);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* KeyManagementHandler::UpdateKey(
+    grpc::CallbackServerContext* ctx, const pb::UpdateKeyRequest* req,
+    pb::Key* resp) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
+    kms::UpdateKeyParams params;
+    params.key = req->key();
+    for (const std::string& field : req->update_mask()) {
+      if (field == "description") {
+        params.set_description = true;
+        params.description = req->description();
+      } else if (field == "labels") {
+        params.set_labels = true;
+        params.labels.insert(req->labels().begin(), req->labels().end());
+      } else if (field == "rotation_period") {
+        params.set_rotation_period = true;
+        absl::StatusOr<absl::Duration> period =
+            FromProto(req->rotation_period(), "rotation_period");
+        if (!period.ok()) return period.status();
+        params.rotation_period = *period;
+      } else {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "update_mask: unknown field '", field.substr(0, 64),
+            "'; use description, labels or rotation_period"));
+      }
+    }
+    return KeyReply(service_->UpdateKey(caller, params), resp);
+  });
+}
+
+grpc::ServerUnaryReactor* KeyManagementHandler::RotateKey(
+    grpc::CallbackServerContext* ctx, const pb::RotateKeyRequest* req,
+    pb::Key* resp) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) {
+    return KeyReply(service_->RotateKey(caller, req->key()), resp);
+  });
+}
+
+grpc::ServerUnaryReactor* KeyManagementHandler::EnableKey(
+    grpc::CallbackServerContext* ctx, const pb::EnableKeyRequest* req,
+    pb::Key* resp) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) {
+    return KeyReply(service_->EnableKey(caller, req->key()), resp);
+  });
+}
+
+grpc::ServerUnaryReactor* KeyManagementHandler::DisableKey(
+    grpc::CallbackServerContext* ctx, const pb::DisableKeyRequest* req,
+    pb::Key* resp) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) {
+    return KeyReply(service_->DisableKey(caller, req->key()), resp);
+  });
+}
+
+grpc::ServerUnaryReactor* KeyManagementHandler::ScheduleKeyDeletion(
+    grpc::CallbackServerContext* ctx,
+    const pb::ScheduleKeyDeletionRequest* req, pb::Key* resp) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) {
+    return KeyReply(service_->ScheduleKeyDeletion(caller, req->key(),
+                                                  req->pending_window_days()),
+                    resp);
+  });
+}
+
+grpc::ServerUnaryReactor* KeyManagementHandler::CancelKeyDeletion(
+    grpc::CallbackServerContext* ctx, const pb::CancelKeyDeletionRequest* req,
+    pb::Key* resp) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) {
+    return KeyReply(service_->CancelKeyDeletion(caller, req->key()), resp);
+  });
+}
+
+grpc::ServerUnaryReactor* KeyManagementHandler::CreateAlias(
+    grpc::CallbackServerContext* ctx, const pb::CreateAliasRequest* req,
+    pb::Alias* resp) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
+    absl::StatusOr<kms::AliasRecord> alias =
+        service_->CreateAlias(caller, req->alias(), req->key());
+    if (!alias.ok()) return alias.status();
+    ToProto(*alias, resp);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* KeyManagementHandler::DeleteAlias(
+    grpc::CallbackServerContext* ctx, const pb::DeleteAliasRequest* req,
+    google::protobuf::Empty*) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) {
+    return service_->DeleteAlias(caller, req->alias());
+  });
+}
+
+grpc::ServerUnaryReactor* KeyManagementHandler::ListAliases(
+    grpc::CallbackServerContext* ctx, const pb::ListAliasesRequest* req,
+    pb::ListAliasesResponse* resp) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
+    absl::StatusOr<std::vector<kms::AliasRecord>> aliases =
+        service_->ListAliases(caller, req->key());
+    if (!aliases.ok()) return aliases.status();
+    for (const auto& alias : *aliases) ToProto(alias, resp->add_aliases());
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* KeyManagementHandler::GetKeyPolicy(
+    grpc::CallbackServerContext* ctx, const pb::GetKeyPolicyRequest* req,
+    pb::KeyPolicy* resp) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
+    absl::StatusOr<kms::KeyPolicy> policy =
+        service_->GetKeyPolicy(caller, req->key());
+    if (!policy.ok()) return policy.status();
+    ToProto(*policy, resp);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* KeyManagementHandler::SetKeyPolicy(
+    grpc::CallbackServerContext* ctx, const pb::SetKeyPolicyRequest* req,
+    pb::KeyPolicy* resp) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
+    absl::StatusOr<kms::KeyPolicy> policy = FromProto(req->policy());
+    if (!policy.ok()) return policy.status();
+    absl::StatusOr<kms::KeyPolicy> set = service_->SetKeyPolicy(
+        caller, req->key(), *policy, req->expected_version());
+    if (!set.ok()) return set.status();
+    ToProto(*set, resp);
+    return absl::OkStatus();
+  });
+}
+
+// ---- CryptoService -------------------------------------------------------
+
+grpc::ServerUnaryReactor* CryptoHandler::DataKey(
+    grpc::CallbackServerContext* ctx, const pb::GenerateDataKeyRequest* req,
+    pb::GenerateDataKeyResponse* resp, bool include_plaintext) {
+  auto* reactor = new CleansingReactor(
+      [resp] { CleanseBytes(resp->mutable_plaintext()); });
+  return Serve(
+      ctx, callers_,
+      [&](const kms::Caller& caller) -> absl::Status {
+        kms::DataKeyParams params;
+        params.key = req->key();
+        params.include_plaintext = include_plaintext;
+        if (req->key_spec() != pb::DATA_KEY_SPEC_UNSPECIFIED &&
+            req->number_of_bytes() != 0) {
+          return absl::InvalidArgumentError(
+              "key_spec and number_of_bytes: set one, not both");
+        }
+        switch (req->key_spec()) {
+          case pb::DATA_KEY_SPEC_UNSPECIFIED:
+            params.bytes =
+                req->number_of_bytes() == 0 ? 32 : req->number_of_bytes();
+            break;
+          case pb::AES_256:
+            params.bytes = 32;
+            break;
+          case pb::AES_128:
+            params.bytes = 16;
+            break;
+          default:
+            return absl::InvalidArgumentError("key_spec: unknown value");
+        }
+        params.context = FromProto(req->encryption_context());
+        absl::StatusOr<kms::JustificationParam> justification =
+            FromProto(req->justification(), req->has_justification());
+        if (!justification.ok()) return justification.status();
+        params.justification = *std::move(justification);
+        absl::StatusOr<kms::DataKeyResult> result =
+            service_->GenerateDataKey(caller, params);
+        if (!result.ok()) return result.status();
+        resp->set_key_id(result->key_id);
+        resp->set_key_version(result->version);
+        if (include_plaintext) {
+          resp->set_plaintext(result->plaintext.data(),
+                              result->plaintext.size());
+        }
+        resp->set_ciphertext_blob(result->blob);
+        return absl::OkStatus();
+      },
+      reactor);
+}
+
+grpc::ServerUnaryReactor* CryptoHandler::GenerateDataKey(
+    grpc::CallbackServerContext* ctx, const pb::GenerateDataKeyRequest* req,
+    pb::GenerateDataKeyResponse* resp) {
+  return DataKey(ctx, req, resp, /*include_plaintext=*/true);
+}
+
+grpc::ServerUnaryReactor* CryptoHandler::GenerateDataKeyWithoutPlaintext(
+    grpc::CallbackServerContext* ctx, const pb::GenerateDataKeyRequest* req,
+    pb::GenerateDataKeyResponse* resp) {
+  return DataKey(ctx, req, resp, /*include_plaintext=*/false);
+}
+
+grpc::ServerUnaryReactor* CryptoHandler::Encrypt(
+    grpc::CallbackServerContext* ctx, const pb::EncryptRequest* req,
+    pb::EncryptResponse* resp) {
+  auto* reactor = new CleansingReactor([req] {
+    CleanseBytes(const_cast<pb::EncryptRequest*>(req)->mutable_plaintext());
+  });
+  return Serve(
+      ctx, callers_,
+      [&](const kms::Caller& caller) -> absl::Status {
+        kms::EncryptParams params;
+        params.key = req->key();
+        params.plaintext = SecretBytes::CopyOf(req->plaintext());
+        params.context = FromProto(req->encryption_context());
+        absl::StatusOr<kms::JustificationParam> justification =
+            FromProto(req->justification(), req->has_justification());
+        if (!justification.ok()) return justification.status();
+        params.justification = *std::move(justification);
+        absl::StatusOr<kms::EncryptResult> result =
+            service_->Encrypt(caller, params);
+        if (!result.ok()) return result.status();
+        resp->set_key_id(result->key_id);
+        resp->set_key_version(result->version);
+        resp->set_ciphertext_blob(result->blob);
+        return absl::OkStatus();
+      },
+      reactor);
+}
+
+grpc::ServerUnaryReactor* CryptoHandler::Decrypt(
+    grpc::CallbackServerContext* ctx, const pb::DecryptRequest* req,
+    pb::DecryptResponse* resp) {
+  auto* reactor = new CleansingReactor(
+      [resp] { CleanseBytes(resp->mutable_plaintext()); });
+  return Serve(
+      ctx, callers_,
+      [&](const kms::Caller& caller) -> absl::Status {
+        kms::DecryptParams params;
+        params.blob = req->ciphertext_blob();
+        params.context = FromProto(req->encryption_context());
+        params.expected_key = req->expected_key();
+        absl::StatusOr<kms::JustificationParam> justification =
+            FromProto(req->justification(), req->has_justification());
+        if (!justification.ok()) return justification.status();
+        params.justification = *std::move(justification);
+        absl::StatusOr<kms::DecryptResult> result =
+            service_->Decrypt(caller, params);
+        if (!result.ok()) return result.status();
+        resp->set_key_id(result->key_id);
+        resp->set_key_version(result->version);
+        resp->set_plaintext(result->plaintext.data(),
+                            result->plaintext.size());
+        return absl::OkStatus();
+      },
+      reactor);
+}
+
+grpc::ServerUnaryReactor* CryptoHandler::ReEncrypt(
+    grpc::CallbackServerContext* ctx, const pb::ReEncryptRequest* req,
+    pb::ReEncryptResponse* resp) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
+    kms::ReEncryptParams params;
+    params.blob = req->ciphertext_blob();
+    params.source_context = FromProto(req->source_encryption_context());
+    params.source_expected_key = req->source_expected_key();
+    params.destination_key = req->destination_key();
+    params.destination_context =
+        FromProto(req->destination_encryption_context());
+    absl::StatusOr<kms::JustificationParam> justification =
+        FromProto(req->justification(), req->has_justification());
+    if (!justification.ok()) return justification.status();
+    params.justification = *std::move(justification);
+    absl::StatusOr<kms::ReEncryptResult> result =
+        service_->ReEncrypt(caller, params);
+    if (!result.ok()) return result.status();
+    resp->set_source_key_id(result->source_key_id);
+    resp->set_source_key_version(result->source_version);
+    resp->set_key_id(result->key_id);
+    resp->set_key_version(result->version);
+    resp->set_ciphertext_blob(result->blob);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CryptoHandler::GenerateRandom(
+    grpc::CallbackServerContext* ctx, const pb::GenerateRandomRequest* req,
+    pb::GenerateRandomResponse* resp) {
+  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
+    absl::StatusOr<SecretBytes> random =
+        service_->GenerateRandom(caller, req->number_of_bytes());
+    if (!random.ok()) return random.status();
+    resp->set_random(random->data(), random->size());
+    return absl::OkStatus();
+  });
+}
+
+}  // namespace custos::server

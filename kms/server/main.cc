@@ -1,0 +1,242 @@
+// custosd: the Custos key management server.
+//
+//   custosd --config /etc/custos/custos.yaml
+//
+// Start-up: read the config (errors name the field), forbid core dumps, load
+// the PKCS#11 module and log in, open the database and the audit log,
+// reconcile the HSM with the database, then serve gRPC over mutual TLS
+// (plus health checking and reflection) until SIGTERM or SIGINT, when it
+// stops accepting calls, drains the ones in flight, and closes the HSM.
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+
+#include <atomic>
+#include <chrono>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <sstream>
+#include <thread>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "hsm/hsm.h"
+#include "hsm/module.h"
+#include "kms/audit/audit_log.h"
+#include "kms/authorizer.h"
+#include "kms/key_registry.h"
+#include "kms/key_service.h"
+#include "kms/server/config.h"
+#include "kms/server/handlers.h"
+#include "kms/server/rpc_support.h"
+#include "kms/store/store.h"
+
+namespace custos::server {
+namespace {
+
+absl::StatusOr<std::string> ReadFile(const std::string& path,
+                                     absl::string_view field) {
+  std::ifstream in(path);
+  if (!in) {
+    return absl::NotFoundError(
+        absl::StrCat("config: ", field, ": cannot read '", path, "'"));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+void ForbidCoreDumps() {
+  // Key material passes through this process's memory (data keys): it must
+  // never land in a core file (SECURITY.md, threat 5).
+  struct rlimit none = {0, 0};
+  setrlimit(RLIMIT_CORE, &none);
+  prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+}
+
+void SetUpLogging(const std::string& level) {
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%fZ %l custosd %v",
+                      spdlog::pattern_time_type::utc);
+  spdlog::set_level(spdlog::level::from_str(level));
+}
+
+absl::Status Run(const std::string& config_path) {
+  CUSTOS_ASSIGN_OR_RETURN(Config config, LoadConfig(config_path));
+  SetUpLogging(config.log_level);
+  ForbidCoreDumps();
+  spdlog::info("starting node {} with config {}", config.node_id, config_path);
+
+  CUSTOS_ASSIGN_OR_RETURN(std::string server_cert,
+                          ReadFile(config.tls.cert, "tls.cert"));
+  CUSTOS_ASSIGN_OR_RETURN(std::string server_key,
+                          ReadFile(config.tls.key, "tls.key"));
+  CUSTOS_ASSIGN_OR_RETURN(std::string client_ca,
+                          ReadFile(config.tls.client_ca, "tls.client_ca"));
+
+  absl::StatusOr<std::unique_ptr<hsm::Module>> module =
+      hsm::Module::Load(config.hsm.module);
+  if (!module.ok()) {
+    return absl::Status(module.status().code(),
+                        absl::StrCat("hsm.module: ", module.status().message()));
+  }
+  hsm::Hsm::Options hsm_options;
+  hsm_options.token_label = config.hsm.token_label;
+  hsm_options.pin_file = config.hsm.pin_file;
+  hsm_options.pool.size = config.hsm.pool_size;
+  hsm_options.pool.call_timeout = config.hsm.call_timeout;
+  hsm_options.pool.lease_timeout = config.hsm.lease_timeout;
+  hsm_options.pool.max_abandoned = config.hsm.pool_size;
+  absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm =
+      hsm::Hsm::Open(**module, hsm_options);
+  if (!hsm.ok()) {
+    return absl::Status(hsm.status().code(),
+                        absl::StrCat("hsm: ", hsm.status().message()));
+  }
+  spdlog::info("HSM: token '{}' via {}, {} sessions", config.hsm.token_label,
+               config.hsm.module, config.hsm.pool_size);
+
+  CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<kms::Store> store,
+                          kms::OpenStore(config.storage));
+  CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<kms::KeyRegistry> registry,
+                          kms::KeyRegistry::Load(store.get()));
+  spdlog::info("storage: {} (schema {}), {} keys", config.storage,
+               store->SchemaVersion(), registry->size());
+
+  kms::FileAuditLog::Options audit_options;
+  audit_options.dir = config.audit_dir;
+  audit_options.node_id = config.node_id;
+  CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<kms::FileAuditLog> audit,
+                          kms::FileAuditLog::Open(audit_options));
+  spdlog::info("audit: appending to {}", audit->segment_path());
+
+  kms::Authorizer authorizer(kms::Roles{config.admins, config.auditors});
+  kms::KeyService::Options service_options;
+  service_options.node_id = config.node_id;
+  service_options.encryption_limit = config.encryption_limit;
+  service_options.deletion_day = config.testing.deletion_day;
+  service_options.min_rotation_period = config.testing.min_rotation_period;
+  kms::KeyService service(service_options, hsm->get(), registry.get(),
+                          audit.get(), &authorizer);
+
+  CUSTOS_ASSIGN_OR_RETURN(kms::MaintenanceReport reconciled,
+                          service.Reconcile());
+  (void)reconciled;
+
+  CallerResolver tls_callers("");
+  CallerResolver dev_callers(config.development.insecure_principal);
+  KeyManagementHandler kms_handler(&service, &tls_callers);
+  CryptoHandler crypto_handler(&service, &tls_callers);
+  KeyManagementHandler dev_kms_handler(&service, &dev_callers);
+  CryptoHandler dev_crypto_handler(&service, &dev_callers);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::SslServerCredentialsOptions tls(
+      GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  tls.pem_root_certs = client_ca;
+  tls.pem_key_cert_pairs.push_back({server_key, server_cert});
+
+  grpc::ServerBuilder builder;
+  int bound_port = 0;
+  builder.AddListeningPort(config.listen, grpc::SslServerCredentials(tls),
+                           &bound_port);
+  builder.RegisterService(&kms_handler);
+  builder.RegisterService(&crypto_handler);
+  builder.SetMaxReceiveMessageSize(config.limits.max_message_bytes);
+  builder.SetMaxSendMessageSize(config.limits.max_message_bytes);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
+                             config.limits.max_concurrent_streams);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || bound_port == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("listen: cannot serve on ", config.listen,
+                     " (address in use, or not an address of this host?)"));
+  }
+  std::unique_ptr<grpc::Server> dev_server;
+  if (!config.development.insecure_listen.empty()) {
+    spdlog::warn(
+        "development.insecure_listen: serving PLAINTEXT on {} where every "
+        "call acts as '{}'. Never do this outside development.",
+        config.development.insecure_listen,
+        config.development.insecure_principal);
+    grpc::ServerBuilder dev_builder;
+    dev_builder.AddListeningPort(config.development.insecure_listen,
+                                 grpc::InsecureServerCredentials());
+    dev_builder.RegisterService(&dev_kms_handler);
+    dev_builder.RegisterService(&dev_crypto_handler);
+    dev_builder.SetMaxReceiveMessageSize(config.limits.max_message_bytes);
+    dev_server = dev_builder.BuildAndStart();
+    if (dev_server == nullptr) {
+      return absl::UnavailableError(absl::StrCat(
+          "development.insecure_listen: cannot serve on ",
+          config.development.insecure_listen));
+    }
+  }
+  spdlog::info("serving mutual TLS on {}", config.listen);
+
+  // Background work: scheduled rotations and deletions.
+  absl::Notification stop;
+  std::thread maintenance([&] {
+    while (!stop.WaitForNotificationWithTimeout(config.maintenance_interval)) {
+      kms::MaintenanceReport r = service.RunScheduledWork();
+      if (r.rotated || r.destroyed_keys || r.failures) {
+        spdlog::info("maintenance: rotated {}, destroyed {} keys, {} failures",
+                     r.rotated, r.destroyed_keys, r.failures);
+      }
+    }
+  });
+
+  // Wait for SIGTERM/SIGINT (blocked in every thread, taken here).
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  spdlog::info("signal {}: draining calls and shutting down", signal_number);
+  stop.Notify();
+  const auto deadline = std::chrono::system_clock::now() +
+                        std::chrono::seconds(10);
+  server->Shutdown(deadline);
+  if (dev_server) dev_server->Shutdown(deadline);
+  maintenance.join();
+  server->Wait();
+  spdlog::info("stopped");
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace custos::server
+
+int main(int argc, char** argv) {
+  // Block the stop signals before any thread starts, so that only the main
+  // thread's sigwait receives them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  CLI::App app{"custosd: the Custos key management server.\n"
+               "Example: custosd --config /etc/custos/custos.yaml"};
+  std::string config;
+  app.add_option("--config", config, "YAML configuration file")->required();
+  app.set_version_flag("--version", "custosd 0.1.0");
+  CLI11_PARSE(app, argc, argv);
+  absl::Status s = custos::server::Run(config);
+  if (!s.ok()) {
+    spdlog::critical("{}", s.message());
+    std::cerr << "custosd: " << s.message() << "\n";
+    return 1;
+  }
+  return 0;
+}

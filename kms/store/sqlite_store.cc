@@ -1,0 +1,505 @@
+#include "kms/store/sqlite_store.h"
+
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "nlohmann/json.hpp"
+
+namespace custos::kms {
+namespace {
+
+// Versioned migrations, applied in order, each in its own transaction. Never
+// edit a released migration: add a new one.
+struct Migration {
+  int version;
+  const char* sql;
+};
+constexpr Migration kMigrations[] = {
+    {1, R"sql(
+CREATE TABLE keys (
+  id TEXT PRIMARY KEY,
+  description TEXT NOT NULL DEFAULT '',
+  labels TEXT NOT NULL DEFAULT '{}',
+  purpose INTEGER NOT NULL,
+  state INTEGER NOT NULL,
+  rotation_period_s INTEGER NOT NULL DEFAULT 0,
+  next_rotation_us INTEGER,
+  primary_version INTEGER NOT NULL,
+  create_us INTEGER NOT NULL,
+  update_us INTEGER NOT NULL,
+  deletion_us INTEGER,
+  policy TEXT NOT NULL
+);
+CREATE TABLE key_versions (
+  key_id TEXT NOT NULL REFERENCES keys(id),
+  number INTEGER NOT NULL,
+  state INTEGER NOT NULL,
+  hsm_id BLOB NOT NULL,
+  create_us INTEGER NOT NULL,
+  encryptions_reserved INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (key_id, number)
+);
+CREATE UNIQUE INDEX key_versions_hsm_id ON key_versions(hsm_id);
+CREATE TABLE aliases (
+  name TEXT PRIMARY KEY,
+  key_id TEXT NOT NULL REFERENCES keys(id),
+  create_us INTEGER NOT NULL
+);
+CREATE INDEX aliases_key_id ON aliases(key_id);
+)sql"},
+};
+
+// Prepared statement, finalised on destruction.
+class Stmt {
+ public:
+  Stmt(sqlite3* db, const char* sql) : db_(db) {
+    rc_ = sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr);
+  }
+  ~Stmt() { sqlite3_finalize(stmt_); }
+  Stmt(const Stmt&) = delete;
+  Stmt& operator=(const Stmt&) = delete;
+
+  absl::Status prepared() const {
+    if (rc_ == SQLITE_OK) return absl::OkStatus();
+    return absl::InternalError(
+        absl::StrCat("sqlite prepare: ", sqlite3_errmsg(db_)));
+  }
+  Stmt& Bind(int i, absl::string_view text) {
+    sqlite3_bind_text(stmt_, i, text.data(), static_cast<int>(text.size()),
+                      SQLITE_TRANSIENT);
+    return *this;
+  }
+  Stmt& BindBlob(int i, absl::string_view bytes) {
+    sqlite3_bind_blob(stmt_, i, bytes.data(), static_cast<int>(bytes.size()),
+                      SQLITE_TRANSIENT);
+    return *this;
+  }
+  Stmt& Bind(int i, int64_t v) {
+    sqlite3_bind_int64(stmt_, i, v);
+    return *this;
+  }
+  Stmt& BindNull(int i) {
+    sqlite3_bind_null(stmt_, i);
+    return *this;
+  }
+  // SQLITE_ROW, SQLITE_DONE, or an error code.
+  int Step() { return sqlite3_step(stmt_); }
+  std::string Text(int col) const {
+    const unsigned char* p = sqlite3_column_text(stmt_, col);
+    return p ? std::string(reinterpret_cast<const char*>(p),
+                           sqlite3_column_bytes(stmt_, col))
+             : std::string();
+  }
+  std::string Blob(int col) const {
+    const void* p = sqlite3_column_blob(stmt_, col);
+    return p ? std::string(static_cast<const char*>(p),
+                           sqlite3_column_bytes(stmt_, col))
+             : std::string();
+  }
+  int64_t Int(int col) const { return sqlite3_column_int64(stmt_, col); }
+  bool IsNull(int col) const {
+    return sqlite3_column_type(stmt_, col) == SQLITE_NULL;
+  }
+
+ private:
+  sqlite3* db_;
+  sqlite3_stmt* stmt_ = nullptr;
+  int rc_;
+};
+
+// Maps a SQLite result code to a status. Busy and I/O trouble are
+// UNAVAILABLE (retry later); constraint violations ALREADY_EXISTS.
+absl::Status SqliteStatus(sqlite3* db, int rc, absl::string_view what) {
+  if (rc == SQLITE_OK || rc == SQLITE_DONE || rc == SQLITE_ROW) {
+    return absl::OkStatus();
+  }
+  std::string msg = absl::StrCat("database ", what, ": ", sqlite3_errmsg(db));
+  switch (rc & 0xff) {
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+    case SQLITE_IOERR:
+    case SQLITE_FULL:
+    case SQLITE_READONLY:
+    case SQLITE_CANTOPEN:
+      return absl::UnavailableError(msg);
+    case SQLITE_CONSTRAINT:
+      return absl::AlreadyExistsError(msg);
+    default:
+      return absl::InternalError(msg);
+  }
+}
+
+int64_t Micros(absl::Time t) { return absl::ToUnixMicros(t); }
+absl::Time FromMicros(int64_t us) { return absl::FromUnixMicros(us); }
+
+std::string LabelsToJson(const std::map<std::string, std::string>& labels) {
+  return nlohmann::json(labels).dump();
+}
+
+absl::StatusOr<std::map<std::string, std::string>> LabelsFromJson(
+    const std::string& text) {
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) {
+    return absl::DataLossError("stored labels are not a JSON object");
+  }
+  std::map<std::string, std::string> labels;
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (!it->is_string()) {
+      return absl::DataLossError("stored label value is not a string");
+    }
+    labels[it.key()] = it->get<std::string>();
+  }
+  return labels;
+}
+
+// Rolls back unless committed.
+class Transaction {
+ public:
+  explicit Transaction(sqlite3* db) : db_(db) {}
+  ~Transaction() {
+    if (open_) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+  }
+  absl::Status Begin() {
+    int rc = sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr);
+    CUSTOS_RETURN_IF_ERROR(SqliteStatus(db_, rc, "begin"));
+    open_ = true;
+    return absl::OkStatus();
+  }
+  absl::Status Commit() {
+    int rc = sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr);
+    CUSTOS_RETURN_IF_ERROR(SqliteStatus(db_, rc, "commit"));
+    open_ = false;
+    return absl::OkStatus();
+  }
+
+ private:
+  sqlite3* db_;
+  bool open_ = false;
+};
+
+constexpr char kSelectKey[] =
+    "SELECT id, description, labels, purpose, state, rotation_period_s, "
+    "next_rotation_us, primary_version, create_us, update_us, deletion_us, "
+    "policy FROM keys";
+
+absl::StatusOr<Key> KeyFromRow(const Stmt& row) {
+  Key key;
+  key.id = row.Text(0);
+  key.description = row.Text(1);
+  CUSTOS_ASSIGN_OR_RETURN(key.labels, LabelsFromJson(row.Text(2)));
+  key.purpose = static_cast<KeyPurpose>(row.Int(3));
+  int64_t state = row.Int(4);
+  if (state < 1 || state > 4) {
+    // An unknown state is never treated as usable.
+    return absl::DataLossError(
+        absl::StrCat("key ", key.id, " has unknown stored state ", state));
+  }
+  key.state = static_cast<KeyState>(state);
+  key.rotation_period = absl::Seconds(row.Int(5));
+  if (!row.IsNull(6)) key.next_rotation_time = FromMicros(row.Int(6));
+  key.primary_version = static_cast<uint32_t>(row.Int(7));
+  key.create_time = FromMicros(row.Int(8));
+  key.update_time = FromMicros(row.Int(9));
+  if (!row.IsNull(10)) key.deletion_time = FromMicros(row.Int(10));
+  absl::StatusOr<KeyPolicy> policy = PolicyFromJson(row.Text(11));
+  if (!policy.ok()) {
+    return absl::DataLossError(absl::StrCat(
+        "key ", key.id, " has an unreadable policy: ", policy.status().message()));
+  }
+  key.policy = *std::move(policy);
+  return key;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Store>> OpenStore(const std::string& url) {
+  constexpr absl::string_view kSqlite = "sqlite:";
+  if (absl::StartsWith(url, kSqlite)) {
+    std::string path = url.substr(kSqlite.size());
+    if (absl::StartsWith(path, "//")) path = path.substr(2);  // sqlite:///abs
+    if (path.empty()) {
+      return absl::InvalidArgumentError(
+          "storage: sqlite URL has no path; use sqlite:///var/lib/custos/"
+          "custos.db");
+    }
+    CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<SqliteStore> store,
+                            SqliteStore::Open(path));
+    return std::unique_ptr<Store>(std::move(store));
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "storage: unsupported URL '", url,
+      "'; use sqlite:///path/to/custos.db"));
+}
+
+absl::StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::Open(
+    const std::string& path) {
+  sqlite3* db = nullptr;
+  int rc = sqlite3_open_v2(
+      path.c_str(), &db,
+      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
+      nullptr);
+  if (rc != SQLITE_OK) {
+    std::string msg = db ? sqlite3_errmsg(db) : "out of memory";
+    sqlite3_close(db);
+    return absl::UnavailableError(
+        absl::StrCat("storage: cannot open SQLite database '", path,
+                     "': ", msg));
+  }
+  std::unique_ptr<SqliteStore> store(new SqliteStore(db, path));
+  absl::MutexLock lock(&store->mu_);
+  sqlite3_busy_timeout(db, 5000);
+  CUSTOS_RETURN_IF_ERROR(store->Exec("PRAGMA journal_mode=WAL"));
+  CUSTOS_RETURN_IF_ERROR(store->Exec("PRAGMA synchronous=FULL"));
+  CUSTOS_RETURN_IF_ERROR(store->Exec("PRAGMA foreign_keys=ON"));
+  CUSTOS_RETURN_IF_ERROR(store->Migrate());
+  return store;
+}
+
+SqliteStore::~SqliteStore() { sqlite3_close(db_); }
+
+absl::Status SqliteStore::Exec(const char* sql) {
+  char* err = nullptr;
+  int rc = sqlite3_exec(db_, sql, nullptr, nullptr, &err);
+  absl::Status s = SqliteStatus(db_, rc, "exec");
+  sqlite3_free(err);
+  return s;
+}
+
+absl::Status SqliteStore::Migrate() {
+  CUSTOS_RETURN_IF_ERROR(
+      Exec("CREATE TABLE IF NOT EXISTS schema_migrations ("
+           "version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL)"));
+  Stmt current(db_, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations");
+  CUSTOS_RETURN_IF_ERROR(current.prepared());
+  if (current.Step() != SQLITE_ROW) {
+    return SqliteStatus(db_, sqlite3_errcode(db_), "read schema version");
+  }
+  schema_version_ = static_cast<int>(current.Int(0));
+  constexpr int kLatest = kMigrations[std::size(kMigrations) - 1].version;
+  if (schema_version_ > kLatest) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "storage: database schema version ", schema_version_,
+        " is newer than this custosd understands (", kLatest,
+        "); run a newer custosd"));
+  }
+  for (const Migration& m : kMigrations) {
+    if (m.version <= schema_version_) continue;
+    Transaction tx(db_);
+    CUSTOS_RETURN_IF_ERROR(tx.Begin());
+    CUSTOS_RETURN_IF_ERROR(Exec(m.sql));
+    Stmt record(db_,
+                "INSERT INTO schema_migrations(version, applied_us) "
+                "VALUES (?, ?)");
+    CUSTOS_RETURN_IF_ERROR(record.prepared());
+    record.Bind(1, int64_t{m.version}).Bind(2, Micros(absl::Now()));
+    CUSTOS_RETURN_IF_ERROR(SqliteStatus(db_, record.Step(), "migrate"));
+    CUSTOS_RETURN_IF_ERROR(tx.Commit());
+    schema_version_ = m.version;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Key> SqliteStore::LoadKeyLocked(absl::string_view id) {
+  Stmt q(db_, absl::StrCat(kSelectKey, " WHERE id = ?").c_str());
+  CUSTOS_RETURN_IF_ERROR(q.prepared());
+  q.Bind(1, id);
+  int rc = q.Step();
+  if (rc == SQLITE_DONE) {
+    return absl::NotFoundError(absl::StrCat("key ", id, " not found"));
+  }
+  if (rc != SQLITE_ROW) return SqliteStatus(db_, rc, "load key");
+  CUSTOS_ASSIGN_OR_RETURN(Key key, KeyFromRow(q));
+  Stmt v(db_,
+         "SELECT number, state, hsm_id, create_us, encryptions_reserved "
+         "FROM key_versions WHERE key_id = ? ORDER BY number");
+  CUSTOS_RETURN_IF_ERROR(v.prepared());
+  v.Bind(1, id);
+  while ((rc = v.Step()) == SQLITE_ROW) {
+    KeyVersion version;
+    version.number = static_cast<uint32_t>(v.Int(0));
+    int64_t state = v.Int(1);
+    if (state < 1 || state > 3) {
+      return absl::DataLossError(absl::StrCat("key ", id, " version ",
+                                              version.number,
+                                              " has unknown stored state"));
+    }
+    version.state = static_cast<VersionState>(state);
+    version.hsm_id = v.Blob(2);
+    version.create_time = FromMicros(v.Int(3));
+    version.encryptions_reserved = static_cast<uint64_t>(v.Int(4));
+    if (version.number != key.versions.size() + 1) {
+      return absl::DataLossError(
+          absl::StrCat("key ", id, " has a gap in its version numbers"));
+    }
+    key.versions.push_back(std::move(version));
+  }
+  if (rc != SQLITE_DONE) return SqliteStatus(db_, rc, "load versions");
+  Stmt a(db_, "SELECT name FROM aliases WHERE key_id = ? ORDER BY name");
+  CUSTOS_RETURN_IF_ERROR(a.prepared());
+  a.Bind(1, id);
+  while ((rc = a.Step()) == SQLITE_ROW) key.aliases.push_back(a.Text(0));
+  if (rc != SQLITE_DONE) return SqliteStatus(db_, rc, "load aliases");
+  return key;
+}
+
+absl::Status SqliteStore::WriteKeyLocked(const Key& key, bool insert) {
+  Stmt k(db_,
+         insert ? "INSERT INTO keys (description, labels, purpose, state, "
+                  "rotation_period_s, next_rotation_us, primary_version, "
+                  "create_us, update_us, deletion_us, policy, id) "
+                  "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+                : "UPDATE keys SET description=?, labels=?, purpose=?, "
+                  "state=?, rotation_period_s=?, next_rotation_us=?, "
+                  "primary_version=?, create_us=?, update_us=?, "
+                  "deletion_us=?, policy=? WHERE id=?");
+  CUSTOS_RETURN_IF_ERROR(k.prepared());
+  k.Bind(1, key.description)
+      .Bind(2, LabelsToJson(key.labels))
+      .Bind(3, static_cast<int64_t>(key.purpose))
+      .Bind(4, static_cast<int64_t>(key.state))
+      .Bind(5, absl::ToInt64Seconds(key.rotation_period));
+  if (key.next_rotation_time == absl::InfinitePast()) {
+    k.BindNull(6);
+  } else {
+    k.Bind(6, Micros(key.next_rotation_time));
+  }
+  k.Bind(7, int64_t{key.primary_version})
+      .Bind(8, Micros(key.create_time))
+      .Bind(9, Micros(key.update_time));
+  if (key.deletion_time == absl::InfinitePast()) {
+    k.BindNull(10);
+  } else {
+    k.Bind(10, Micros(key.deletion_time));
+  }
+  k.Bind(11, PolicyToJson(key.policy)).Bind(12, key.id);
+  CUSTOS_RETURN_IF_ERROR(SqliteStatus(db_, k.Step(), "write key"));
+  if (!insert && sqlite3_changes(db_) != 1) {
+    return absl::NotFoundError(absl::StrCat("key ", key.id, " not found"));
+  }
+  for (const KeyVersion& v : key.versions) {
+    Stmt w(db_,
+           "INSERT INTO key_versions (key_id, number, state, hsm_id, "
+           "create_us, encryptions_reserved) VALUES (?,?,?,?,?,?) "
+           "ON CONFLICT(key_id, number) DO UPDATE SET state=excluded.state, "
+           "encryptions_reserved=excluded.encryptions_reserved");
+    CUSTOS_RETURN_IF_ERROR(w.prepared());
+    w.Bind(1, key.id)
+        .Bind(2, int64_t{v.number})
+        .Bind(3, static_cast<int64_t>(v.state))
+        .BindBlob(4, v.hsm_id)
+        .Bind(5, Micros(v.create_time))
+        .Bind(6, static_cast<int64_t>(v.encryptions_reserved));
+    CUSTOS_RETURN_IF_ERROR(SqliteStatus(db_, w.Step(), "write version"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<Key>> SqliteStore::LoadAllKeys() {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::string> ids;
+  {
+    Stmt q(db_, "SELECT id FROM keys ORDER BY create_us, id");
+    CUSTOS_RETURN_IF_ERROR(q.prepared());
+    int rc;
+    while ((rc = q.Step()) == SQLITE_ROW) ids.push_back(q.Text(0));
+    if (rc != SQLITE_DONE) return SqliteStatus(db_, rc, "list keys");
+  }
+  std::vector<Key> keys;
+  keys.reserve(ids.size());
+  for (const std::string& id : ids) {
+    CUSTOS_ASSIGN_OR_RETURN(Key key, LoadKeyLocked(id));
+    keys.push_back(std::move(key));
+  }
+  return keys;
+}
+
+absl::StatusOr<Key> SqliteStore::LoadKey(absl::string_view id) {
+  absl::MutexLock lock(&mu_);
+  return LoadKeyLocked(id);
+}
+
+absl::Status SqliteStore::InsertKey(const Key& key) {
+  absl::MutexLock lock(&mu_);
+  Transaction tx(db_);
+  CUSTOS_RETURN_IF_ERROR(tx.Begin());
+  CUSTOS_RETURN_IF_ERROR(WriteKeyLocked(key, /*insert=*/true));
+  for (const std::string& alias : key.aliases) {
+    Stmt a(db_, "INSERT INTO aliases (name, key_id, create_us) VALUES (?,?,?)");
+    CUSTOS_RETURN_IF_ERROR(a.prepared());
+    a.Bind(1, alias).Bind(2, key.id).Bind(3, Micros(key.create_time));
+    absl::Status s = SqliteStatus(db_, a.Step(), "create alias");
+    if (absl::IsAlreadyExists(s)) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("alias ", alias, " already exists"));
+    }
+    CUSTOS_RETURN_IF_ERROR(s);
+  }
+  return tx.Commit();
+}
+
+absl::StatusOr<Key> SqliteStore::UpdateKey(absl::string_view id,
+                                           Mutator mutate) {
+  absl::MutexLock lock(&mu_);
+  Transaction tx(db_);
+  CUSTOS_RETURN_IF_ERROR(tx.Begin());
+  CUSTOS_ASSIGN_OR_RETURN(Key key, LoadKeyLocked(id));
+  CUSTOS_RETURN_IF_ERROR(mutate(key));
+  if (key.id != id) return absl::InternalError("a key's id cannot change");
+  CUSTOS_RETURN_IF_ERROR(WriteKeyLocked(key, /*insert=*/false));
+  CUSTOS_RETURN_IF_ERROR(tx.Commit());
+  return key;
+}
+
+absl::Status SqliteStore::CreateAlias(const AliasRecord& alias) {
+  absl::MutexLock lock(&mu_);
+  Transaction tx(db_);
+  CUSTOS_RETURN_IF_ERROR(tx.Begin());
+  {
+    Stmt k(db_, "SELECT 1 FROM keys WHERE id = ?");
+    CUSTOS_RETURN_IF_ERROR(k.prepared());
+    k.Bind(1, alias.key_id);
+    if (k.Step() != SQLITE_ROW) {
+      return absl::NotFoundError(
+          absl::StrCat("key ", alias.key_id, " not found"));
+    }
+  }
+  Stmt a(db_, "INSERT INTO aliases (name, key_id, create_us) VALUES (?,?,?)");
+  CUSTOS_RETURN_IF_ERROR(a.prepared());
+  a.Bind(1, alias.name).Bind(2, alias.key_id).Bind(3, Micros(alias.create_time));
+  absl::Status s = SqliteStatus(db_, a.Step(), "create alias");
+  if (absl::IsAlreadyExists(s)) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("alias ", alias.name, " already exists"));
+  }
+  CUSTOS_RETURN_IF_ERROR(s);
+  return tx.Commit();
+}
+
+absl::Status SqliteStore::DeleteAlias(absl::string_view alias) {
+  absl::MutexLock lock(&mu_);
+  Stmt d(db_, "DELETE FROM aliases WHERE name = ?");
+  CUSTOS_RETURN_IF_ERROR(d.prepared());
+  d.Bind(1, alias);
+  CUSTOS_RETURN_IF_ERROR(SqliteStatus(db_, d.Step(), "delete alias"));
+  if (sqlite3_changes(db_) == 0) {
+    return absl::NotFoundError(absl::StrCat("alias ", alias, " not found"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<AliasRecord>> SqliteStore::ListAliases() {
+  absl::MutexLock lock(&mu_);
+  Stmt q(db_, "SELECT name, key_id, create_us FROM aliases ORDER BY name");
+  CUSTOS_RETURN_IF_ERROR(q.prepared());
+  std::vector<AliasRecord> out;
+  int rc;
+  while ((rc = q.Step()) == SQLITE_ROW) {
+    out.push_back({q.Text(0), q.Text(1), FromMicros(q.Int(2))});
+  }
+  if (rc != SQLITE_DONE) return SqliteStatus(db_, rc, "list aliases");
+  return out;
+}
+
+}  // namespace custos::kms
