@@ -1,0 +1,182 @@
+#include "tests/support/custosd_process.h"
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "tests/support/test_token.h"
+
+namespace custos::testing {
+namespace {
+
+int FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr = {};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  int port = ntohs(addr.sin_port);
+  close(fd);
+  return port;
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+}  // namespace
+
+std::string SourceDir() { return CUSTOS_SOURCE_DIR; }
+std::string BinDir() { return CUSTOS_BIN_DIR; }
+
+std::string CustosdProcess::Principal(const std::string& identity) {
+  if (identity == "admin") return "spiffe://custos.test/admin";
+  if (identity == "auditor") return "spiffe://custos.test/auditor";
+  if (identity == "service-a") return "spiffe://custos.test/photos/uploader";
+  if (identity == "service-b") return "spiffe://custos.test/billing/reader";
+  return "";
+}
+
+absl::StatusOr<std::unique_ptr<CustosdProcess>> CustosdProcess::Start(
+    Options options) {
+  std::unique_ptr<CustosdProcess> p(new CustosdProcess());
+  p->options_ = std::move(options);
+  absl::StatusOr<std::string> dir = MakeTempDir("custos-e2e");
+  if (!dir.ok()) return dir.status();
+  p->dir_ = *dir;
+  const int port = FreePort();
+  p->address_ = absl::StrCat("localhost:", port);
+  CommandResult env = RunCommand(absl::StrCat(
+      "CUSTOS_DEV_PORT=", port, " ", SourceDir(), "/scripts/dev-env ",
+      p->dir_, "/env --force"));
+  if (env.exit_code != 0) {
+    return absl::InternalError("scripts/dev-env failed: " + env.output);
+  }
+  // dev-env made DIR/env/...; use it as the process directory.
+  p->dir_ += "/env";
+  std::string config = ReadAll(p->dir_ + "/custos.yaml");
+  if (!p->options_.hsm_module.empty()) {
+    config = absl::StrReplaceAll(
+        config, {{"module: /usr/lib/softhsm/libsofthsm2.so",
+                  "module: " + p->options_.hsm_module}});
+  }
+  config += "\n" + p->options_.extra_config + "\n";
+  absl::Status written =
+      WriteFileAtomically(p->dir_ + "/custos.yaml", config, 0600);
+  if (!written.ok()) return written;
+  absl::Status launched = p->Launch();
+  if (!launched.ok()) return launched;
+  return p;
+}
+
+absl::Status CustosdProcess::Launch() {
+  pid_t pid = fork();
+  if (pid < 0) return absl::InternalError("fork failed");
+  if (pid == 0) {
+    int log = open(log_path().c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
+    dup2(log, STDOUT_FILENO);
+    dup2(log, STDERR_FILENO);
+    setenv("SOFTHSM2_CONF", softhsm_conf().c_str(), 1);
+    for (const auto& [name, value] : options_.env) {
+      setenv(name.c_str(), value.c_str(), 1);
+    }
+    std::string binary = BinDir() + "/custosd";
+    std::string config = dir_ + "/custos.yaml";
+    execl(binary.c_str(), binary.c_str(), "--config", config.c_str(),
+          static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  pid_ = pid;
+  // Ready when a TLS connection as admin succeeds; give up if it exits.
+  auto channel = Channel("admin");
+  for (int i = 0; i < 200; ++i) {
+    int status;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      return absl::InternalError("custosd exited during start-up:\n" +
+                                 ReadAll(log_path()));
+    }
+    if (channel->WaitForConnected(std::chrono::system_clock::now() +
+                                  std::chrono::milliseconds(100))) {
+      return absl::OkStatus();
+    }
+  }
+  Kill(SIGKILL);
+  return absl::DeadlineExceededError("custosd did not start serving:\n" +
+                                     ReadAll(log_path()));
+}
+
+CustosdProcess::~CustosdProcess() {
+  if (pid_ > 0) Kill(SIGTERM);
+  if (!dir_.empty() && std::getenv("CUSTOS_KEEP_TEST_DIRS") == nullptr) {
+    std::error_code ec;
+    std::filesystem::remove_all(std::filesystem::path(dir_).parent_path(), ec);
+  }
+}
+
+absl::Status CustosdProcess::Restart() {
+  if (pid_ > 0) return absl::FailedPreconditionError("custosd still runs");
+  return Launch();
+}
+
+void CustosdProcess::Kill(int signal) {
+  if (pid_ <= 0) return;
+  kill(pid_, signal);
+  int status;
+  waitpid(pid_, &status, 0);
+  pid_ = -1;
+}
+
+absl::Status CustosdProcess::Stop() {
+  if (pid_ <= 0) return absl::OkStatus();
+  kill(pid_, SIGTERM);
+  int status = 0;
+  waitpid(pid_, &status, 0);
+  pid_ = -1;
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    return absl::InternalError("custosd did not exit cleanly:\n" +
+                               ReadAll(log_path()));
+  }
+  return absl::OkStatus();
+}
+
+std::string CustosdProcess::ReadPki(const std::string& file) const {
+  return ReadAll(dir_ + "/pki/" + file);
+}
+
+std::shared_ptr<grpc::Channel> CustosdProcess::Channel(
+    const std::string& identity) const {
+  return ChannelWith(ReadPki(identity + ".key"), ReadPki(identity + ".pem"));
+}
+
+std::shared_ptr<grpc::Channel> CustosdProcess::ChannelWith(
+    const std::string& key_pem, const std::string& cert_pem) const {
+  grpc::SslCredentialsOptions tls;
+  tls.pem_root_certs = ReadPki("ca.pem");
+  tls.pem_private_key = key_pem;
+  tls.pem_cert_chain = cert_pem;
+  grpc::ChannelArguments args;
+  // A fresh connection per channel: tests compare identities.
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  return grpc::CreateCustomChannel(address_, grpc::SslCredentials(tls), args);
+}
+
+}  // namespace custos::testing

@@ -1,0 +1,79 @@
+// CustosdProcess: a real custosd for end-to-end tests. Start() makes a
+// development environment with scripts/dev-env (PKI, SoftHSM2 token,
+// config) in a temporary directory, picks a free loopback port, and runs
+// build/bin/custosd on it; the test talks to it over mutual TLS with the
+// environment's client certificates. Not thread-safe (one test thread
+// drives it); the channels it hands out are.
+#ifndef CUSTOS_TESTS_SUPPORT_CUSTOSD_PROCESS_H_
+#define CUSTOS_TESTS_SUPPORT_CUSTOSD_PROCESS_H_
+
+#include <grpcpp/grpcpp.h>
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace custos::testing {
+
+class CustosdProcess {
+ public:
+  struct Options {
+    // YAML appended to the generated custos.yaml (top-level keys).
+    std::string extra_config;
+    // Replaces hsm.module (e.g. the fault-injecting module).
+    std::string hsm_module;
+    // Extra environment for the server process.
+    std::vector<std::pair<std::string, std::string>> env;
+  };
+
+  static absl::StatusOr<std::unique_ptr<CustosdProcess>> Start(
+      Options options);
+  // Stops the server (SIGTERM) if it runs and removes the directory.
+  ~CustosdProcess();
+
+  // Starts the server again on the same directory and port.
+  absl::Status Restart();
+  // Sends `signal` and waits for the process to end.
+  void Kill(int signal);
+  // SIGTERM, then waits; an error if it did not exit cleanly.
+  absl::Status Stop();
+  bool running() const { return pid_ > 0; }
+
+  // A channel authenticated as one of the dev-env identities: "admin",
+  // "auditor", "service-a", "service-b".
+  std::shared_ptr<grpc::Channel> Channel(const std::string& identity) const;
+  // A channel with any client key and certificate (PEM), or none.
+  std::shared_ptr<grpc::Channel> ChannelWith(const std::string& key_pem,
+                                             const std::string& cert_pem) const;
+
+  const std::string& dir() const { return dir_; }
+  const std::string& address() const { return address_; }
+  std::string log_path() const { return dir_ + "/custosd.log"; }
+  std::string audit_dir() const { return dir_ + "/data/audit"; }
+  std::string softhsm_conf() const { return dir_ + "/softhsm/softhsm2.conf"; }
+  std::string pin_file() const { return dir_ + "/user.pin"; }
+  std::string ReadPki(const std::string& file) const;
+  // The principal of a dev-env identity, e.g. spiffe://custos.test/admin.
+  static std::string Principal(const std::string& identity);
+
+ private:
+  CustosdProcess() = default;
+  absl::Status Launch();
+
+  Options options_;
+  std::string dir_;
+  std::string address_;
+  pid_t pid_ = -1;
+};
+
+// The source tree's root (for scripts/) and the binaries' directory.
+std::string SourceDir();
+std::string BinDir();
+
+}  // namespace custos::testing
+
+#endif  // CUSTOS_TESTS_SUPPORT_CUSTOSD_PROCESS_H_

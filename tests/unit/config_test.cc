@@ -1,0 +1,387 @@
+// ParseConfig: defaults, required fields, unknown fields, wrong types,
+// ranges, and path resolution. Every refusal is INVALID_ARGUMENT naming the
+// field.
+#include "kms/server/config.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_replace.h"
+#include "common/testing/status_matchers.h"
+
+namespace custos::server {
+namespace {
+
+using ::custos::testing::IsOk;
+using ::custos::testing::StatusIs;
+using ::testing::AllOf;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+
+constexpr char kBase[] = "/etc/custos";
+
+// Every required field, and nothing else.
+constexpr char kMinimal[] = R"yaml(
+listen: "127.0.0.1:7443"
+tls:
+  cert: tls/server.pem
+  key: tls/server.key
+  client_ca: tls/clients-ca.pem
+hsm:
+  module: /usr/lib/softhsm/libsofthsm2.so
+  token_label: custos
+  pin_file: hsm.pin
+storage: sqlite:///var/lib/custos/custos.db
+audit_dir: audit
+admins:
+  - spiffe://example.org/admin
+)yaml";
+
+// kMinimal with the line containing `needle` removed.
+std::string Without(const std::string& needle) {
+  std::string out;
+  size_t pos = 0;
+  const std::string text = kMinimal;
+  while (pos < text.size()) {
+    size_t end = text.find('\n', pos);
+    if (end == std::string::npos) end = text.size();
+    std::string line = text.substr(pos, end - pos);
+    if (line.find(needle) == std::string::npos) out += line + "\n";
+    pos = end + 1;
+  }
+  return out;
+}
+
+// kMinimal with `from` replaced by `to` (which must occur).
+std::string Replace(const std::string& from, const std::string& to) {
+  const std::string text = kMinimal;
+  EXPECT_NE(text.find(from), std::string::npos) << from;
+  return absl::StrReplaceAll(text, {{from, to}});
+}
+
+TEST(ParseConfigTest, MinimalConfigParsesWithDefaults) {
+  absl::StatusOr<Config> c = ParseConfig(kMinimal, kBase);
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(c->listen, "127.0.0.1:7443");
+  EXPECT_EQ(c->hsm.module, "/usr/lib/softhsm/libsofthsm2.so");
+  EXPECT_EQ(c->hsm.token_label, "custos");
+  EXPECT_EQ(c->storage, "sqlite:///var/lib/custos/custos.db");
+  EXPECT_THAT(c->admins, ElementsAre("spiffe://example.org/admin"));
+  // Defaults.
+  const Config defaults;
+  EXPECT_EQ(c->node_id, "custos-1");
+  EXPECT_THAT(c->auditors, IsEmpty());
+  EXPECT_EQ(c->hsm.pool_size, 2);
+  EXPECT_EQ(c->hsm.call_timeout, absl::Seconds(10));
+  EXPECT_EQ(c->hsm.lease_timeout, absl::Seconds(5));
+  EXPECT_EQ(c->limits.max_message_bytes, defaults.limits.max_message_bytes);
+  EXPECT_EQ(c->limits.max_concurrent_streams,
+            defaults.limits.max_concurrent_streams);
+  EXPECT_EQ(c->encryption_limit, uint64_t{1} << 30);
+  EXPECT_EQ(c->maintenance_interval, absl::Seconds(10));
+  EXPECT_EQ(c->log_level, "info");
+  EXPECT_THAT(c->development.insecure_listen, IsEmpty());
+  EXPECT_THAT(c->development.insecure_principal, IsEmpty());
+  EXPECT_EQ(c->testing.deletion_day, absl::Hours(24));
+  EXPECT_EQ(c->testing.min_rotation_period, absl::Hours(24));
+}
+
+TEST(ParseConfigTest, ReadsEveryOptionalField) {
+  const std::string yaml = std::string(kMinimal) + R"yaml(
+node_id: node-7
+auditors: [spiffe://example.org/auditor]
+limits: {max_message_bytes: 131072, max_concurrent_streams: 8}
+encryption_limit: 1000
+maintenance_interval_seconds: 0.5
+log_level: debug
+development:
+  insecure_listen: 127.0.0.1:7000
+  insecure_principal: dev
+testing: {deletion_day_seconds: 2, min_rotation_period_seconds: 1}
+)yaml";
+  std::string with_hsm = absl::StrReplaceAll(
+      yaml, {{"  pin_file: hsm.pin\n",
+              "  pin_file: hsm.pin\n  pool_size: 64\n  call_timeout_ms: 250\n"
+              "  lease_timeout_ms: 100\n"}});
+  absl::StatusOr<Config> c = ParseConfig(with_hsm, kBase);
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(c->node_id, "node-7");
+  EXPECT_THAT(c->auditors, ElementsAre("spiffe://example.org/auditor"));
+  EXPECT_EQ(c->hsm.pool_size, 64);
+  EXPECT_EQ(c->hsm.call_timeout, absl::Milliseconds(250));
+  EXPECT_EQ(c->hsm.lease_timeout, absl::Milliseconds(100));
+  EXPECT_EQ(c->limits.max_message_bytes, 131072);
+  EXPECT_EQ(c->limits.max_concurrent_streams, 8);
+  EXPECT_EQ(c->encryption_limit, 1000u);
+  EXPECT_EQ(c->maintenance_interval, absl::Milliseconds(500));
+  EXPECT_EQ(c->log_level, "debug");
+  EXPECT_EQ(c->development.insecure_listen, "127.0.0.1:7000");
+  EXPECT_EQ(c->development.insecure_principal, "dev");
+  EXPECT_EQ(c->testing.deletion_day, absl::Seconds(2));
+  EXPECT_EQ(c->testing.min_rotation_period, absl::Seconds(1));
+}
+
+TEST(ParseConfigTest, EachRequiredFieldMissingIsNamed) {
+  struct Case {
+    const char* line;   // removed from kMinimal
+    const char* field;  // must appear in the message
+  };
+  const Case cases[] = {
+      {"listen:", "listen"},
+      {"  cert:", "tls"},
+      {"  key:", "tls"},
+      {"  client_ca:", "tls"},
+      {"  module:", "hsm.module"},
+      {"  token_label:", "hsm.token_label"},
+      {"  pin_file:", "hsm.pin_file"},
+      {"storage:", "storage"},
+      {"audit_dir:", "audit_dir"},
+  };
+  for (const Case& c : cases) {
+    EXPECT_THAT(ParseConfig(Without(c.line), kBase),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         HasSubstr(c.field)))
+        << c.line;
+  }
+  // The tls message names the sub-fields it wants.
+  EXPECT_THAT(ParseConfig(Without("  client_ca:"), kBase),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("tls"), HasSubstr("client_ca"))));
+}
+
+TEST(ParseConfigTest, MissingSectionsAreNamed) {
+  // Whole tls section gone.
+  std::string no_tls = Without("tls:");
+  no_tls = absl::StrReplaceAll(no_tls, {{"  cert: tls/server.pem\n", ""},
+                                        {"  key: tls/server.key\n", ""},
+                                        {"  client_ca: tls/clients-ca.pem\n",
+                                         ""}});
+  EXPECT_THAT(ParseConfig(no_tls, kBase),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("tls")));
+}
+
+TEST(ParseConfigTest, AdminsMissingOrEmptyIsNamed) {
+  std::string no_admins = Without("admins:");
+  no_admins = absl::StrReplaceAll(no_admins,
+                                  {{"  - spiffe://example.org/admin\n", ""}});
+  EXPECT_THAT(ParseConfig(no_admins, kBase),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("admins")));
+  EXPECT_THAT(
+      ParseConfig(Replace("admins:\n  - spiffe://example.org/admin\n",
+                          "admins: []\n"),
+                  kBase),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("admins")));
+}
+
+TEST(ParseConfigTest, EmptyStringCountsAsMissing) {
+  EXPECT_THAT(ParseConfig(Replace("listen: \"127.0.0.1:7443\"", "listen: \"\""),
+                          kBase),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("listen")));
+}
+
+TEST(ParseConfigTest, UnknownTopLevelFieldIsNamed) {
+  EXPECT_THAT(
+      ParseConfig(std::string(kMinimal) + "listne: 1.2.3.4:1\n", kBase),
+      StatusIs(absl::StatusCode::kInvalidArgument,
+               AllOf(HasSubstr("listne"), HasSubstr("unknown"))));
+}
+
+TEST(ParseConfigTest, UnknownNestedFieldsAreNamed) {
+  struct Case {
+    std::string yaml;
+    const char* field;
+  };
+  const Case cases[] = {
+      {Replace("  cert: tls/server.pem", "  cert: a\n  certs: b"),
+       "tls.certs"},
+      {Replace("  token_label: custos",
+               "  token_label: custos\n  pin: \"1234\""),
+       "hsm.pin"},
+      {std::string(kMinimal) + "limits: {max_messages: 1}\n",
+       "limits.max_messages"},
+      {std::string(kMinimal) + "development: {insecure: true}\n",
+       "development.insecure"},
+      {std::string(kMinimal) + "testing: {deletion_days: 1}\n",
+       "testing.deletion_days"},
+  };
+  for (const Case& c : cases) {
+    EXPECT_THAT(ParseConfig(c.yaml, kBase),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         AllOf(HasSubstr(c.field), HasSubstr("unknown"))))
+        << c.field;
+  }
+}
+
+TEST(ParseConfigTest, WrongTypesAreNamed) {
+  struct Case {
+    std::string yaml;
+    const char* field;
+  };
+  const Case cases[] = {
+      {Replace("listen: \"127.0.0.1:7443\"", "listen: [a, b]"), "listen"},
+      {Replace("storage: sqlite:///var/lib/custos/custos.db",
+               "storage: {url: x}"),
+       "storage"},
+      {Replace("admins:\n  - spiffe://example.org/admin",
+               "admins: spiffe://example.org/admin"),
+       "admins"},
+      {Replace("  pin_file: hsm.pin", "  pin_file: hsm.pin\n  pool_size: two"),
+       "hsm.pool_size"},
+      {Replace("  pin_file: hsm.pin",
+               "  pin_file: hsm.pin\n  call_timeout_ms: soon"),
+       "hsm.call_timeout_ms"},
+      {Replace("  cert: tls/server.pem", "  cert: [a]"), "tls.cert"},
+      {std::string(kMinimal) + "encryption_limit: lots\n", "encryption_limit"},
+      {std::string(kMinimal) + "maintenance_interval_seconds: often\n",
+       "maintenance_interval_seconds"},
+      {std::string(kMinimal) + "limits: {max_message_bytes: big}\n",
+       "limits.max_message_bytes"},
+      {std::string(kMinimal) + "auditors: {a: b}\n", "auditors"},
+  };
+  for (const Case& c : cases) {
+    EXPECT_THAT(ParseConfig(c.yaml, kBase),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         HasSubstr(c.field)))
+        << c.field;
+  }
+}
+
+TEST(ParseConfigTest, SectionThatIsNotAMappingIsNamed) {
+  std::string yaml = Without("tls:");
+  yaml = absl::StrReplaceAll(yaml, {{"  cert: tls/server.pem\n", ""},
+                                    {"  key: tls/server.key\n", ""},
+                                    {"  client_ca: tls/clients-ca.pem\n", ""}});
+  yaml += "tls: server.pem\n";
+  EXPECT_THAT(ParseConfig(yaml, kBase),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("tls"), HasSubstr("mapping"))));
+  EXPECT_THAT(ParseConfig("- a\n- b\n", kBase),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("mapping")));
+}
+
+TEST(ParseConfigTest, PoolSizeOutsideOneToSixtyFourRefused) {
+  for (const char* size : {"0", "65", "-1"}) {
+    EXPECT_THAT(
+        ParseConfig(Replace("  pin_file: hsm.pin",
+                            std::string("  pin_file: hsm.pin\n  pool_size: ") +
+                                size),
+                    kBase),
+        StatusIs(absl::StatusCode::kInvalidArgument,
+                 HasSubstr("hsm.pool_size")))
+        << size;
+  }
+  for (const char* size : {"1", "64"}) {
+    EXPECT_THAT(
+        ParseConfig(Replace("  pin_file: hsm.pin",
+                            std::string("  pin_file: hsm.pin\n  pool_size: ") +
+                                size),
+                    kBase),
+        IsOk())
+        << size;
+  }
+}
+
+TEST(ParseConfigTest, NonPositiveTimeoutsRefused) {
+  for (const char* field : {"call_timeout_ms", "lease_timeout_ms"}) {
+    EXPECT_THAT(ParseConfig(Replace("  pin_file: hsm.pin",
+                                    std::string("  pin_file: hsm.pin\n  ") +
+                                        field + ": 0"),
+                            kBase),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(field)))
+        << field;
+  }
+}
+
+TEST(ParseConfigTest, OtherRangesRefused) {
+  struct Case {
+    const char* extra;
+    const char* field;
+  };
+  const Case cases[] = {
+      {"limits: {max_message_bytes: 5119}\n", "limits.max_message_bytes"},
+      {"limits: {max_message_bytes: 16777217}\n", "limits.max_message_bytes"},
+      {"limits: {max_concurrent_streams: 0}\n",
+       "limits.max_concurrent_streams"},
+      {"encryption_limit: 0\n", "encryption_limit"},
+      // A negative count must not wrap around to 2^64 - 1.
+      {"encryption_limit: -1\n", "encryption_limit"},
+      {"maintenance_interval_seconds: 0\n", "maintenance_interval_seconds"},
+      {"maintenance_interval_seconds: -5\n", "maintenance_interval_seconds"},
+      {"log_level: verbose\n", "log_level"},
+      {"node_id: \"a b\"\n", "node_id"},
+      {"node_id: \"../etc\"\n", "node_id"},
+      {"node_id: \"\"\n", "node_id"},
+      {"testing: {deletion_day_seconds: 0}\n", "testing"},
+  };
+  for (const Case& c : cases) {
+    EXPECT_THAT(ParseConfig(std::string(kMinimal) + c.extra, kBase),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         HasSubstr(c.field)))
+        << c.extra;
+  }
+}
+
+TEST(ParseConfigTest, InsecureListenRequiresPrincipal) {
+  EXPECT_THAT(
+      ParseConfig(std::string(kMinimal) +
+                      "development: {insecure_listen: 127.0.0.1:7000}\n",
+                  kBase),
+      StatusIs(absl::StatusCode::kInvalidArgument,
+               HasSubstr("development.insecure_principal")));
+}
+
+TEST(ParseConfigTest, RelativePathsResolvedAgainstBaseDir) {
+  absl::StatusOr<Config> c = ParseConfig(kMinimal, kBase);
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(c->tls.cert, "/etc/custos/tls/server.pem");
+  EXPECT_EQ(c->tls.key, "/etc/custos/tls/server.key");
+  EXPECT_EQ(c->tls.client_ca, "/etc/custos/tls/clients-ca.pem");
+  EXPECT_EQ(c->hsm.pin_file, "/etc/custos/hsm.pin");
+  EXPECT_EQ(c->audit_dir, "/etc/custos/audit");
+  // Absolute paths and URLs are left alone.
+  EXPECT_EQ(c->hsm.module, "/usr/lib/softhsm/libsofthsm2.so");
+  EXPECT_EQ(c->storage, "sqlite:///var/lib/custos/custos.db");
+}
+
+TEST(ParseConfigTest, AbsolutePathsAndEmptyBaseDirLeftAlone) {
+  absl::StatusOr<Config> c = ParseConfig(
+      Replace("  cert: tls/server.pem", "  cert: /srv/server.pem"), kBase);
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(c->tls.cert, "/srv/server.pem");
+  EXPECT_EQ(c->tls.key, "/etc/custos/tls/server.key");
+
+  c = ParseConfig(kMinimal, "");
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(c->tls.cert, "tls/server.pem");
+  EXPECT_EQ(c->hsm.pin_file, "hsm.pin");
+}
+
+TEST(ParseConfigTest, InvalidYamlReportsALine) {
+  const std::string yaml = "listen: a\ntls:\n  cert: [unclosed\n  key: b\n";
+  EXPECT_THAT(ParseConfig(yaml, kBase),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("YAML"), HasSubstr("line"))));
+  EXPECT_THAT(ParseConfig("a: b\n  c: : d\n\t- x\n", kBase),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("line")));
+}
+
+TEST(ParseConfigTest, EmptyDocumentRefused) {
+  EXPECT_THAT(ParseConfig("", kBase),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("empty")));
+  EXPECT_THAT(ParseConfig("# only a comment\n", kBase),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("empty")));
+}
+
+TEST(LoadConfigTest, MissingFileIsNotFound) {
+  EXPECT_THAT(LoadConfig("/nonexistent/custos.yaml"),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("custos.yaml")));
+}
+
+}  // namespace
+}  // namespace custos::server
