@@ -55,12 +55,39 @@ class KeyService::Audit {
     return service_->audit_->Append(std::move(record_));
   }
 
+  // For calls that change state: writes the success record now, inside the
+  // change's transaction and before it commits, so that no change is ever
+  // applied without a durable record. On failure the caller must abort the
+  // transaction (return the error from its mutator).
+  absl::Status RecordBeforeCommit() {
+    AuditRecord copy = record_;
+    copy.code = absl::StatusCode::kOk;
+    copy.outcome = AuditOutcome::kAllowed;
+    absl::Status s = service_->audit_->Append(std::move(copy));
+    precommit_ = s.ok() ? Precommit::kWritten : Precommit::kFailed;
+    if (s.ok()) return absl::OkStatus();
+    return absl::UnavailableError(absl::StrCat(
+        "request refused because the audit log cannot record it: ",
+        s.message()));
+  }
+
   // Runs `body`, records its outcome, and returns its result, unless the
   // record could not be written: then UNAVAILABLE, and the result (with any
   // data key in it) is dropped and cleansed.
   template <typename T, typename F>
   absl::StatusOr<T> Run(F body) {
     absl::StatusOr<T> result = body();
+    if (precommit_ == Precommit::kFailed) return result;  // nothing applied
+    if (precommit_ == Precommit::kWritten) {
+      if (!result.ok()) {
+        // The success record is durable but the change did not commit
+        // after all: record that too (the log may over-report, never
+        // under-report).
+        AddDetail("the change recorded before this one was not applied");
+        Record(result.status()).IgnoreError();
+      }
+      return result;
+    }
     absl::Status appended = Record(result.status());
     if (!appended.ok()) {
       return absl::UnavailableError(
@@ -72,8 +99,10 @@ class KeyService::Audit {
   }
 
  private:
+  enum class Precommit { kNone, kWritten, kFailed };
   KeyService* const service_;
   AuditRecord record_;
+  Precommit precommit_ = Precommit::kNone;
 };
 
 }  // namespace custos::kms

@@ -64,8 +64,12 @@ absl::Status KeyService::ValidateRotationPeriod(absl::Duration period) {
 
 absl::StatusOr<std::shared_ptr<const Key>> KeyService::AdminKey(
     const Caller& caller, Rpc rpc, const std::string& name, Audit& audit) {
-  CUSTOS_RETURN_IF_ERROR(authorizer_->Check(caller, rpc, nullptr,
-                                            KeyOperation{}, nullptr, nullptr));
+  if (absl::Status allowed = authorizer_->Check(
+          caller, rpc, nullptr, KeyOperation{}, nullptr, nullptr);
+      !allowed.ok()) {
+    audit.AddDetail(absl::StrCat("requested key=", name.substr(0, 64)));
+    return allowed;
+  }
   if (name.empty()) {
     return absl::InvalidArgumentError(
         "key: empty; name a key by id (k-...) or alias (alias/NAME)");
@@ -130,7 +134,9 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::CreateKey(
         v1.create_time = now;
         key.versions.push_back(std::move(v1));
         std::string id = key.id;
-        if (absl::Status s = registry_->Insert(std::move(key)); !s.ok()) {
+        absl::Status s = audit.RecordBeforeCommit();
+        if (s.ok()) s = registry_->Insert(std::move(key));
+        if (!s.ok()) {
           hsm_->DestroyObjects(hsm_id).IgnoreError();
           return s;
         }
@@ -244,7 +250,7 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::UpdateKey(
                                        : absl::InfinitePast();
           }
           k.update_time = now;
-          return absl::OkStatus();
+          return audit.RecordBeforeCommit();
         });
       });
 }
@@ -256,8 +262,9 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::RotateKey(
       [&]() -> absl::StatusOr<std::shared_ptr<const Key>> {
         CUSTOS_ASSIGN_OR_RETURN(std::shared_ptr<const Key> key,
                                 AdminKey(caller, Rpc::kRotateKey, name, audit));
-        CUSTOS_ASSIGN_OR_RETURN(std::shared_ptr<const Key> rotated,
-                                RotateFrom(key->id, key->primary_version));
+        CUSTOS_ASSIGN_OR_RETURN(
+            std::shared_ptr<const Key> rotated,
+            RotateFrom(key->id, key->primary_version, &audit));
         audit.SetKey(rotated->id, rotated->primary_version);
         return rotated;
       });
@@ -283,7 +290,7 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::EnableKey(
           }
           k.state = KeyState::kEnabled;
           k.update_time = options_.now();
-          return absl::OkStatus();
+          return audit.RecordBeforeCommit();
         });
       });
 }
@@ -305,7 +312,7 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::DisableKey(
           }
           k.state = KeyState::kDisabled;
           k.update_time = options_.now();
-          return absl::OkStatus();
+          return audit.RecordBeforeCommit();
         });
       });
 }
@@ -338,7 +345,7 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::ScheduleKeyDeletion(
           k.state = KeyState::kPendingDeletion;
           k.deletion_time = now + options_.deletion_day * days;
           k.update_time = now;
-          return absl::OkStatus();
+          return audit.RecordBeforeCommit();
         });
       });
 }
@@ -351,6 +358,8 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::CancelKeyDeletion(
         CUSTOS_ASSIGN_OR_RETURN(
             std::shared_ptr<const Key> key,
             AdminKey(caller, Rpc::kCancelKeyDeletion, name, audit));
+        // Never while the deletion executor is destroying this key.
+        absl::MutexLock lifecycle(&lifecycle_mu_);
         return registry_->Update(key->id, [&](Key& k) -> absl::Status {
           if (k.state != KeyState::kPendingDeletion) {
             return absl::FailedPreconditionError(
@@ -362,7 +371,7 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::CancelKeyDeletion(
           k.state = KeyState::kDisabled;
           k.deletion_time = absl::InfinitePast();
           k.update_time = options_.now();
-          return absl::OkStatus();
+          return audit.RecordBeforeCommit();
         });
       });
 }
@@ -381,6 +390,7 @@ absl::StatusOr<AliasRecord> KeyService::CreateAlias(const Caller& caller,
           absl::StrCat("key ", key->id, " is DESTROYED"));
     }
     AliasRecord record{alias, key->id, options_.now()};
+    CUSTOS_RETURN_IF_ERROR(audit.RecordBeforeCommit());
     CUSTOS_RETURN_IF_ERROR(registry_->CreateAlias(record));
     return record;
   });
@@ -399,6 +409,10 @@ absl::Status KeyService::DeleteAlias(const Caller& caller,
         if (auto key = registry_->Find(alias); key.ok()) {
           audit.SetKey((*key)->id, 0);
         }
+        if (!registry_->Find(alias).ok()) {
+          return absl::NotFoundError(absl::StrCat("alias ", alias, " not found"));
+        }
+        CUSTOS_RETURN_IF_ERROR(audit.RecordBeforeCommit());
         CUSTOS_RETURN_IF_ERROR(registry_->DeleteAlias(alias));
         return true;
       })
@@ -455,10 +469,10 @@ absl::StatusOr<KeyPolicy> KeyService::SetKeyPolicy(const Caller& caller,
           k.policy = policy;
           k.policy.version = next;
           k.update_time = options_.now();
-          return absl::OkStatus();
+          audit.AddDetail(absl::StrCat("policy_version=", next,
+                                       " bindings=", policy.bindings.size()));
+          return audit.RecordBeforeCommit();
         }));
-    audit.AddDetail(absl::StrCat("policy_version=", updated->policy.version,
-                                 " bindings=", policy.bindings.size()));
     return updated->policy;
   });
 }

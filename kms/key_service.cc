@@ -77,7 +77,7 @@ absl::Status KeyService::TakeEncryption(const Key& key,
 }
 
 absl::StatusOr<std::shared_ptr<const Key>> KeyService::RotateFrom(
-    const std::string& key_id, uint32_t expected_primary) {
+    const std::string& key_id, uint32_t expected_primary, Audit* audit) {
   absl::MutexLock lock(&rotate_mu_);
   CUSTOS_ASSIGN_OR_RETURN(std::shared_ptr<const Key> current,
                           registry_->Find(key_id));
@@ -111,7 +111,9 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::RotateFrom(
         if (k.rotation_period > absl::ZeroDuration()) {
           k.next_rotation_time = now + k.rotation_period;
         }
-        return absl::OkStatus();
+        if (audit == nullptr) return absl::OkStatus();
+        audit->SetKey(key_id, number);
+        return audit->RecordBeforeCommit();
       });
   if (!updated.ok()) {
     // The version never became durable: its object must not linger.
@@ -131,7 +133,9 @@ absl::StatusOr<KeyService::SealedData> KeyService::Seal(
     }
     absl::Status taken = TakeEncryption(*key, *version);
     if (absl::IsResourceExhausted(taken)) {
-      CUSTOS_ASSIGN_OR_RETURN(key, RotateFrom(key->id, version->number));
+      // Recorded in this request's own audit record (its detail says so).
+      CUSTOS_ASSIGN_OR_RETURN(
+          key, RotateFrom(key->id, version->number, /*audit=*/nullptr));
       audit.AddDetail(absl::StrCat("rotated automatically: version ",
                                    version->number,
                                    " reached its encryption limit"));
@@ -246,19 +250,20 @@ absl::StatusOr<DecryptResult> KeyService::Open(
     const Justification* justification, Audit& audit) {
   CUSTOS_RETURN_IF_ERROR(ValidateEncryptionContext(context));
   CUSTOS_ASSIGN_OR_RETURN(ParsedBlob parsed, ParseBlob(blob));
-  if (!expected_key.empty()) {
-    absl::StatusOr<std::shared_ptr<const Key>> expected =
-        registry_->Find(expected_key);
-    if (!expected.ok() || (*expected)->id != parsed.header.key_id) {
-      return InvalidCiphertext();
-    }
-  }
   absl::StatusOr<std::shared_ptr<const Key>> key =
       registry_->Find(parsed.header.key_id);
   const Key* raw = key.ok() ? key->get() : nullptr;
   if (raw != nullptr) audit.SetKey(raw->id, parsed.header.version);
   CUSTOS_RETURN_IF_ERROR(
       authorizer_->Check(caller, rpc, raw, op, &context, justification));
+  // Only an authorized caller learns anything about `expected_key`.
+  if (!expected_key.empty()) {
+    absl::StatusOr<std::shared_ptr<const Key>> expected =
+        registry_->Find(expected_key);
+    if (!expected.ok() || (*expected)->id != raw->id) {
+      return InvalidCiphertext();
+    }
+  }
   if (raw->state == KeyState::kDestroyed) return InvalidCiphertext();
   if (raw->state != KeyState::kEnabled) {
     return absl::FailedPreconditionError(absl::StrCat(

@@ -259,12 +259,16 @@ class KeyService {
   absl::Status TakeEncryption(const Key& key, const KeyVersion& version);
   // Adds a version generated in the HSM and makes it primary, unless the
   // primary is no longer `expected_primary` (someone else rotated).
+  // `audit`, when given, records the rotation before it commits.
   absl::StatusOr<std::shared_ptr<const Key>> RotateFrom(
-      const std::string& key_id, uint32_t expected_primary);
+      const std::string& key_id, uint32_t expected_primary, Audit* audit);
   absl::Status ValidateLabels(const std::map<std::string, std::string>& labels);
   absl::Status ValidateRotationPeriod(absl::Duration period);
+  // Destroys a PENDING_DELETION key whose window has ended: HSM objects
+  // first, then the rows (recorded in `audit` before commit). ABORTED if the
+  // deletion was cancelled or rescheduled.
   absl::Status DestroyKeyMaterial(const std::string& key_id,
-                                  MaintenanceReport& report);
+                                  MaintenanceReport& report, Audit& audit);
   Counter& CounterFor(const std::string& key_id, uint32_t version);
 
   const Options options_;
@@ -274,6 +278,9 @@ class KeyService {
   const Authorizer* const authorizer_;
 
   absl::Mutex rotate_mu_;  // one rotation at a time
+  // Held by the deletion executor while it destroys a key, and by
+  // CancelKeyDeletion: a cancel never races the destruction.
+  absl::Mutex lifecycle_mu_;
   absl::Mutex counters_mu_;
   absl::flat_hash_map<std::string, std::unique_ptr<Counter>> counters_
       ABSL_GUARDED_BY(counters_mu_);

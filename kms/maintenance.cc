@@ -17,9 +17,17 @@ Caller SystemCaller() { return Caller{kSystemPrincipal, "", ""}; }
 }  // namespace
 
 absl::Status KeyService::DestroyKeyMaterial(const std::string& key_id,
-                                            MaintenanceReport& report) {
+                                            MaintenanceReport& report,
+                                            Audit& audit) {
+  absl::MutexLock lifecycle(&lifecycle_mu_);
   CUSTOS_ASSIGN_OR_RETURN(std::shared_ptr<const Key> key,
                           registry_->Find(key_id));
+  // Check again under the lock: the deletion may have been cancelled (or
+  // cancelled and scheduled anew) since the pass read the key.
+  if (key->state != KeyState::kPendingDeletion ||
+      key->deletion_time > options_.now()) {
+    return absl::AbortedError("deletion was cancelled or rescheduled");
+  }
   // Destroy the HSM objects first, then record it: after a crash in
   // between, the key is still PENDING_DELETION and the next pass destroys
   // (finds nothing) and records. The row never claims DESTROYED while
@@ -41,7 +49,7 @@ absl::Status KeyService::DestroyKeyMaterial(const std::string& key_id,
                  }
                  k.state = KeyState::kDestroyed;
                  k.update_time = now;
-                 return absl::OkStatus();
+                 return audit.RecordBeforeCommit();
                })
       .status();
 }
@@ -54,11 +62,16 @@ MaintenanceReport KeyService::RunScheduledWork() {
       Audit audit(this, SystemCaller(), Rpc::kScheduleKeyDeletion);
       audit.SetKey(key->id, 0);
       audit.AddDetail("deletion window ended: key material destroyed");
-      absl::Status s = DestroyKeyMaterial(key->id, report);
+      absl::Status s = audit
+                           .Run<bool>([&]() -> absl::StatusOr<bool> {
+                             CUSTOS_RETURN_IF_ERROR(
+                                 DestroyKeyMaterial(key->id, report, audit));
+                             return true;
+                           })
+                           .status();
       if (absl::IsAborted(s)) continue;  // cancelled meanwhile
       if (s.ok()) ++report.destroyed_keys;
       if (!s.ok()) ++report.failures;
-      if (!audit.Record(s).ok()) ++report.failures;
       if (s.ok()) {
         spdlog::info("key {} destroyed: its deletion window ended", key->id);
       } else {
@@ -74,7 +87,9 @@ MaintenanceReport KeyService::RunScheduledWork() {
       audit.SetKey(key->id, 0);
       audit.AddDetail("scheduled rotation");
       absl::StatusOr<std::shared_ptr<const Key>> rotated =
-          RotateFrom(key->id, key->primary_version);
+          audit.Run<std::shared_ptr<const Key>>([&] {
+            return RotateFrom(key->id, key->primary_version, &audit);
+          });
       if (rotated.ok()) {
         ++report.rotated;
         audit.SetKey(key->id, (*rotated)->primary_version);
@@ -85,7 +100,6 @@ MaintenanceReport KeyService::RunScheduledWork() {
         spdlog::error("scheduled rotation of {} failed: {}", key->id,
                       rotated.status().message());
       }
-      if (!audit.Record(rotated.status()).ok()) ++report.failures;
     }
   }
   return report;

@@ -60,10 +60,6 @@ const char* AuditOutcomeName(AuditOutcome outcome) {
   return "UNKNOWN";
 }
 
-std::string AuditLineHash(absl::string_view line) {
-  return absl::BytesToHexString(Sha256(line));
-}
-
 absl::StatusOr<std::unique_ptr<FileAuditLog>> FileAuditLog::Open(
     Options options) {
   if (options.dir.empty()) {
@@ -156,7 +152,7 @@ FileAuditLog::~FileAuditLog() {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
   }
-  writer_.join();
+  if (writer_.joinable()) writer_.join();  // not started if Open failed
   if (fd_ >= 0) close(fd_);
 }
 

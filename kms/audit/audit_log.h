@@ -26,6 +26,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "kms/audit/audit_chain.h"
 #include "kms/encryption_context.h"
 #include "kms/policy.h"
 
@@ -116,12 +117,6 @@ class FileAuditLog : public AuditLog {
   Stats stats_ ABSL_GUARDED_BY(mu_);
   std::thread writer_;
 };
-
-// SHA-256 (hex) of an audit line without its trailing newline: the `prev` of
-// the next record. The chain starts from 64 zeros.
-std::string AuditLineHash(absl::string_view line);
-inline constexpr char kAuditGenesisHash[] =
-    "0000000000000000000000000000000000000000000000000000000000000000";
 
 }  // namespace custos::kms
 

@@ -170,10 +170,14 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
   if (c.listen.empty()) {
     return FieldError("listen", "required, e.g. \"0.0.0.0:7443\"");
   }
-  if (c.tls.cert.empty() || c.tls.key.empty() || c.tls.client_ca.empty()) {
-    return FieldError("tls",
-                      "cert, key and client_ca are all required: custosd "
-                      "serves mutual TLS only");
+  for (const auto& [value, name] :
+       {std::pair{&c.tls.cert, "tls.cert"}, std::pair{&c.tls.key, "tls.key"},
+        std::pair{&c.tls.client_ca, "tls.client_ca"}}) {
+    if (value->empty()) {
+      return FieldError(name,
+                        "required: custosd serves mutual TLS only (tls.cert, "
+                        "tls.key and tls.client_ca)");
+    }
   }
   if (c.hsm.module.empty()) {
     return FieldError("hsm.module",

@@ -45,8 +45,11 @@ absl::StatusOr<std::string> IdentityFromPem(const std::string& pem) {
   if (cert == nullptr) {
     return absl::UnauthenticatedError("client certificate is unreadable");
   }
-  // X509_check_ca also caches the extensions that the checks below read.
-  if (X509_check_ca(cert.get()) != 0) {
+  // basicConstraints CA:TRUE is refused whatever keyUsage says
+  // (X509_check_ca alone would accept a CA:TRUE leaf without keyCertSign).
+  // Reading the flags also caches the extensions the checks below use.
+  if ((X509_get_extension_flags(cert.get()) & EXFLAG_CA) != 0 ||
+      X509_check_ca(cert.get()) != 0) {
     return absl::UnauthenticatedError(
         "client certificate is a CA certificate (basicConstraints CA:TRUE); "
         "issue a leaf certificate for the client");

@@ -189,7 +189,12 @@ absl::StatusOr<Key> KeyFromRow(const Stmt& row) {
   key.id = row.Text(0);
   key.description = row.Text(1);
   CUSTOS_ASSIGN_OR_RETURN(key.labels, LabelsFromJson(row.Text(2)));
-  key.purpose = static_cast<KeyPurpose>(row.Int(3));
+  if (row.Int(3) != static_cast<int64_t>(KeyPurpose::kEncryptDecrypt)) {
+    return absl::DataLossError(absl::StrCat("key ", row.Text(0),
+                                            " has unknown stored purpose ",
+                                            row.Int(3)));
+  }
+  key.purpose = KeyPurpose::kEncryptDecrypt;
   int64_t state = row.Int(4);
   if (state < 1 || state > 4) {
     // An unknown state is never treated as usable.

@@ -133,9 +133,9 @@ class SqliteStoreTest : public ::testing::Test {
   // file access would.
   void RawExec(const std::string& sql) {
     sqlite3* db = nullptr;
-    ASSERT_EQ(sqlite3_open_v2(path_.c_str(), &db, SQLITE_OPEN_READWRITE,
-                              nullptr),
-              SQLITE_OK);
+    ASSERT_EQ(
+        sqlite3_open_v2(path_.c_str(), &db, SQLITE_OPEN_READWRITE, nullptr),
+        SQLITE_OK);
     sqlite3_busy_timeout(db, 5000);
     char* err = nullptr;
     int rc = sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &err);
@@ -147,9 +147,9 @@ class SqliteStoreTest : public ::testing::Test {
   // The single integer result of `sql` on a raw connection.
   int64_t RawQueryInt(const std::string& sql) {
     sqlite3* db = nullptr;
-    EXPECT_EQ(sqlite3_open_v2(path_.c_str(), &db, SQLITE_OPEN_READONLY,
-                              nullptr),
-              SQLITE_OK);
+    EXPECT_EQ(
+        sqlite3_open_v2(path_.c_str(), &db, SQLITE_OPEN_READONLY, nullptr),
+        SQLITE_OK);
     sqlite3_stmt* stmt = nullptr;
     EXPECT_EQ(sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr),
               SQLITE_OK)
@@ -186,9 +186,9 @@ TEST_F(SqliteStoreTest, RefusesOtherSchemesNamingTheUrl) {
   for (const std::string url :
        {"postgres://db.example.org/custos", "mysql://x", "/var/lib/custos.db",
         "SQLITE:///tmp/x.db", ""}) {
-    EXPECT_THAT(OpenStore(url),
-                StatusIs(absl::StatusCode::kInvalidArgument,
-                         AllOf(HasSubstr("'" + url + "'"), HasSubstr("sqlite"))))
+    EXPECT_THAT(OpenStore(url), StatusIs(absl::StatusCode::kInvalidArgument,
+                                         AllOf(HasSubstr("'" + url + "'"),
+                                               HasSubstr("sqlite"))))
         << url;
   }
 }
@@ -226,9 +226,8 @@ TEST_F(SqliteStoreTest, MigrationsAreIdempotent) {
 TEST_F(SqliteStoreTest, RefusesSchemaNewerThanItKnows) {
   { ASSERT_NE(Open(), nullptr); }
   RawExec("INSERT INTO schema_migrations(version, applied_us) VALUES (2, 0)");
-  EXPECT_THAT(OpenStore(url_),
-              StatusIs(absl::StatusCode::kFailedPrecondition,
-                       HasSubstr("newer")));
+  EXPECT_THAT(OpenStore(url_), StatusIs(absl::StatusCode::kFailedPrecondition,
+                                        HasSubstr("newer")));
 }
 
 TEST_F(SqliteStoreTest, UsesWalAndForeignKeys) {
@@ -329,9 +328,9 @@ TEST_F(SqliteStoreTest, InsertWithTakenAliasInsertsNothing) {
   ASSERT_THAT(store->InsertKey(SampleKey("k-first", "1")), IsOk());
   Key second = SampleKey("k-second", "2");
   second.aliases = {"alias/fresh", "alias/b/billing"};  // the second is taken
-  EXPECT_THAT(store->InsertKey(second),
-              StatusIs(absl::StatusCode::kAlreadyExists,
-                       HasSubstr("alias/b/billing")));
+  EXPECT_THAT(
+      store->InsertKey(second),
+      StatusIs(absl::StatusCode::kAlreadyExists, HasSubstr("alias/b/billing")));
   EXPECT_THAT(store->LoadKey("k-second"),
               StatusIs(absl::StatusCode::kNotFound));
   absl::StatusOr<std::vector<AliasRecord>> aliases = store->ListAliases();
@@ -512,9 +511,9 @@ TEST_F(SqliteStoreTest, DuplicateAliasIsAlreadyExists) {
   b.aliases.clear();
   ASSERT_THAT(store->InsertKey(a), IsOk());
   ASSERT_THAT(store->InsertKey(b), IsOk());
-  EXPECT_THAT(store->CreateAlias({"alias/taken", "k-b", kT0}),
-              StatusIs(absl::StatusCode::kAlreadyExists,
-                       HasSubstr("alias/taken")));
+  EXPECT_THAT(
+      store->CreateAlias({"alias/taken", "k-b", kT0}),
+      StatusIs(absl::StatusCode::kAlreadyExists, HasSubstr("alias/taken")));
   EXPECT_THAT(store->CreateAlias({"alias/taken", "k-a", kT0}),
               StatusIs(absl::StatusCode::kAlreadyExists));
   absl::StatusOr<std::vector<AliasRecord>> aliases = store->ListAliases();
@@ -569,8 +568,7 @@ TEST_F(SqliteStoreTest, UnknownKeyStateIsDataLossNeverEnabled) {
   store.reset();
   store = Open();
   ASSERT_NE(store, nullptr);
-  EXPECT_THAT(store->LoadKey("k-state"),
-              StatusIs(absl::StatusCode::kDataLoss));
+  EXPECT_THAT(store->LoadKey("k-state"), StatusIs(absl::StatusCode::kDataLoss));
 }
 
 TEST_F(SqliteStoreTest, NonIntegerKeyStateIsDataLoss) {
@@ -585,12 +583,14 @@ TEST_F(SqliteStoreTest, UnknownVersionStateIsDataLoss) {
   std::unique_ptr<Store> store = Open();
   ASSERT_NE(store, nullptr);
   ASSERT_THAT(store->InsertKey(SampleKey("k-vstate", "v")), IsOk());
-  RawExec("UPDATE key_versions SET state = 9 WHERE key_id = 'k-vstate' AND "
-          "number = 2");
+  RawExec(
+      "UPDATE key_versions SET state = 9 WHERE key_id = 'k-vstate' AND "
+      "number = 2");
   EXPECT_THAT(store->LoadKey("k-vstate"),
               StatusIs(absl::StatusCode::kDataLoss, HasSubstr("state")));
 }
 
+// Like states, a stored purpose outside the enum must not be trusted.
 TEST_F(SqliteStoreTest, UnknownPurposeIsDataLoss) {
   std::unique_ptr<Store> store = Open();
   ASSERT_NE(store, nullptr);
@@ -604,11 +604,14 @@ TEST_F(SqliteStoreTest, CorruptLabelsOrPolicyIsDataLoss) {
   std::unique_ptr<Store> store = Open();
   ASSERT_NE(store, nullptr);
   ASSERT_THAT(store->InsertKey(SampleKey("k-labels", "l")), IsOk());
-  ASSERT_THAT(store->InsertKey(SampleKey("k-policy", "p")), IsOk());
+  Key policy_key = SampleKey("k-policy", "p");
+  policy_key.aliases.clear();
+  ASSERT_THAT(store->InsertKey(policy_key), IsOk());
   RawExec("UPDATE keys SET labels = '[1,2]' WHERE id = 'k-labels'");
-  RawExec("UPDATE keys SET policy = '{\"bindings\":[{\"principals\":[\"*\"],"
-          "\"operations\":[\"DECRYPT\"],\"extra\":1}]}' WHERE id = "
-          "'k-policy'");
+  RawExec(
+      "UPDATE keys SET policy = '{\"bindings\":[{\"principals\":[\"*\"],"
+      "\"operations\":[\"DECRYPT\"],\"extra\":1}]}' WHERE id = "
+      "'k-policy'");
   EXPECT_THAT(store->LoadKey("k-labels"),
               StatusIs(absl::StatusCode::kDataLoss, HasSubstr("labels")));
   EXPECT_THAT(store->LoadKey("k-policy"),

@@ -60,9 +60,9 @@ absl::StatusOr<PkeyPtr> NewP256Key() {
 
 absl::StatusOr<PkeyPtr> ReadKey(const std::string& pem) {
   BioPtr bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-  PkeyPtr key(bio ? PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr,
-                                            nullptr)
-                  : nullptr);
+  PkeyPtr key(
+      bio ? PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr)
+          : nullptr);
   if (key == nullptr) return OpensslError("read issuer key");
   return key;
 }
@@ -94,8 +94,8 @@ absl::Status AddConfExt(X509* cert, X509V3_CTX* ctx, int nid,
   std::unique_ptr<X509_EXTENSION, ExtFree> ext(
       X509V3_EXT_conf_nid(nullptr, ctx, nid, value.c_str()));
   if (ext == nullptr || X509_add_ext(cert, ext.get(), -1) != 1) {
-    return OpensslError(absl::StrCat("extension ", OBJ_nid2sn(nid), "=",
-                                     value));
+    return OpensslError(
+        absl::StrCat("extension ", OBJ_nid2sn(nid), "=", value));
   }
   return absl::OkStatus();
 }
@@ -111,8 +111,7 @@ absl::Status AddSan(X509* cert, const CertSpec& spec) {
   auto add_ia5 = [&](int type, const std::string& value) -> absl::Status {
     ASN1_IA5STRING* s = ASN1_IA5STRING_new();
     if (s == nullptr ||
-        ASN1_STRING_set(s, value.data(), static_cast<int>(value.size())) !=
-            1) {
+        ASN1_STRING_set(s, value.data(), static_cast<int>(value.size())) != 1) {
       ASN1_IA5STRING_free(s);
       return OpensslError("ASN1_STRING_set");
     }

@@ -22,9 +22,9 @@ struct KeyAndCert {
 struct CertSpec {
   // Subject CN; empty: the subject has no CN at all.
   std::string common_name = "client";
-  std::vector<std::string> uris;       // SAN URIs
-  std::vector<std::string> dns_names;  // SAN DNS names
-  std::vector<std::string> ips;        // SAN IPs (server certs)
+  std::vector<std::string> uris;                // SAN URIs
+  std::vector<std::string> dns_names;           // SAN DNS names
+  std::vector<std::string> ips;                 // SAN IPs (server certs)
   absl::Duration not_before = -absl::Hours(1);  // relative to now
   absl::Duration not_after = absl::Hours(24);   // relative to now
   // basicConstraints CA:TRUE with keyCertSign/cRLSign; otherwise CA:FALSE

@@ -1,0 +1,441 @@
+// FileAuditLog in a temporary directory: gap-free sequence numbers, the hash
+// chain, group commit under concurrency, continuation across restarts and
+// torn final lines, and the allow-list of fields.
+#include "kms/audit/audit_log.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/time.h"
+#include "common/testing/status_matchers.h"
+#include "nlohmann/json.hpp"
+#include "tests/support/test_token.h"
+
+namespace custos::kms {
+namespace {
+
+using ::custos::testing::IsOk;
+using ::custos::testing::StatusIs;
+using ::testing::HasSubstr;
+using ::testing::IsSubsetOf;
+using ::testing::UnorderedElementsAreArray;
+
+constexpr char kNode[] = "node-1";
+
+// Every field a record may carry (docs: audit_log.h, Serialize).
+const std::set<std::string>& DocumentedFields() {
+  static const auto* fields = new std::set<std::string>{
+      "seq",    "time",        "node",    "principal",     "operation",
+      "key_id", "key_version", "context", "justification", "outcome",
+      "code",   "request_id",  "peer",    "detail",        "prev"};
+  return *fields;
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// Every segment of `dir`, in name order.
+std::vector<std::string> Segments(const std::string& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    out.push_back(e.path().string());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// Every line of every segment of `dir`, in order, without newlines. Fails the
+// test if a segment does not end with a newline.
+std::vector<std::string> AllLines(const std::string& dir) {
+  std::vector<std::string> lines;
+  for (const std::string& path : Segments(dir)) {
+    std::string text = ReadFile(path);
+    if (text.empty()) continue;
+    EXPECT_EQ(text.back(), '\n') << path;
+    text.pop_back();
+    for (absl::string_view line : absl::StrSplit(text, '\n')) {
+      lines.emplace_back(line);
+    }
+  }
+  return lines;
+}
+
+// Checks that `lines` number 1..n without gaps and chain from the genesis
+// hash. Returns the hash of the last line.
+std::string ExpectValidChain(const std::vector<std::string>& lines) {
+  std::string prev = kAuditGenesisHash;
+  for (size_t i = 0; i < lines.size(); ++i) {
+    nlohmann::json j = nlohmann::json::parse(lines[i], nullptr, false);
+    if (j.is_discarded()) {
+      ADD_FAILURE() << "line " << i << " is not JSON: " << lines[i];
+      return prev;
+    }
+    EXPECT_EQ(j.value("seq", uint64_t{0}), i + 1) << lines[i];
+    EXPECT_EQ(j.value("prev", std::string()), prev) << "seq " << i + 1;
+    EXPECT_EQ(j.value("node", std::string()), kNode);
+    prev = AuditLineHash(lines[i]);
+  }
+  return prev;
+}
+
+AuditRecord SimpleRecord(const std::string& principal, int n) {
+  AuditRecord r;
+  r.time = absl::Now();
+  r.principal = principal;
+  r.operation = "Encrypt";
+  r.key_id = "k-0123456789abcdefghijklmnop";
+  r.key_version = 1;
+  r.request_id = absl::StrCat("req-", n);
+  return r;
+}
+
+class AuditLogTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<std::string> dir =
+        ::custos::testing::MakeTempDir("custos-audit");
+    ASSERT_TRUE(dir.ok()) << dir.status();
+    root_ = *dir;
+    dir_ = root_ + "/audit";  // Open creates it
+  }
+  void TearDown() override {
+    if (!root_.empty()) std::filesystem::remove_all(root_);
+  }
+
+  std::unique_ptr<FileAuditLog> Open() {
+    FileAuditLog::Options options;
+    options.dir = dir_;
+    options.node_id = kNode;
+    absl::StatusOr<std::unique_ptr<FileAuditLog>> log =
+        FileAuditLog::Open(options);
+    EXPECT_THAT(log, IsOk());
+    return log.ok() ? *std::move(log) : nullptr;
+  }
+
+  std::string root_, dir_;
+};
+
+TEST_F(AuditLogTest, OpenRefusesEmptyDirOrNode) {
+  FileAuditLog::Options options;
+  options.node_id = kNode;
+  EXPECT_THAT(
+      FileAuditLog::Open(options),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("audit_dir")));
+  options.dir = dir_;
+  options.node_id = "";
+  EXPECT_THAT(
+      FileAuditLog::Open(options),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("node_id")));
+}
+
+TEST_F(AuditLogTest, AppendsGapFreeSequenceWithHashChain) {
+  std::unique_ptr<FileAuditLog> log = Open();
+  ASSERT_NE(log, nullptr);
+  EXPECT_EQ(log->segment_path(),
+            dir_ + "/audit-node-1-00000000000000000001.jsonl");
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_THAT(log->Append(SimpleRecord("spiffe://example.org/a", i)), IsOk());
+  }
+  // Each Append returns only once its record is on disk.
+  std::vector<std::string> lines = AllLines(dir_);
+  ASSERT_EQ(lines.size(), 5u);
+  ExpectValidChain(lines);
+  nlohmann::json first = nlohmann::json::parse(lines[0]);
+  EXPECT_EQ(first["prev"], kAuditGenesisHash);
+  EXPECT_EQ(first["principal"], "spiffe://example.org/a");
+  EXPECT_EQ(first["operation"], "Encrypt");
+  EXPECT_EQ(first["request_id"], "req-0");
+  EXPECT_EQ(first["outcome"], "ALLOWED");
+  EXPECT_EQ(first["code"], "OK");
+  FileAuditLog::Stats stats = log->stats();
+  EXPECT_EQ(stats.records, 5u);
+  EXPECT_EQ(stats.next_seq, 6u);
+  EXPECT_EQ(stats.failures, 0u);
+}
+
+TEST_F(AuditLogTest, ChainDetectsAnEditedLine) {
+  std::unique_ptr<FileAuditLog> log = Open();
+  ASSERT_NE(log, nullptr);
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_THAT(log->Append(SimpleRecord("alice", i)), IsOk());
+  }
+  std::vector<std::string> lines = AllLines(dir_);
+  ASSERT_EQ(lines.size(), 3u);
+  std::string edited = lines[1];
+  const size_t at = edited.find("alice");
+  ASSERT_NE(at, std::string::npos);
+  edited.replace(at, 5, "mallo");
+  nlohmann::json third = nlohmann::json::parse(lines[2]);
+  EXPECT_EQ(third["prev"], AuditLineHash(lines[1]));
+  EXPECT_NE(third["prev"], AuditLineHash(edited));
+}
+
+TEST_F(AuditLogTest, ConcurrentAppendsAreGapFreeAndGroupCommitted) {
+  std::unique_ptr<FileAuditLog> log = Open();
+  ASSERT_NE(log, nullptr);
+  constexpr int kThreads = 64;
+  constexpr int kPerThread = 50;
+  std::vector<std::thread> threads;
+  std::vector<int> failures(kThreads, 0);
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        if (!log->Append(SimpleRecord(absl::StrCat("thread-", t), i)).ok()) {
+          ++failures[t];
+        }
+      }
+    });
+  }
+  for (std::thread& th : threads) th.join();
+  for (int t = 0; t < kThreads; ++t) EXPECT_EQ(failures[t], 0) << t;
+
+  std::vector<std::string> lines = AllLines(dir_);
+  ASSERT_EQ(lines.size(), static_cast<size_t>(kThreads * kPerThread));
+  ExpectValidChain(lines);
+  // Every record is there exactly once.
+  std::set<std::string> seen;
+  for (const std::string& line : lines) {
+    nlohmann::json j = nlohmann::json::parse(line);
+    seen.insert(absl::StrCat(j["principal"].get<std::string>(), "/",
+                             j["request_id"].get<std::string>()));
+  }
+  EXPECT_EQ(seen.size(), static_cast<size_t>(kThreads * kPerThread));
+
+  FileAuditLog::Stats stats = log->stats();
+  EXPECT_EQ(stats.records, static_cast<uint64_t>(kThreads * kPerThread));
+  EXPECT_EQ(stats.next_seq, static_cast<uint64_t>(kThreads * kPerThread + 1));
+  EXPECT_LT(stats.batches, stats.records) << "no group commit happened";
+  EXPECT_GT(stats.batches, 0u);
+}
+
+TEST_F(AuditLogTest, ReopenContinuesSequenceAndChainInANewSegment) {
+  std::string first_segment;
+  {
+    std::unique_ptr<FileAuditLog> log = Open();
+    ASSERT_NE(log, nullptr);
+    first_segment = log->segment_path();
+    for (int i = 0; i < 3; ++i) {
+      ASSERT_THAT(log->Append(SimpleRecord("a", i)), IsOk());
+    }
+  }
+  {
+    std::unique_ptr<FileAuditLog> log = Open();
+    ASSERT_NE(log, nullptr);
+    EXPECT_NE(log->segment_path(), first_segment);
+    EXPECT_EQ(log->segment_path(),
+              dir_ + "/audit-node-1-00000000000000000004.jsonl");
+    EXPECT_EQ(log->stats().next_seq, 4u);
+    for (int i = 3; i < 5; ++i) {
+      ASSERT_THAT(log->Append(SimpleRecord("a", i)), IsOk());
+    }
+  }
+  EXPECT_EQ(Segments(dir_).size(), 2u);
+  std::vector<std::string> lines = AllLines(dir_);
+  ASSERT_EQ(lines.size(), 5u);
+  ExpectValidChain(lines);
+}
+
+TEST_F(AuditLogTest, ReopenAfterAnEmptySegmentStillContinues) {
+  {
+    std::unique_ptr<FileAuditLog> log = Open();
+    ASSERT_NE(log, nullptr);
+    ASSERT_THAT(log->Append(SimpleRecord("a", 0)), IsOk());
+  }
+  { ASSERT_NE(Open(), nullptr); }  // opens a segment and writes nothing
+  {
+    std::unique_ptr<FileAuditLog> log = Open();
+    ASSERT_NE(log, nullptr);
+    EXPECT_EQ(log->stats().next_seq, 2u);
+    ASSERT_THAT(log->Append(SimpleRecord("a", 1)), IsOk());
+  }
+  std::vector<std::string> lines = AllLines(dir_);
+  ASSERT_EQ(lines.size(), 2u);
+  ExpectValidChain(lines);
+}
+
+TEST_F(AuditLogTest, TornFinalLineIsTruncatedAndTheChainContinues) {
+  std::string segment;
+  {
+    std::unique_ptr<FileAuditLog> log = Open();
+    ASSERT_NE(log, nullptr);
+    segment = log->segment_path();
+    for (int i = 0; i < 3; ++i) {
+      ASSERT_THAT(log->Append(SimpleRecord("a", i)), IsOk());
+    }
+  }
+  const std::string intact = ReadFile(segment);
+  {
+    // Half of a JSON line, as a crash mid-write would leave it.
+    std::ofstream out(segment, std::ios::binary | std::ios::app);
+    out << R"({"seq":4,"time":"2024-01-01T00:00:00.000000Z","node":"nod)";
+  }
+  ASSERT_NE(ReadFile(segment), intact);
+  {
+    std::unique_ptr<FileAuditLog> log = Open();
+    ASSERT_NE(log, nullptr);
+    EXPECT_EQ(ReadFile(segment), intact) << "torn line not truncated";
+    EXPECT_EQ(log->stats().next_seq, 4u);
+    ASSERT_THAT(log->Append(SimpleRecord("a", 3)), IsOk());
+  }
+  std::vector<std::string> lines = AllLines(dir_);
+  ASSERT_EQ(lines.size(), 4u);
+  ExpectValidChain(lines);
+}
+
+TEST_F(AuditLogTest, SegmentHoldingOnlyATornLineFallsBackToThePrevious) {
+  {
+    std::unique_ptr<FileAuditLog> log = Open();
+    ASSERT_NE(log, nullptr);
+    ASSERT_THAT(log->Append(SimpleRecord("a", 0)), IsOk());
+    ASSERT_THAT(log->Append(SimpleRecord("a", 1)), IsOk());
+  }
+  std::string second;
+  {
+    std::unique_ptr<FileAuditLog> log = Open();
+    ASSERT_NE(log, nullptr);
+    second = log->segment_path();
+  }
+  {
+    std::ofstream out(second, std::ios::binary | std::ios::app);
+    out << R"({"seq":3,"ti)";
+  }
+  {
+    std::unique_ptr<FileAuditLog> log = Open();
+    ASSERT_NE(log, nullptr);
+    EXPECT_EQ(log->stats().next_seq, 3u);
+    ASSERT_THAT(log->Append(SimpleRecord("a", 2)), IsOk());
+  }
+  std::vector<std::string> lines = AllLines(dir_);
+  ASSERT_EQ(lines.size(), 3u);
+  ExpectValidChain(lines);
+}
+
+TEST_F(AuditLogTest, CorruptLastRecordRefusesToOpen) {
+  std::string segment;
+  {
+    std::unique_ptr<FileAuditLog> log = Open();
+    ASSERT_NE(log, nullptr);
+    segment = log->segment_path();
+    ASSERT_THAT(log->Append(SimpleRecord("a", 0)), IsOk());
+  }
+  {
+    std::ofstream out(segment, std::ios::binary | std::ios::app);
+    out << "this is not a record\n";
+  }
+  FileAuditLog::Options options;
+  options.dir = dir_;
+  options.node_id = kNode;
+  // Run in a child process: a failing Open must return DATA_LOSS and not
+  // bring the process down, and a crash here must not hide the other tests.
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        absl::StatusOr<std::unique_ptr<FileAuditLog>> log =
+            FileAuditLog::Open(options);
+        std::exit(log.status().code() == absl::StatusCode::kDataLoss ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
+TEST_F(AuditLogTest, RecordsCarryOnlyDocumentedFields) {
+  std::unique_ptr<FileAuditLog> log = Open();
+  ASSERT_NE(log, nullptr);
+  AuditRecord full;
+  full.time = absl::FromUnixMicros(1700000000123456);
+  full.principal = "spiffe://example.org/billing";
+  full.operation = "GenerateDataKey";
+  full.key_id = "k-0123456789abcdefghijklmnop";
+  full.key_version = 3;
+  full.context = {{"tenant", "acme"}, {"env", "prod"}};
+  full.has_justification = true;
+  full.justification.reason = JustificationReason::kCustomerInitiatedAccess;
+  full.justification.detail = "ticket 42";
+  full.outcome = AuditOutcome::kDenied;
+  full.code = absl::StatusCode::kPermissionDenied;
+  full.request_id = "req-full";
+  full.peer = "ipv4:10.0.0.1:5555";
+  full.detail = "count=1";
+  ASSERT_THAT(log->Append(full), IsOk());
+  AuditRecord minimal;
+  minimal.time = absl::Now();
+  minimal.principal = "p";
+  minimal.operation = "ListKeys";
+  ASSERT_THAT(log->Append(minimal), IsOk());
+
+  std::vector<std::string> lines = AllLines(dir_);
+  ASSERT_EQ(lines.size(), 2u);
+  nlohmann::json j = nlohmann::json::parse(lines[0]);
+  std::vector<std::string> keys;
+  for (auto it = j.begin(); it != j.end(); ++it) keys.push_back(it.key());
+  EXPECT_THAT(keys, UnorderedElementsAreArray(DocumentedFields()));
+  EXPECT_EQ(j["time"], "2023-11-14T22:13:20.123456Z");
+  EXPECT_EQ(j["key_version"], 3);
+  EXPECT_EQ(j["context"]["tenant"], "acme");
+  EXPECT_EQ(j["justification"]["reason"], "CUSTOMER_INITIATED_ACCESS");
+  EXPECT_EQ(j["outcome"], "DENIED");
+  EXPECT_EQ(j["code"], "PERMISSION_DENIED");
+  // Nested objects hold only their documented members too.
+  std::vector<std::string> justification_keys;
+  for (auto it = j["justification"].begin(); it != j["justification"].end();
+       ++it) {
+    justification_keys.push_back(it.key());
+  }
+  EXPECT_THAT(justification_keys,
+              UnorderedElementsAreArray({"reason", "detail"}));
+
+  nlohmann::json m = nlohmann::json::parse(lines[1]);
+  std::set<std::string> minimal_keys;
+  for (auto it = m.begin(); it != m.end(); ++it) minimal_keys.insert(it.key());
+  EXPECT_THAT(minimal_keys, IsSubsetOf(DocumentedFields()));
+  for (const char* absent : {"key_id", "key_version", "context",
+                             "justification", "request_id", "peer", "detail"}) {
+    EXPECT_EQ(minimal_keys.count(absent), 0u) << absent;
+  }
+  // No field name anywhere in the log sounds like a secret.
+  for (const std::string& line : lines) {
+    nlohmann::json rec = nlohmann::json::parse(line);
+    for (auto it = rec.begin(); it != rec.end(); ++it) {
+      EXPECT_EQ(DocumentedFields().count(it.key()), 1u) << it.key();
+      for (const char* word : {"plaintext", "ciphertext", "pin", "secret",
+                               "password", "data_key", "material", "blob"}) {
+        EXPECT_EQ(it.key().find(word), std::string::npos) << it.key();
+      }
+    }
+  }
+}
+
+TEST_F(AuditLogTest, HostileStringsStayOnOneLine) {
+  std::unique_ptr<FileAuditLog> log = Open();
+  ASSERT_NE(log, nullptr);
+  AuditRecord r = SimpleRecord("evil\n{\"seq\":999}", 0);
+  r.detail = std::string("bad utf-8 \xff\xfe and NUL \0 end", 29);
+  r.context = {{"k\n", "v\r\n"}};
+  ASSERT_THAT(log->Append(r), IsOk());
+  ASSERT_THAT(log->Append(SimpleRecord("next", 1)), IsOk());
+  std::vector<std::string> lines = AllLines(dir_);
+  ASSERT_EQ(lines.size(), 2u);
+  ExpectValidChain(lines);
+  nlohmann::json j = nlohmann::json::parse(lines[0]);
+  EXPECT_EQ(j["principal"], "evil\n{\"seq\":999}");
+}
+
+}  // namespace
+}  // namespace custos::kms

@@ -143,9 +143,9 @@ TEST(ParseConfigTest, EachRequiredFieldMissingIsNamed) {
       {"audit_dir:", "audit_dir"},
   };
   for (const Case& c : cases) {
-    EXPECT_THAT(ParseConfig(Without(c.line), kBase),
-                StatusIs(absl::StatusCode::kInvalidArgument,
-                         HasSubstr(c.field)))
+    EXPECT_THAT(
+        ParseConfig(Without(c.line), kBase),
+        StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(c.field)))
         << c.line;
   }
   // The tls message names the sub-fields it wants.
@@ -157,10 +157,10 @@ TEST(ParseConfigTest, EachRequiredFieldMissingIsNamed) {
 TEST(ParseConfigTest, MissingSectionsAreNamed) {
   // Whole tls section gone.
   std::string no_tls = Without("tls:");
-  no_tls = absl::StrReplaceAll(no_tls, {{"  cert: tls/server.pem\n", ""},
-                                        {"  key: tls/server.key\n", ""},
-                                        {"  client_ca: tls/clients-ca.pem\n",
-                                         ""}});
+  no_tls =
+      absl::StrReplaceAll(no_tls, {{"  cert: tls/server.pem\n", ""},
+                                   {"  key: tls/server.key\n", ""},
+                                   {"  client_ca: tls/clients-ca.pem\n", ""}});
   EXPECT_THAT(ParseConfig(no_tls, kBase),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("tls")));
 }
@@ -169,26 +169,26 @@ TEST(ParseConfigTest, AdminsMissingOrEmptyIsNamed) {
   std::string no_admins = Without("admins:");
   no_admins = absl::StrReplaceAll(no_admins,
                                   {{"  - spiffe://example.org/admin\n", ""}});
-  EXPECT_THAT(ParseConfig(no_admins, kBase),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("admins")));
   EXPECT_THAT(
-      ParseConfig(Replace("admins:\n  - spiffe://example.org/admin\n",
-                          "admins: []\n"),
-                  kBase),
+      ParseConfig(no_admins, kBase),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("admins")));
+  EXPECT_THAT(
+      ParseConfig(
+          Replace("admins:\n  - spiffe://example.org/admin\n", "admins: []\n"),
+          kBase),
       StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("admins")));
 }
 
 TEST(ParseConfigTest, EmptyStringCountsAsMissing) {
-  EXPECT_THAT(ParseConfig(Replace("listen: \"127.0.0.1:7443\"", "listen: \"\""),
-                          kBase),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("listen")));
+  EXPECT_THAT(
+      ParseConfig(Replace("listen: \"127.0.0.1:7443\"", "listen: \"\""), kBase),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("listen")));
 }
 
 TEST(ParseConfigTest, UnknownTopLevelFieldIsNamed) {
-  EXPECT_THAT(
-      ParseConfig(std::string(kMinimal) + "listne: 1.2.3.4:1\n", kBase),
-      StatusIs(absl::StatusCode::kInvalidArgument,
-               AllOf(HasSubstr("listne"), HasSubstr("unknown"))));
+  EXPECT_THAT(ParseConfig(std::string(kMinimal) + "listne: 1.2.3.4:1\n", kBase),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("listne"), HasSubstr("unknown"))));
 }
 
 TEST(ParseConfigTest, UnknownNestedFieldsAreNamed) {
@@ -197,8 +197,7 @@ TEST(ParseConfigTest, UnknownNestedFieldsAreNamed) {
     const char* field;
   };
   const Case cases[] = {
-      {Replace("  cert: tls/server.pem", "  cert: a\n  certs: b"),
-       "tls.certs"},
+      {Replace("  cert: tls/server.pem", "  cert: a\n  certs: b"), "tls.certs"},
       {Replace("  token_label: custos",
                "  token_label: custos\n  pin: \"1234\""),
        "hsm.pin"},
@@ -244,9 +243,9 @@ TEST(ParseConfigTest, WrongTypesAreNamed) {
       {std::string(kMinimal) + "auditors: {a: b}\n", "auditors"},
   };
   for (const Case& c : cases) {
-    EXPECT_THAT(ParseConfig(c.yaml, kBase),
-                StatusIs(absl::StatusCode::kInvalidArgument,
-                         HasSubstr(c.field)))
+    EXPECT_THAT(
+        ParseConfig(c.yaml, kBase),
+        StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(c.field)))
         << c.field;
   }
 }
@@ -260,28 +259,28 @@ TEST(ParseConfigTest, SectionThatIsNotAMappingIsNamed) {
   EXPECT_THAT(ParseConfig(yaml, kBase),
               StatusIs(absl::StatusCode::kInvalidArgument,
                        AllOf(HasSubstr("tls"), HasSubstr("mapping"))));
-  EXPECT_THAT(ParseConfig("- a\n- b\n", kBase),
-              StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("mapping")));
+  EXPECT_THAT(
+      ParseConfig("- a\n- b\n", kBase),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("mapping")));
 }
 
 TEST(ParseConfigTest, PoolSizeOutsideOneToSixtyFourRefused) {
   for (const char* size : {"0", "65", "-1"}) {
     EXPECT_THAT(
-        ParseConfig(Replace("  pin_file: hsm.pin",
-                            std::string("  pin_file: hsm.pin\n  pool_size: ") +
-                                size),
-                    kBase),
+        ParseConfig(
+            Replace("  pin_file: hsm.pin",
+                    std::string("  pin_file: hsm.pin\n  pool_size: ") + size),
+            kBase),
         StatusIs(absl::StatusCode::kInvalidArgument,
                  HasSubstr("hsm.pool_size")))
         << size;
   }
   for (const char* size : {"1", "64"}) {
     EXPECT_THAT(
-        ParseConfig(Replace("  pin_file: hsm.pin",
-                            std::string("  pin_file: hsm.pin\n  pool_size: ") +
-                                size),
-                    kBase),
+        ParseConfig(
+            Replace("  pin_file: hsm.pin",
+                    std::string("  pin_file: hsm.pin\n  pool_size: ") + size),
+            kBase),
         IsOk())
         << size;
   }
@@ -320,9 +319,9 @@ TEST(ParseConfigTest, OtherRangesRefused) {
       {"testing: {deletion_day_seconds: 0}\n", "testing"},
   };
   for (const Case& c : cases) {
-    EXPECT_THAT(ParseConfig(std::string(kMinimal) + c.extra, kBase),
-                StatusIs(absl::StatusCode::kInvalidArgument,
-                         HasSubstr(c.field)))
+    EXPECT_THAT(
+        ParseConfig(std::string(kMinimal) + c.extra, kBase),
+        StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(c.field)))
         << c.extra;
   }
 }

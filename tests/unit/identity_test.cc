@@ -139,8 +139,7 @@ TEST_F(IdentityTest, RefusesCaTrueLeafWithoutKeyCertSign) {
                               /*crit=*/1, X509V3_ADD_REPLACE),
             1);
   ASSERT_GT(X509_sign(leaf.get(), ca_key.get(), EVP_sha256()), 0);
-  std::unique_ptr<BIO, decltype(&BIO_free)> out(BIO_new(BIO_s_mem()),
-                                                BIO_free);
+  std::unique_ptr<BIO, decltype(&BIO_free)> out(BIO_new(BIO_s_mem()), BIO_free);
   ASSERT_EQ(PEM_write_bio_X509(out.get(), leaf.get()), 1);
   char* data = nullptr;
   long len = BIO_get_mem_data(out.get(), &data);
@@ -154,9 +153,9 @@ TEST_F(IdentityTest, RefusesCertificateWithoutEku) {
   CertSpec spec;
   spec.uris = {"spiffe://example.org/a"};
   spec.include_eku = false;
-  EXPECT_THAT(IdentityFromPem(Issue(spec)),
-              StatusIs(absl::StatusCode::kUnauthenticated,
-                       HasSubstr("clientAuth")));
+  EXPECT_THAT(
+      IdentityFromPem(Issue(spec)),
+      StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("clientAuth")));
 }
 
 TEST_F(IdentityTest, RefusesServerAuthOnlyCertificate) {
@@ -164,9 +163,9 @@ TEST_F(IdentityTest, RefusesServerAuthOnlyCertificate) {
   spec.uris = {"spiffe://example.org/a"};
   spec.client_auth = false;
   spec.server_auth = true;
-  EXPECT_THAT(IdentityFromPem(Issue(spec)),
-              StatusIs(absl::StatusCode::kUnauthenticated,
-                       HasSubstr("clientAuth")));
+  EXPECT_THAT(
+      IdentityFromPem(Issue(spec)),
+      StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("clientAuth")));
 }
 
 TEST_F(IdentityTest, RefusesEkuWithNeitherClientNorServerAuth) {
@@ -174,9 +173,9 @@ TEST_F(IdentityTest, RefusesEkuWithNeitherClientNorServerAuth) {
   spec.uris = {"spiffe://example.org/a"};
   spec.client_auth = false;
   spec.server_auth = false;  // the factory then writes emailProtection
-  EXPECT_THAT(IdentityFromPem(Issue(spec)),
-              StatusIs(absl::StatusCode::kUnauthenticated,
-                       HasSubstr("clientAuth")));
+  EXPECT_THAT(
+      IdentityFromPem(Issue(spec)),
+      StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("clientAuth")));
 }
 
 TEST_F(IdentityTest, RefusesGarbage) {
@@ -185,9 +184,9 @@ TEST_F(IdentityTest, RefusesGarbage) {
         std::string("-----BEGIN CERTIFICATE-----\nAAAA\n"
                     "-----END CERTIFICATE-----\n"),
         std::string("\0\0\0", 3)}) {
-    EXPECT_THAT(IdentityFromPem(pem),
-                StatusIs(absl::StatusCode::kUnauthenticated,
-                         HasSubstr("unreadable")))
+    EXPECT_THAT(
+        IdentityFromPem(pem),
+        StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("unreadable")))
         << pem;
   }
 }
@@ -237,9 +236,9 @@ TEST_F(IdentityTest, RefusesIdentityWithControlCharacters) {
       {"CR in CN", cn("client\r")},
   };
   for (const Case& c : cases) {
-    EXPECT_THAT(IdentityFromPem(Issue(c.spec)),
-                StatusIs(absl::StatusCode::kUnauthenticated,
-                         HasSubstr("identity")))
+    EXPECT_THAT(
+        IdentityFromPem(Issue(c.spec)),
+        StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("identity")))
         << c.what;
   }
 }
@@ -247,9 +246,9 @@ TEST_F(IdentityTest, RefusesIdentityWithControlCharacters) {
 TEST_F(IdentityTest, RefusesCertificateWithNoName) {
   CertSpec spec;
   spec.common_name = "";
-  EXPECT_THAT(IdentityFromPem(Issue(spec)),
-              StatusIs(absl::StatusCode::kUnauthenticated,
-                       HasSubstr("identity")));
+  EXPECT_THAT(
+      IdentityFromPem(Issue(spec)),
+      StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("identity")));
 }
 
 TEST_F(IdentityTest, RefusesOverlongIdentity) {
@@ -289,9 +288,8 @@ TEST_F(IdentityTest, CacheReturnsTheSameAnswer) {
   for (int i = 0; i < 3; ++i) {
     EXPECT_THAT(cache.Lookup(good),
                 IsOkAndHolds("spiffe://example.org/cached"));
-    EXPECT_THAT(cache.Lookup(bad),
-                StatusIs(absl::StatusCode::kUnauthenticated,
-                         HasSubstr("clientAuth")));
+    EXPECT_THAT(cache.Lookup(bad), StatusIs(absl::StatusCode::kUnauthenticated,
+                                            HasSubstr("clientAuth")));
     EXPECT_THAT(cache.Lookup("garbage"),
                 StatusIs(absl::StatusCode::kUnauthenticated));
   }

@@ -1,0 +1,686 @@
+// custos: the command line of Custos. Keys, aliases, policies, data keys,
+// envelope encryption of files and streams, and offline audit
+// verification. Human tables by default, --json for scripts; exit codes:
+// 0 ok, 1 failure, 2 usage, 3 refused, 4 rejected (see docs/cli.md).
+#include <google/protobuf/util/json_util.h>
+#include <openssl/crypto.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "clients/cli/output.h"
+#include "clients/cpp/client.h"
+#include "clients/cpp/envelope.h"
+#include "kms/audit/audit_verifier.h"
+
+namespace custos::cli {
+namespace {
+
+namespace pb = ::custos::v1;
+using client::Client;
+
+struct Globals {
+  std::string addr, ca, cert, key;
+  bool json = false;
+  double timeout_seconds = 10;
+};
+
+// Everything the subcommands' flags fill in.
+struct Args {
+  std::string key, alias, description, policy_file, input = "-", output = "-",
+                                                    state, label, public_key,
+                                                    dir;
+  std::vector<std::string> labels, context;
+  std::string rotation_period;
+  uint32_t days = 0, bytes = 0, page_size = 0;
+  uint64_t expected_version = 0;
+  bool no_plaintext = false, all = false, force = false;
+};
+
+absl::StatusOr<std::unique_ptr<Client>> Connect(const Globals& g) {
+  client::ClientOptions options;
+  absl::StatusOr<client::ClientOptions> env =
+      client::ClientOptions::FromEnvironment();
+  if (env.ok()) options = *env;
+  if (!g.addr.empty()) options.address = g.addr;
+  if (!g.ca.empty()) options.ca_file = g.ca;
+  if (!g.cert.empty()) options.cert_file = g.cert;
+  if (!g.key.empty()) options.key_file = g.key;
+  if (options.address.empty() || options.ca_file.empty() ||
+      options.cert_file.empty() || options.key_file.empty()) {
+    return absl::InvalidArgumentError(
+        "no server given: use --addr, --ca, --cert, --key or set CUSTOS_ADDR, "
+        "CUSTOS_CA, CUSTOS_CERT, CUSTOS_KEY (source the dev env's env.sh)");
+  }
+  options.timeout = absl::Seconds(g.timeout_seconds);
+  return Client::Connect(options);
+}
+
+absl::StatusOr<std::map<std::string, std::string>> ParsePairs(
+    const std::vector<std::string>& pairs, absl::string_view flag) {
+  std::map<std::string, std::string> out;
+  for (const std::string& p : pairs) {
+    size_t eq = p.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          flag, " '", p, "': expected NAME=VALUE, e.g. ", flag, " tenant=7"));
+    }
+    if (!out.emplace(p.substr(0, eq), p.substr(eq + 1)).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(flag, ": '", p.substr(0, eq), "' given twice"));
+    }
+  }
+  return out;
+}
+
+// "90d", "12h", "30m", "3600s" or "0" (off).
+absl::StatusOr<google::protobuf::Duration> ParsePeriod(const std::string& s) {
+  google::protobuf::Duration d;
+  if (s == "0") return d;
+  int64_t n = 0;
+  int64_t unit = 0;
+  if (s.size() >= 2 && absl::SimpleAtoi(s.substr(0, s.size() - 1), &n)) {
+    switch (s.back()) {
+      case 'd':
+        unit = 86400;
+        break;
+      case 'h':
+        unit = 3600;
+        break;
+      case 'm':
+        unit = 60;
+        break;
+      case 's':
+        unit = 1;
+        break;
+    }
+  }
+  if (unit == 0 || n < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--rotation-period '", s, "': use a number and d, h, m or s, e.g. 90d"));
+  }
+  d.set_seconds(n * unit);
+  return d;
+}
+
+const char* StateName(pb::KeyState s) {
+  switch (s) {
+    case pb::ENABLED:
+      return "ENABLED";
+    case pb::DISABLED:
+      return "DISABLED";
+    case pb::PENDING_DELETION:
+      return "PENDING_DELETION";
+    case pb::DESTROYED:
+      return "DESTROYED";
+    default:
+      return "UNSPECIFIED";
+  }
+}
+
+void PrintKey(const Globals& g, const pb::Key& key) {
+  if (g.json) return PrintJson(key);
+  std::vector<std::vector<std::string>> rows = {
+      {"key_id", key.key_id()},
+      {"aliases", absl::StrJoin(key.aliases(), ", ")},
+      {"state", StateName(key.state())},
+      {"description", key.description()},
+      {"primary_version", absl::StrCat(key.primary_version())},
+      {"created", FormatSeconds(key.create_time().seconds())},
+  };
+  std::vector<std::string> labels;
+  for (const auto& [k, v] : key.labels()) labels.push_back(k + "=" + v);
+  if (!labels.empty()) rows.push_back({"labels", absl::StrJoin(labels, ", ")});
+  if (key.rotation_period().seconds() > 0) {
+    rows.push_back({"rotation_period",
+                    absl::StrCat(key.rotation_period().seconds() / 86400, "d")});
+    rows.push_back(
+        {"next_rotation", FormatSeconds(key.next_rotation_time().seconds())});
+  }
+  if (key.has_deletion_time()) {
+    rows.push_back({"deletion_time", FormatSeconds(key.deletion_time().seconds())});
+  }
+  PrintTable({"FIELD", "VALUE"}, rows);
+  if (key.versions_size() > 0) {
+    std::cout << "\n";
+    std::vector<std::vector<std::string>> versions;
+    for (const pb::KeyVersion& v : key.versions()) {
+      const char* state = v.state() == pb::KEY_VERSION_ENABLED    ? "ENABLED"
+                          : v.state() == pb::KEY_VERSION_DISABLED ? "DISABLED"
+                                                                   : "DESTROYED";
+      versions.push_back({absl::StrCat(v.version()), state,
+                          FormatSeconds(v.create_time().seconds()),
+                          absl::StrCat(v.encryptions())});
+    }
+    PrintTable({"VERSION", "STATE", "CREATED", "ENCRYPTIONS(<=)"}, versions);
+  }
+}
+
+// Opens input ("-" is stdin) and output ("-" is stdout; files are written
+// to a temporary name and renamed only on success).
+class Files {
+ public:
+  absl::Status Open(const std::string& input, const std::string& output) {
+    if (input != "-") {
+      file_in_.open(input, std::ios::binary);
+      if (!file_in_) {
+        return absl::NotFoundError(absl::StrCat("cannot read '", input, "'"));
+      }
+      in_ = &file_in_;
+    }
+    if (output != "-") {
+      final_ = output;
+      temp_ = output + ".custos-tmp";
+      file_out_.open(temp_, std::ios::binary | std::ios::trunc);
+      if (!file_out_) {
+        return absl::UnavailableError(
+            absl::StrCat("cannot write '", temp_, "'"));
+      }
+      out_ = &file_out_;
+    }
+    return absl::OkStatus();
+  }
+  std::istream& in() { return *in_; }
+  std::ostream& out() { return *out_; }
+  absl::Status Commit() {
+    out_->flush();
+    if (!*out_) return absl::UnavailableError("write failed");
+    if (!final_.empty()) {
+      file_out_.close();
+      std::filesystem::rename(temp_, final_);
+    }
+    return absl::OkStatus();
+  }
+  ~Files() {
+    if (!final_.empty() && std::filesystem::exists(temp_)) {
+      std::filesystem::remove(temp_);
+    }
+  }
+
+ private:
+  std::istream* in_ = &std::cin;
+  std::ostream* out_ = &std::cout;
+  std::ifstream file_in_;
+  std::ofstream file_out_;
+  std::string final_, temp_;
+};
+
+// Progress on stderr for large inputs, when stderr is a terminal.
+client::EnvelopeOptions ProgressOptions() {
+  client::EnvelopeOptions options;
+  if (isatty(STDERR_FILENO)) {
+    options.progress = [](uint64_t bytes) {
+      if (bytes >= (8u << 20)) {
+        std::fprintf(stderr, "\r%.1f MiB", bytes / 1048576.0);
+      }
+    };
+  }
+  return options;
+}
+
+absl::Status ReadPolicyFile(const std::string& path, pb::KeyPolicy* policy) {
+  std::ifstream in(path);
+  if (!in) {
+    return absl::NotFoundError(
+        absl::StrCat("policy file '", path, "': cannot read"));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  google::protobuf::util::JsonParseOptions options;
+  options.ignore_unknown_fields = false;
+  auto s = google::protobuf::util::JsonStringToMessage(text.str(), policy,
+                                                       options);
+  if (!s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "policy file '", path, "': ", std::string(s.message().data(), s.message().size()),
+        " (see docs/policies.md for the format)"));
+  }
+  return absl::OkStatus();
+}
+
+int RunKeyCommand(const std::string& cmd, const Globals& g, const Args& a) {
+  absl::StatusOr<std::unique_ptr<Client>> c = Connect(g);
+  if (!c.ok()) return Fail(c.status());
+  Client& client = **c;
+  absl::StatusOr<pb::Key> key;
+  if (cmd == "create") {
+    pb::CreateKeyRequest req;
+    req.set_description(a.description);
+    req.set_alias(a.alias);
+    auto labels = ParsePairs(a.labels, "--label");
+    if (!labels.ok()) return Fail(labels.status());
+    req.mutable_labels()->insert(labels->begin(), labels->end());
+    if (!a.rotation_period.empty()) {
+      auto period = ParsePeriod(a.rotation_period);
+      if (!period.ok()) return Fail(period.status());
+      *req.mutable_rotation_period() = *period;
+    }
+    if (!a.policy_file.empty()) {
+      absl::Status s = ReadPolicyFile(a.policy_file, req.mutable_policy());
+      if (!s.ok()) return Fail(s);
+    }
+    key = client.CreateKey(req);
+  } else if (cmd == "show") {
+    pb::GetKeyRequest req;
+    req.set_key(a.key);
+    key = client.GetKey(req);
+  } else if (cmd == "list") {
+    pb::ListKeysRequest req;
+    req.set_page_size(a.page_size);
+    req.set_label(a.label);
+    if (!a.state.empty()) {
+      pb::KeyState state;
+      if (!pb::KeyState_Parse(a.state, &state)) {
+        return Fail(absl::InvalidArgumentError(
+            "--state: one of ENABLED, DISABLED, PENDING_DELETION, DESTROYED"));
+      }
+      req.set_state(state);
+    }
+    pb::ListKeysResponse all;
+    do {
+      auto page = client.ListKeys(req);
+      if (!page.ok()) return Fail(page.status());
+      all.mutable_keys()->MergeFrom(page->keys());
+      req.set_page_token(page->next_page_token());
+      all.set_next_page_token(page->next_page_token());
+    } while (a.all && !req.page_token().empty());
+    if (g.json) {
+      PrintJson(all);
+      return kExitOk;
+    }
+    std::vector<std::vector<std::string>> rows;
+    for (const pb::Key& k : all.keys()) {
+      rows.push_back({k.key_id(), StateName(k.state()),
+                      absl::StrCat(k.primary_version()),
+                      absl::StrJoin(k.aliases(), ","), k.description()});
+    }
+    PrintTable({"KEY_ID", "STATE", "PRIMARY", "ALIASES", "DESCRIPTION"}, rows);
+    if (!all.next_page_token().empty()) {
+      std::cerr << "(more keys: use --all)\n";
+    }
+    return kExitOk;
+  } else if (cmd == "update") {
+    pb::UpdateKeyRequest req;
+    req.set_key(a.key);
+    if (!a.description.empty()) {
+      req.add_update_mask("description");
+      req.set_description(a.description);
+    }
+    if (!a.labels.empty()) {
+      auto labels = ParsePairs(a.labels, "--label");
+      if (!labels.ok()) return Fail(labels.status());
+      req.add_update_mask("labels");
+      req.mutable_labels()->insert(labels->begin(), labels->end());
+    }
+    if (!a.rotation_period.empty()) {
+      auto period = ParsePeriod(a.rotation_period);
+      if (!period.ok()) return Fail(period.status());
+      req.add_update_mask("rotation_period");
+      *req.mutable_rotation_period() = *period;
+    }
+    key = client.UpdateKey(req);
+  } else if (cmd == "rotate") {
+    pb::RotateKeyRequest req;
+    req.set_key(a.key);
+    key = client.RotateKey(req);
+  } else if (cmd == "enable") {
+    pb::EnableKeyRequest req;
+    req.set_key(a.key);
+    key = client.EnableKey(req);
+  } else if (cmd == "disable") {
+    pb::DisableKeyRequest req;
+    req.set_key(a.key);
+    key = client.DisableKey(req);
+  } else if (cmd == "schedule-deletion") {
+    pb::ScheduleKeyDeletionRequest req;
+    req.set_key(a.key);
+    req.set_pending_window_days(a.days);
+    key = client.ScheduleKeyDeletion(req);
+  } else if (cmd == "cancel-deletion") {
+    pb::CancelKeyDeletionRequest req;
+    req.set_key(a.key);
+    key = client.CancelKeyDeletion(req);
+  }
+  if (!key.ok()) return Fail(key.status());
+  PrintKey(g, *key);
+  return kExitOk;
+}
+
+int RunAliasCommand(const std::string& cmd, const Globals& g, const Args& a) {
+  absl::StatusOr<std::unique_ptr<Client>> c = Connect(g);
+  if (!c.ok()) return Fail(c.status());
+  if (cmd == "create") {
+    pb::CreateAliasRequest req;
+    req.set_alias(a.alias);
+    req.set_key(a.key);
+    auto alias = (*c)->CreateAlias(req);
+    if (!alias.ok()) return Fail(alias.status());
+    if (g.json) {
+      PrintJson(*alias);
+    } else {
+      std::cout << alias->name() << " -> " << alias->key_id() << "\n";
+    }
+    return kExitOk;
+  }
+  if (cmd == "delete") {
+    pb::DeleteAliasRequest req;
+    req.set_alias(a.alias);
+    absl::Status s = (*c)->DeleteAlias(req);
+    if (!s.ok()) return Fail(s);
+    if (!g.json) std::cout << "deleted " << a.alias << "\n";
+    if (g.json) std::cout << "{}\n";
+    return kExitOk;
+  }
+  pb::ListAliasesRequest req;
+  req.set_key(a.key);
+  auto list = (*c)->ListAliases(req);
+  if (!list.ok()) return Fail(list.status());
+  if (g.json) {
+    PrintJson(*list);
+    return kExitOk;
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (const pb::Alias& alias : list->aliases()) {
+    rows.push_back({alias.name(), alias.key_id(),
+                    FormatSeconds(alias.create_time().seconds())});
+  }
+  PrintTable({"ALIAS", "KEY_ID", "CREATED"}, rows);
+  return kExitOk;
+}
+
+int RunPolicyCommand(const std::string& cmd, const Globals& g, const Args& a) {
+  absl::StatusOr<std::unique_ptr<Client>> c = Connect(g);
+  if (!c.ok()) return Fail(c.status());
+  absl::StatusOr<pb::KeyPolicy> policy;
+  if (cmd == "get") {
+    pb::GetKeyPolicyRequest req;
+    req.set_key(a.key);
+    policy = (*c)->GetKeyPolicy(req);
+  } else {
+    pb::SetKeyPolicyRequest req;
+    req.set_key(a.key);
+    req.set_expected_version(a.expected_version);
+    absl::Status s = ReadPolicyFile(a.policy_file, req.mutable_policy());
+    if (!s.ok()) return Fail(s);
+    policy = (*c)->SetKeyPolicy(req);
+  }
+  if (!policy.ok()) return Fail(policy.status());
+  // Policies print as JSON either way: it is the format `policy set` reads.
+  PrintJson(*policy);
+  return kExitOk;
+}
+
+int RunDataKey(const Globals& g, const Args& a) {
+  absl::StatusOr<std::unique_ptr<Client>> c = Connect(g);
+  if (!c.ok()) return Fail(c.status());
+  auto context = ParsePairs(a.context, "--context");
+  if (!context.ok()) return Fail(context.status());
+  pb::GenerateDataKeyRequest req;
+  req.set_key(a.key);
+  if (a.bytes != 0) req.set_number_of_bytes(a.bytes);
+  req.mutable_encryption_context()->insert(context->begin(), context->end());
+  auto resp = a.no_plaintext ? (*c)->GenerateDataKeyWithoutPlaintext(req)
+                             : (*c)->GenerateDataKey(req);
+  if (!resp.ok()) return Fail(resp.status());
+  if (g.json) {
+    PrintJson(*resp);
+  } else {
+    std::vector<std::vector<std::string>> rows = {
+        {"key_id", resp->key_id()},
+        {"key_version", absl::StrCat(resp->key_version())},
+        {"ciphertext_blob", absl::Base64Escape(resp->ciphertext_blob())}};
+    if (!a.no_plaintext) {
+      rows.push_back({"plaintext", absl::Base64Escape(resp->plaintext())});
+    }
+    PrintTable({"FIELD", "VALUE (bytes in base64)"}, rows);
+  }
+  client::CleanseResponse(&*resp);
+  return kExitOk;
+}
+
+int RunEnvelope(bool encrypt, const Globals& g, const Args& a) {
+  absl::StatusOr<std::unique_ptr<Client>> c = Connect(g);
+  if (!c.ok()) return Fail(c.status());
+  auto context = ParsePairs(a.context, "--context");
+  if (!context.ok()) return Fail(context.status());
+  Files files;
+  if (absl::Status s = files.Open(a.input, a.output); !s.ok()) return Fail(s);
+  client::EnvelopeOptions options = ProgressOptions();
+  absl::Status s;
+  if (encrypt) {
+    s = client::EncryptStream(**c, a.key, *context, files.in(), files.out(),
+                              options);
+  } else {
+    s = client::DecryptStream(**c, files.in(), files.out(),
+                              a.context.empty() ? nullptr : &*context,
+                              options);
+  }
+  if (options.progress) std::fprintf(stderr, "\r");
+  if (!s.ok()) return Fail(s);
+  if (absl::Status done = files.Commit(); !done.ok()) return Fail(done);
+  return kExitOk;
+}
+
+int RunRandom(const Globals& g, const Args& a) {
+  absl::StatusOr<std::unique_ptr<Client>> c = Connect(g);
+  if (!c.ok()) return Fail(c.status());
+  pb::GenerateRandomRequest req;
+  req.set_number_of_bytes(a.bytes == 0 ? 32 : a.bytes);
+  auto resp = (*c)->GenerateRandom(req);
+  if (!resp.ok()) return Fail(resp.status());
+  if (g.json) {
+    PrintJson(*resp);
+  } else {
+    std::cout << absl::Base64Escape(resp->random()) << "\n";
+  }
+  return kExitOk;
+}
+
+int RunAuditVerify(const Globals& g, const Args& a) {
+  auto progress = [](uint64_t n) {
+    if (isatty(STDERR_FILENO)) std::fprintf(stderr, "\r%llu records", (unsigned long long)n);
+  };
+  absl::StatusOr<kms::AuditVerifyReport> report =
+      kms::VerifyAuditDirectory(a.dir, progress);
+  if (isatty(STDERR_FILENO)) std::fprintf(stderr, "\r");
+  if (!report.ok()) return Fail(report.status());
+  if (g.json) {
+    std::cout << "{\"ok\": " << (report->ok ? "true" : "false")
+              << ", \"records\": " << report->records
+              << ", \"first_break\": \"" << report->first_break << "\"}\n";
+  } else {
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& node : report->nodes) {
+      rows.push_back({node.node_id, absl::StrCat(node.segments),
+                      absl::StrCat(node.records), absl::StrCat(node.last_seq)});
+    }
+    PrintTable({"NODE", "SEGMENTS", "RECORDS", "LAST_SEQ"}, rows);
+    if (report->ok) {
+      std::cout << "OK: " << report->records
+                << " records; every hash chain is intact\n";
+    } else {
+      std::cout << "BROKEN: " << report->first_break << "\n";
+    }
+  }
+  if (!a.public_key.empty()) {
+    std::cerr << "note: --public-key given, but these segments carry no "
+                 "signed checkpoints yet; only the hash chain was checked\n";
+  }
+  return report->ok ? kExitOk : kExitRejected;
+}
+
+}  // namespace
+
+int Main(int argc, char** argv) {
+  Globals g;
+  Args a;
+  CLI::App app{
+      "custos: manage keys and encrypt data with a Custos server.\n"
+      "Connection from --addr/--ca/--cert/--key or CUSTOS_ADDR, CUSTOS_CA, "
+      "CUSTOS_CERT, CUSTOS_KEY.\nExample: custos key create --alias "
+      "alias/photos --description \"photo store\""};
+  app.add_option("--addr", g.addr, "server host:port");
+  app.add_option("--ca", g.ca, "CA certificate of the server (PEM)");
+  app.add_option("--cert", g.cert, "client certificate (PEM)");
+  app.add_option("--key", g.key, "client private key (PEM)");
+  app.add_flag("--json", g.json, "print JSON instead of tables");
+  app.add_option("--timeout", g.timeout_seconds, "seconds per call")
+      ->capture_default_str();
+  app.require_subcommand(1);
+
+  std::string command;
+  auto add = [&](CLI::App* parent, const std::string& name,
+                 const std::string& help, const std::string& example) {
+    CLI::App* sub = parent->add_subcommand(name, help);
+    sub->footer("Example:\n  " + example);
+    sub->callback([&command, sub, parent] {
+      command = parent->get_name() + " " + sub->get_name();
+    });
+    return sub;
+  };
+
+  CLI::App* key = app.add_subcommand("key", "create and manage keys");
+  key->require_subcommand(1);
+  CLI::App* create = add(key, "create", "create a key (its first version is "
+                                        "generated inside the HSM)",
+                         "custos key create --alias alias/photos "
+                         "--policy photos-policy.json --rotation-period 90d");
+  create->add_option("--description", a.description, "free text");
+  create->add_option("--alias", a.alias, "alias/NAME to create with it");
+  create->add_option("--label", a.labels, "NAME=VALUE, repeatable");
+  create->add_option("--rotation-period", a.rotation_period,
+                     "rotate every 90d, 12h, ... (default never)");
+  create->add_option("--policy", a.policy_file,
+                     "JSON policy file (docs/policies.md)");
+  CLI::App* list = add(key, "list", "list keys", "custos key list --state ENABLED");
+  list->add_option("--state", a.state, "ENABLED, DISABLED, ...");
+  list->add_option("--label", a.label, "NAME or NAME=VALUE");
+  list->add_option("--page-size", a.page_size, "keys per page");
+  list->add_flag("--all", a.all, "fetch every page");
+  for (auto [name, help] : std::vector<std::pair<std::string, std::string>>{
+           {"show", "show a key and its versions"},
+           {"rotate", "add a new version and make it primary"},
+           {"enable", "enable a disabled key"},
+           {"disable", "refuse every cryptographic use of a key"},
+           {"cancel-deletion", "stop a scheduled deletion (the key stays "
+                               "disabled)"}}) {
+    add(key, name, help, "custos key " + name + " alias/photos")
+        ->add_option("KEY", a.key, "key id or alias")
+        ->required();
+  }
+  CLI::App* update = add(key, "update", "change description, labels or "
+                                        "rotation period",
+                         "custos key update alias/photos --rotation-period 30d");
+  update->add_option("KEY", a.key, "key id or alias")->required();
+  update->add_option("--description", a.description, "new description");
+  update->add_option("--label", a.labels, "NAME=VALUE (replaces all labels)");
+  update->add_option("--rotation-period", a.rotation_period, "90d, or 0 for never");
+  CLI::App* sched = add(key, "schedule-deletion",
+                        "destroy the key after 7-30 days (unusable at once)",
+                        "custos key schedule-deletion alias/old --days 7");
+  sched->add_option("KEY", a.key, "key id or alias")->required();
+  sched->add_option("--days", a.days, "7-30, default 30");
+
+  CLI::App* alias = app.add_subcommand("alias", "name keys");
+  alias->require_subcommand(1);
+  CLI::App* acreate = add(alias, "create", "create an alias",
+                          "custos alias create alias/photos k-...");
+  acreate->add_option("ALIAS", a.alias, "alias/NAME")->required();
+  acreate->add_option("KEY", a.key, "key id or alias")->required();
+  add(alias, "delete", "delete an alias", "custos alias delete alias/photos")
+      ->add_option("ALIAS", a.alias, "alias/NAME")
+      ->required();
+  add(alias, "list", "list aliases", "custos alias list --key k-...")
+      ->add_option("--key", a.key, "only this key's aliases");
+
+  CLI::App* policy = app.add_subcommand("policy", "who may use a key");
+  policy->require_subcommand(1);
+  add(policy, "get", "print a key's policy (JSON)",
+      "custos policy get alias/photos > policy.json")
+      ->add_option("KEY", a.key, "key id or alias")
+      ->required();
+  CLI::App* pset = add(policy, "set", "replace a key's policy from a JSON file",
+                       "custos policy set alias/photos policy.json");
+  pset->add_option("KEY", a.key, "key id or alias")->required();
+  pset->add_option("FILE", a.policy_file, "policy JSON")->required();
+  pset->add_option("--expected-version", a.expected_version,
+                   "refuse if the policy changed since this version");
+
+  CLI::App* datakey = app.add_subcommand("datakey", "data keys");
+  datakey->require_subcommand(1);
+  CLI::App* gen = add(datakey, "generate", "a fresh data key and its blob",
+                      "custos datakey generate alias/photos --context "
+                      "tenant=7 --no-plaintext");
+  gen->add_option("KEY", a.key, "key id or alias")->required();
+  gen->add_option("--context", a.context, "NAME=VALUE, repeatable");
+  gen->add_option("--bytes", a.bytes, "1-1024 (default 32)");
+  gen->add_flag("--no-plaintext", a.no_plaintext, "only the wrapped key");
+
+  CLI::App* enc = app.add_subcommand(
+      "encrypt", "envelope-encrypt a file or stream with a fresh data key");
+  enc->footer("Example:\n  custos encrypt --key alias/photos --context "
+              "tenant=7 -i photo.jpg -o photo.jpg.custos");
+  enc->add_option("--key", a.key, "key id or alias")->required();
+  enc->add_option("--context", a.context, "NAME=VALUE, repeatable");
+  enc->add_option("-i,--input", a.input, "file, or - for stdin")
+      ->capture_default_str();
+  enc->add_option("-o,--output", a.output, "file, or - for stdout")
+      ->capture_default_str();
+  CLI::App* dec = app.add_subcommand("decrypt", "decrypt an envelope file");
+  dec->footer("Example:\n  custos decrypt -i photo.jpg.custos -o photo.jpg");
+  dec->add_option("--context", a.context,
+                  "NAME=VALUE the file must be bound to (optional)");
+  dec->add_option("-i,--input", a.input, "file, or - for stdin")
+      ->capture_default_str();
+  dec->add_option("-o,--output", a.output, "file, or - for stdout")
+      ->capture_default_str();
+  CLI::App* random = app.add_subcommand("random", "random bytes from the HSM");
+  random->footer("Example:\n  custos random --bytes 32");
+  random->add_option("--bytes", a.bytes, "1-1024 (default 32)");
+
+  CLI::App* audit = app.add_subcommand("audit", "the audit log");
+  audit->require_subcommand(1);
+  CLI::App* verify = add(audit, "verify",
+                         "verify copied audit segments offline (exit 4 on a "
+                         "break, naming file, line and seq)",
+                         "custos audit verify --public-key "
+                         "audit-public-key.pem ./audit");
+  verify->add_option("DIR", a.dir, "directory of audit-*.jsonl")->required();
+  verify->add_option("--public-key", a.public_key, "checkpoint key (PEM)");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? kExitOk : kExitUsage;
+  }
+  if (app.got_subcommand("encrypt")) return RunEnvelope(true, g, a);
+  if (app.got_subcommand("decrypt")) return RunEnvelope(false, g, a);
+  if (app.got_subcommand("random")) return RunRandom(g, a);
+  const std::string group = command.substr(0, command.find(' '));
+  const std::string verb = command.substr(command.find(' ') + 1);
+  if (group == "key") return RunKeyCommand(verb, g, a);
+  if (group == "alias") return RunAliasCommand(verb, g, a);
+  if (group == "policy") return RunPolicyCommand(verb, g, a);
+  if (group == "datakey") return RunDataKey(g, a);
+  if (group == "audit") return RunAuditVerify(g, a);
+  std::cerr << app.help();
+  return kExitUsage;
+}
+
+}  // namespace custos::cli
+
+int main(int argc, char** argv) { return custos::cli::Main(argc, argv); }

@@ -1,0 +1,42 @@
+// Offline verification of audit segments: given a copy of the segment files
+// (no server needed), checks every node's hash chain — sequence numbers
+// consecutive from 1, each record's `prev` equal to the SHA-256 of the line
+// before it — and says exactly where the first break is (file, line,
+// sequence number). Checkpoint signatures join this check with the signed
+// checkpoints of the audit issue. Stateless and thread-safe.
+#ifndef CUSTOS_KMS_AUDIT_AUDIT_VERIFIER_H_
+#define CUSTOS_KMS_AUDIT_AUDIT_VERIFIER_H_
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace custos::kms {
+
+struct AuditVerifyReport {
+  struct Node {
+    std::string node_id;
+    int segments = 0;
+    uint64_t records = 0;
+    uint64_t last_seq = 0;
+  };
+  std::vector<Node> nodes;
+  uint64_t records = 0;
+  bool ok = true;
+  // Where the first break is: "FILE:LINE: seq N: what is wrong".
+  std::string first_break;
+};
+
+// Verifies every audit-<node>-<seq>.jsonl under `dir`. A broken chain is
+// reported in the report (ok = false), not as an error; errors are for an
+// unreadable directory. `progress` (optional) is called with records done.
+absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
+    const std::string& dir,
+    const std::function<void(uint64_t)>& progress = nullptr);
+
+}  // namespace custos::kms
+
+#endif  // CUSTOS_KMS_AUDIT_AUDIT_VERIFIER_H_
