@@ -102,6 +102,7 @@ absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
                           "removed)");
         }
         if (!report.ok) {
+          summary.last_seq = expected - 1;  // the last good record
           report.nodes.push_back(summary);
           return report;
         }
