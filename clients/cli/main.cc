@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -25,6 +26,7 @@
 #include "clients/cpp/client.h"
 #include "clients/cpp/envelope.h"
 #include "kms/audit/audit_verifier.h"
+#include "nlohmann/json.hpp"
 
 namespace custos::cli {
 namespace {
@@ -40,10 +42,9 @@ struct Globals {
 
 // Everything the subcommands' flags fill in.
 struct Args {
-  std::string key, alias, description, policy_file, input = "-", output = "-",
-                                                    state, label, public_key,
-                                                    dir;
-  std::vector<std::string> labels, context;
+  std::string key, alias, description, policy_file,
+      input = "-", output = "-", state, label, public_key, dir, destination_key;
+  std::vector<std::string> labels, context, destination_context;
   std::string rotation_period;
   uint32_t days = 0, bytes = 0, page_size = 0;
   uint64_t expected_version = 0;
@@ -109,8 +110,9 @@ absl::StatusOr<google::protobuf::Duration> ParsePeriod(const std::string& s) {
     }
   }
   if (unit == 0 || n < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--rotation-period '", s, "': use a number and d, h, m or s, e.g. 90d"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--rotation-period '", s,
+                     "': use a number and d, h, m or s, e.g. 90d"));
   }
   d.set_seconds(n * unit);
   return d;
@@ -145,13 +147,15 @@ void PrintKey(const Globals& g, const pb::Key& key) {
   for (const auto& [k, v] : key.labels()) labels.push_back(k + "=" + v);
   if (!labels.empty()) rows.push_back({"labels", absl::StrJoin(labels, ", ")});
   if (key.rotation_period().seconds() > 0) {
-    rows.push_back({"rotation_period",
-                    absl::StrCat(key.rotation_period().seconds() / 86400, "d")});
+    rows.push_back(
+        {"rotation_period",
+         absl::StrCat(key.rotation_period().seconds() / 86400, "d")});
     rows.push_back(
         {"next_rotation", FormatSeconds(key.next_rotation_time().seconds())});
   }
   if (key.has_deletion_time()) {
-    rows.push_back({"deletion_time", FormatSeconds(key.deletion_time().seconds())});
+    rows.push_back(
+        {"deletion_time", FormatSeconds(key.deletion_time().seconds())});
   }
   PrintTable({"FIELD", "VALUE"}, rows);
   if (key.versions_size() > 0) {
@@ -160,7 +164,7 @@ void PrintKey(const Globals& g, const pb::Key& key) {
     for (const pb::KeyVersion& v : key.versions()) {
       const char* state = v.state() == pb::KEY_VERSION_ENABLED    ? "ENABLED"
                           : v.state() == pb::KEY_VERSION_DISABLED ? "DISABLED"
-                                                                   : "DESTROYED";
+                                                                  : "DESTROYED";
       versions.push_back({absl::StrCat(v.version()), state,
                           FormatSeconds(v.create_time().seconds()),
                           absl::StrCat(v.encryptions())});
@@ -241,12 +245,13 @@ absl::Status ReadPolicyFile(const std::string& path, pb::KeyPolicy* policy) {
   text << in.rdbuf();
   google::protobuf::util::JsonParseOptions options;
   options.ignore_unknown_fields = false;
-  auto s = google::protobuf::util::JsonStringToMessage(text.str(), policy,
-                                                       options);
+  auto s =
+      google::protobuf::util::JsonStringToMessage(text.str(), policy, options);
   if (!s.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "policy file '", path, "': ", std::string(s.message().data(), s.message().size()),
-        " (see docs/policies.md for the format)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("policy file '", path,
+                     "': ", std::string(s.message().data(), s.message().size()),
+                     " (see docs/policies.md for the format)"));
   }
   return absl::OkStatus();
 }
@@ -465,12 +470,57 @@ int RunEnvelope(bool encrypt, const Globals& g, const Args& a) {
                               options);
   } else {
     s = client::DecryptStream(**c, files.in(), files.out(),
-                              a.context.empty() ? nullptr : &*context,
-                              options);
+                              a.context.empty() ? nullptr : &*context, options);
   }
   if (options.progress) std::fprintf(stderr, "\r");
   if (!s.ok()) return Fail(s);
   if (absl::Status done = files.Commit(); !done.ok()) return Fail(done);
+  return kExitOk;
+}
+
+int RunReEncrypt(const Globals& g, const Args& a) {
+  absl::StatusOr<std::unique_ptr<Client>> c = Connect(g);
+  if (!c.ok()) return Fail(c.status());
+  auto source = ParsePairs(a.context, "--source-context");
+  if (!source.ok()) return Fail(source.status());
+  auto destination = ParsePairs(a.destination_context, "--destination-context");
+  if (!destination.ok()) return Fail(destination.status());
+  Files files;
+  if (absl::Status s = files.Open(a.input, a.output); !s.ok()) return Fail(s);
+  std::stringstream text;
+  text << files.in().rdbuf();
+  std::string encoded = text.str();
+  std::erase_if(encoded, [](char ch) { return absl::ascii_isspace(ch); });
+  pb::ReEncryptRequest req;
+  if (encoded.empty() ||
+      !absl::Base64Unescape(encoded, req.mutable_ciphertext_blob())) {
+    return Fail(absl::InvalidArgumentError(
+        "input is not a base64 ciphertext blob (as printed by `custos "
+        "datakey generate`)"));
+  }
+  req.set_destination_key(a.destination_key);
+  req.mutable_source_encryption_context()->insert(source->begin(),
+                                                  source->end());
+  req.mutable_destination_encryption_context()->insert(destination->begin(),
+                                                       destination->end());
+  auto resp = (*c)->ReEncrypt(req);
+  if (!resp.ok()) return Fail(resp.status());
+  const std::string blob = absl::Base64Escape(resp->ciphertext_blob());
+  if (a.output != "-") {
+    files.out() << blob << "\n";
+    if (absl::Status done = files.Commit(); !done.ok()) return Fail(done);
+  }
+  if (g.json) {
+    PrintJson(*resp);
+  } else {
+    PrintTable(
+        {"FIELD", "VALUE"},
+        {{"source_key_id", resp->source_key_id()},
+         {"source_key_version", absl::StrCat(resp->source_key_version())},
+         {"key_id", resp->key_id()},
+         {"key_version", absl::StrCat(resp->key_version())},
+         {"ciphertext_blob", blob}});
+  }
   return kExitOk;
 }
 
@@ -491,33 +541,63 @@ int RunRandom(const Globals& g, const Args& a) {
 
 int RunAuditVerify(const Globals& g, const Args& a) {
   auto progress = [](uint64_t n) {
-    if (isatty(STDERR_FILENO)) std::fprintf(stderr, "\r%llu records", (unsigned long long)n);
+    if (isatty(STDERR_FILENO))
+      std::fprintf(stderr, "\r%llu records", (unsigned long long)n);
   };
+  std::vector<std::string> keys;
+  if (!a.public_key.empty()) {
+    std::ifstream in(a.public_key);
+    std::stringstream pem;
+    pem << in.rdbuf();
+    if (!in || pem.str().find("BEGIN PUBLIC KEY") == std::string::npos) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("--public-key '", a.public_key,
+                       "': not a PEM public key (export it with custosd's "
+                       "audit-public-key-<node>.pem or GetAuditPublicKey)")));
+    }
+    keys.push_back(pem.str());
+  }
   absl::StatusOr<kms::AuditVerifyReport> report =
-      kms::VerifyAuditDirectory(a.dir, progress);
+      kms::VerifyAuditDirectory(a.dir, keys, progress);
   if (isatty(STDERR_FILENO)) std::fprintf(stderr, "\r");
   if (!report.ok()) return Fail(report.status());
   if (g.json) {
-    std::cout << "{\"ok\": " << (report->ok ? "true" : "false")
-              << ", \"records\": " << report->records
-              << ", \"first_break\": \"" << report->first_break << "\"}\n";
+    nlohmann::json out = {{"ok", report->ok},
+                          {"records", report->records},
+                          {"signatures_checked", report->signatures_checked},
+                          {"first_break", report->first_break},
+                          {"nodes", nlohmann::json::array()}};
+    for (const auto& node : report->nodes) {
+      out["nodes"].push_back({{"node", node.node_id},
+                              {"segments", node.segments},
+                              {"records", node.records},
+                              {"last_seq", node.last_seq},
+                              {"checkpoints", node.checkpoints},
+                              {"unsigned_tail", node.unsigned_tail}});
+    }
+    std::cout << out.dump(2) << "\n";
   } else {
     std::vector<std::vector<std::string>> rows;
     for (const auto& node : report->nodes) {
       rows.push_back({node.node_id, absl::StrCat(node.segments),
-                      absl::StrCat(node.records), absl::StrCat(node.last_seq)});
+                      absl::StrCat(node.records), absl::StrCat(node.last_seq),
+                      absl::StrCat(node.checkpoints),
+                      absl::StrCat(node.unsigned_tail)});
     }
-    PrintTable({"NODE", "SEGMENTS", "RECORDS", "LAST_SEQ"}, rows);
+    PrintTable({"NODE", "SEGMENTS", "RECORDS", "LAST_SEQ", "CHECKPOINTS",
+                "UNSIGNED_TAIL"},
+               rows);
     if (report->ok) {
       std::cout << "OK: " << report->records
-                << " records; every hash chain is intact\n";
+                << " records; every hash chain is intact; "
+                << (report->signatures_checked
+                        ? "every checkpoint signature verifies"
+                        : "checkpoint signatures NOT checked (give "
+                          "--public-key)")
+                << "\n";
     } else {
       std::cout << "BROKEN: " << report->first_break << "\n";
     }
-  }
-  if (!a.public_key.empty()) {
-    std::cerr << "note: --public-key given, but these segments carry no "
-                 "signed checkpoints yet; only the hash chain was checked\n";
   }
   return report->ok ? kExitOk : kExitRejected;
 }
@@ -540,6 +620,8 @@ int Main(int argc, char** argv) {
   app.add_option("--timeout", g.timeout_seconds, "seconds per call")
       ->capture_default_str();
   app.require_subcommand(1);
+  // Global flags work after the command too: custos key list --json.
+  app.fallthrough();
 
   std::string command;
   auto add = [&](CLI::App* parent, const std::string& name,
@@ -554,8 +636,10 @@ int Main(int argc, char** argv) {
 
   CLI::App* key = app.add_subcommand("key", "create and manage keys");
   key->require_subcommand(1);
-  CLI::App* create = add(key, "create", "create a key (its first version is "
-                                        "generated inside the HSM)",
+  key->footer("Example:\n  custos key list");
+  CLI::App* create = add(key, "create",
+                         "create a key (its first version is "
+                         "generated inside the HSM)",
                          "custos key create --alias alias/photos "
                          "--policy photos-policy.json --rotation-period 90d");
   create->add_option("--description", a.description, "free text");
@@ -565,7 +649,8 @@ int Main(int argc, char** argv) {
                      "rotate every 90d, 12h, ... (default never)");
   create->add_option("--policy", a.policy_file,
                      "JSON policy file (docs/policies.md)");
-  CLI::App* list = add(key, "list", "list keys", "custos key list --state ENABLED");
+  CLI::App* list =
+      add(key, "list", "list keys", "custos key list --state ENABLED");
   list->add_option("--state", a.state, "ENABLED, DISABLED, ...");
   list->add_option("--label", a.label, "NAME or NAME=VALUE");
   list->add_option("--page-size", a.page_size, "keys per page");
@@ -575,19 +660,23 @@ int Main(int argc, char** argv) {
            {"rotate", "add a new version and make it primary"},
            {"enable", "enable a disabled key"},
            {"disable", "refuse every cryptographic use of a key"},
-           {"cancel-deletion", "stop a scheduled deletion (the key stays "
-                               "disabled)"}}) {
+           {"cancel-deletion",
+            "stop a scheduled deletion (the key stays "
+            "disabled)"}}) {
     add(key, name, help, "custos key " + name + " alias/photos")
         ->add_option("KEY", a.key, "key id or alias")
         ->required();
   }
-  CLI::App* update = add(key, "update", "change description, labels or "
-                                        "rotation period",
-                         "custos key update alias/photos --rotation-period 30d");
+  CLI::App* update =
+      add(key, "update",
+          "change description, labels or "
+          "rotation period",
+          "custos key update alias/photos --rotation-period 30d");
   update->add_option("KEY", a.key, "key id or alias")->required();
   update->add_option("--description", a.description, "new description");
   update->add_option("--label", a.labels, "NAME=VALUE (replaces all labels)");
-  update->add_option("--rotation-period", a.rotation_period, "90d, or 0 for never");
+  update->add_option("--rotation-period", a.rotation_period,
+                     "90d, or 0 for never");
   CLI::App* sched = add(key, "schedule-deletion",
                         "destroy the key after 7-30 days (unusable at once)",
                         "custos key schedule-deletion alias/old --days 7");
@@ -596,6 +685,7 @@ int Main(int argc, char** argv) {
 
   CLI::App* alias = app.add_subcommand("alias", "name keys");
   alias->require_subcommand(1);
+  alias->footer("Example:\n  custos alias list");
   CLI::App* acreate = add(alias, "create", "create an alias",
                           "custos alias create alias/photos k-...");
   acreate->add_option("ALIAS", a.alias, "alias/NAME")->required();
@@ -608,6 +698,7 @@ int Main(int argc, char** argv) {
 
   CLI::App* policy = app.add_subcommand("policy", "who may use a key");
   policy->require_subcommand(1);
+  policy->footer("Example:\n  custos policy get alias/photos");
   add(policy, "get", "print a key's policy (JSON)",
       "custos policy get alias/photos > policy.json")
       ->add_option("KEY", a.key, "key id or alias")
@@ -621,6 +712,8 @@ int Main(int argc, char** argv) {
 
   CLI::App* datakey = app.add_subcommand("datakey", "data keys");
   datakey->require_subcommand(1);
+  datakey->footer(
+      "Example:\n  custos datakey generate alias/photos --no-plaintext");
   CLI::App* gen = add(datakey, "generate", "a fresh data key and its blob",
                       "custos datakey generate alias/photos --context "
                       "tenant=7 --no-plaintext");
@@ -631,8 +724,9 @@ int Main(int argc, char** argv) {
 
   CLI::App* enc = app.add_subcommand(
       "encrypt", "envelope-encrypt a file or stream with a fresh data key");
-  enc->footer("Example:\n  custos encrypt --key alias/photos --context "
-              "tenant=7 -i photo.jpg -o photo.jpg.custos");
+  enc->footer(
+      "Example:\n  custos encrypt --key alias/photos --context "
+      "tenant=7 -i photo.jpg -o photo.jpg.custos");
   enc->add_option("--key", a.key, "key id or alias")->required();
   enc->add_option("--context", a.context, "NAME=VALUE, repeatable");
   enc->add_option("-i,--input", a.input, "file, or - for stdin")
@@ -647,12 +741,36 @@ int Main(int argc, char** argv) {
       ->capture_default_str();
   dec->add_option("-o,--output", a.output, "file, or - for stdout")
       ->capture_default_str();
+  CLI::App* reenc = app.add_subcommand(
+      "reencrypt",
+      "move a ciphertext blob (base64) to another key, key version or context "
+      "without seeing its plaintext");
+  reenc->footer(
+      "Example:\n  custos reencrypt --source-context tenant=7 "
+      "--destination-key alias/archive --destination-context tenant=7 "
+      "-i blob.b64 -o blob-archive.b64");
+  reenc->add_option("--destination-key", a.destination_key,
+                    "key id or alias (default: the blob's own key, i.e. its "
+                    "primary version)");
+  reenc->add_option("--source-context", a.context,
+                    "NAME=VALUE the blob is bound to, repeatable");
+  reenc->add_option("--destination-context", a.destination_context,
+                    "NAME=VALUE to bind the new blob to, repeatable");
+  reenc
+      ->add_option("-i,--input", a.input,
+                   "file holding the base64 blob, or - for stdin")
+      ->capture_default_str();
+  reenc
+      ->add_option("-o,--output", a.output,
+                   "also write the new base64 blob to this file")
+      ->capture_default_str();
   CLI::App* random = app.add_subcommand("random", "random bytes from the HSM");
   random->footer("Example:\n  custos random --bytes 32");
   random->add_option("--bytes", a.bytes, "1-1024 (default 32)");
 
   CLI::App* audit = app.add_subcommand("audit", "the audit log");
   audit->require_subcommand(1);
+  audit->footer("Example:\n  custos audit verify ./audit");
   CLI::App* verify = add(audit, "verify",
                          "verify copied audit segments offline (exit 4 on a "
                          "break, naming file, line and seq)",
@@ -664,11 +782,24 @@ int Main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
+    // CLI11 reports "custos frob" as "A subcommand is required"; name the
+    // word it did not know instead.
+    if (dynamic_cast<const CLI::RequiredError*>(&e) != nullptr) {
+      for (CLI::App* parent : {&app, key, alias, policy, datakey, audit}) {
+        if ((parent == &app || parent->parsed()) &&
+            !parent->remaining().empty()) {
+          std::cerr << "unknown command '" << parent->remaining().front()
+                    << "'; run with --help for the list\n";
+          return kExitUsage;
+        }
+      }
+    }
     int rc = app.exit(e);
     return rc == 0 ? kExitOk : kExitUsage;
   }
   if (app.got_subcommand("encrypt")) return RunEnvelope(true, g, a);
   if (app.got_subcommand("decrypt")) return RunEnvelope(false, g, a);
+  if (app.got_subcommand("reencrypt")) return RunReEncrypt(g, a);
   if (app.got_subcommand("random")) return RunRandom(g, a);
   const std::string group = command.substr(0, command.find(' '));
   const std::string verb = command.substr(command.find(' ') + 1);

@@ -4,6 +4,7 @@
 #ifndef CUSTOS_KMS_AUDIT_AUDIT_CHAIN_H_
 #define CUSTOS_KMS_AUDIT_AUDIT_CHAIN_H_
 
+#include <cstdint>
 #include <string>
 
 #include "absl/strings/string_view.h"
@@ -13,6 +14,15 @@ namespace custos::kms {
 std::string AuditLineHash(absl::string_view line);
 inline constexpr char kAuditGenesisHash[] =
     "0000000000000000000000000000000000000000000000000000000000000000";
+
+// What a checkpoint signs (ASCII):
+//   "custos.audit.checkpoint.v1|<node>|<last seq>|<head hex>"
+std::string CheckpointMessage(absl::string_view node, uint64_t last_seq,
+                              absl::string_view head);
+
+// First 16 hex digits of SHA-256 of a public key PEM: names the key in
+// checkpoint records.
+std::string PublicKeyFingerprint(absl::string_view public_key_pem);
 
 }  // namespace custos::kms
 

@@ -175,38 +175,106 @@ absl::Status FileAuditLog::Append(AuditRecord record) {
 void FileAuditLog::WriterLoop() {
   for (;;) {
     std::vector<std::shared_ptr<Pending>> batch;
-    uint64_t seq;
+    uint64_t seq = 0;
     std::string prev;
+    bool stopping = false;
     {
       absl::MutexLock lock(&mu_);
-      mu_.Await(absl::Condition(this, &FileAuditLog::HasWork));
-      if (queue_.empty()) return;  // stopping, nothing left
+      const absl::Condition has_work(this, &FileAuditLog::HasWork);
+      if (options_.signer != nullptr) {
+        // Also wake for time-based checkpoints.
+        mu_.AwaitWithTimeout(has_work, options_.checkpoint_interval);
+      } else {
+        mu_.Await(has_work);
+      }
+      stopping = stopping_ && queue_.empty();
       batch.assign(queue_.begin(), queue_.end());
       queue_.clear();
       seq = next_seq_;
       prev = prev_hash_;
     }
-    std::string bytes;
-    for (const auto& p : batch) {
-      std::string line = Serialize(p->record, seq++, prev);
-      prev = AuditLineHash(line);
-      bytes.append(line).push_back('\n');
-    }
-    absl::Status s = WriteBatch(bytes);
+    if (!batch.empty()) WriteRecords(batch, seq, std::move(prev));
+    MaybeCheckpoint(/*force=*/stopping);
+    if (stopping) return;
+  }
+}
+
+void FileAuditLog::WriteRecords(
+    const std::vector<std::shared_ptr<Pending>>& batch, uint64_t seq,
+    std::string prev) {
+  std::string bytes;
+  for (const auto& p : batch) {
+    std::string line = Serialize(p->record, seq++, prev);
+    prev = AuditLineHash(line);
+    bytes.append(line).push_back('\n');
+  }
+  absl::Status s = WriteBatch(bytes);
+  if (s.ok()) since_checkpoint_ += batch.size();
+  absl::MutexLock lock(&mu_);
+  if (s.ok()) {
+    next_seq_ = seq;
+    prev_hash_ = prev;
+    stats_.records += batch.size();
+    ++stats_.batches;
+  } else {
+    ++stats_.failures;
+    spdlog::error("{}", s.message());
+  }
+  for (const auto& p : batch) {
+    p->result = s;
+    p->done = true;
+  }
+}
+
+void FileAuditLog::MaybeCheckpoint(bool force) {
+  if (options_.signer == nullptr || since_checkpoint_ == 0) return;
+  const absl::Time now = absl::Now();
+  if (!force && since_checkpoint_ < options_.checkpoint_every &&
+      now - last_checkpoint_ < options_.checkpoint_interval) {
+    return;
+  }
+  uint64_t seq;
+  std::string head;
+  {
     absl::MutexLock lock(&mu_);
-    if (s.ok()) {
-      next_seq_ = seq;
-      prev_hash_ = prev;
-      stats_.records += batch.size();
-      ++stats_.batches;
-    } else {
-      ++stats_.failures;
-      spdlog::error("{}", s.message());
-    }
-    for (const auto& p : batch) {
-      p->result = s;
-      p->done = true;
-    }
+    seq = next_seq_;
+    head = prev_hash_;
+  }
+  absl::StatusOr<std::string> signature = options_.signer->Sign(
+      CheckpointMessage(options_.node_id, seq - 1, head));
+  if (!signature.ok()) {
+    // Records stay durable and chained; the next checkpoint will cover them.
+    spdlog::error("audit: could not sign a checkpoint: {}",
+                  signature.status().message());
+    last_checkpoint_ = now;
+    return;
+  }
+  OrderedJson j;
+  j["seq"] = seq;
+  j["time"] = absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", now,
+                               absl::UTCTimeZone());
+  j["node"] = options_.node_id;
+  j["principal"] = "custos:system";
+  j["operation"] = "Checkpoint";
+  j["outcome"] = "ALLOWED";
+  j["code"] = "OK";
+  j["checkpoint"] = {{"last_seq", seq - 1},
+                     {"head", head},
+                     {"key", options_.signer->fingerprint()},
+                     {"signature", absl::Base64Escape(*signature)}};
+  j["prev"] = head;
+  std::string line = j.dump();
+  absl::Status s = WriteBatch(line + "\n");
+  absl::MutexLock lock(&mu_);
+  if (s.ok()) {
+    next_seq_ = seq + 1;
+    prev_hash_ = AuditLineHash(line);
+    ++stats_.checkpoints;
+    since_checkpoint_ = 0;
+    last_checkpoint_ = now;
+  } else {
+    ++stats_.failures;
+    spdlog::error("{}", s.message());
   }
 }
 

@@ -20,6 +20,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
@@ -27,6 +28,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "kms/audit/audit_chain.h"
+#include "kms/audit/checkpoint.h"
 #include "kms/encryption_context.h"
 #include "kms/policy.h"
 
@@ -68,11 +70,17 @@ class FileAuditLog : public AuditLog {
     std::string node_id;
     size_t max_queue = 16384;  // callers wait beyond this
     bool sync = true;          // fdatasync each batch (off only to measure)
+    // Signs a checkpoint every `checkpoint_every` records or
+    // `checkpoint_interval`, and at shutdown. Null: no checkpoints.
+    AuditSigner* signer = nullptr;
+    uint64_t checkpoint_every = 1000;
+    absl::Duration checkpoint_interval = absl::Seconds(60);
   };
   struct Stats {
     uint64_t records = 0;
     uint64_t batches = 0;  // = fdatasync calls when sync is on
     uint64_t failures = 0;
+    uint64_t checkpoints = 0;
     uint64_t next_seq = 0;
   };
 
@@ -98,16 +106,25 @@ class FileAuditLog : public AuditLog {
   bool HasWork() const ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     return !queue_.empty() || stopping_;
   }
+  // Serialises, chains, writes and syncs `batch` starting at `seq`, then
+  // releases its callers with the outcome. Writer thread only.
+  void WriteRecords(const std::vector<std::shared_ptr<Pending>>& batch,
+                    uint64_t seq, std::string prev);
   // Writes and syncs one batch; on failure, rolls the file back to its last
   // durable length.
   absl::Status WriteBatch(const std::string& bytes);
   std::string Serialize(const AuditRecord& record, uint64_t seq,
                         const std::string& prev) const;
+  // Appends a signed checkpoint if one is due (or `force` and any record
+  // came since the last). Writer thread only.
+  void MaybeCheckpoint(bool force);
 
   const Options options_;
   std::string segment_path_;
   int fd_ = -1;             // writer thread only (and Open)
   uint64_t durable_size_ = 0;  // writer thread only
+  uint64_t since_checkpoint_ = 0;  // writer thread only
+  absl::Time last_checkpoint_ = absl::Now();  // writer thread only
 
   mutable absl::Mutex mu_;
   std::deque<std::shared_ptr<Pending>> queue_ ABSL_GUARDED_BY(mu_);

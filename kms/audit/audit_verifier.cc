@@ -9,6 +9,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/escaping.h"
+#include "common/p256.h"
 #include "kms/audit/audit_chain.h"
 #include "nlohmann/json.hpp"
 
@@ -34,23 +36,78 @@ bool ParseSegmentName(const std::string& name, Segment* out) {
   return absl::SimpleAtoi(core.substr(dash + 1), &out->first_seq);
 }
 
-// Pulls "seq" and "prev" from a line; false if it is not a record.
-bool ReadRecord(const std::string& line, uint64_t* seq, std::string* prev) {
+struct Line {
+  uint64_t seq = 0;
+  std::string prev;
+  bool is_checkpoint = false;
+  uint64_t last_seq = 0;
+  std::string head, key, signature;  // signature: raw bytes
+};
+
+// Fast path for the writer's own layout: {"seq":N, ... ,"prev":"<64 hex>"}
+// with no checkpoint. Anything else takes the full JSON parse. (Edits in
+// between are caught by the hash chain either way.)
+bool ReadFast(const std::string& line, Line* out) {
+  constexpr absl::string_view kSeq = "{\"seq\":";
+  constexpr absl::string_view kPrev = ",\"prev\":\"";
+  if (line.size() < 90 || !absl::StartsWith(line, kSeq) ||
+      !absl::EndsWith(line, "\"}")) {
+    return false;
+  }
+  const size_t prev_at = line.size() - 2 - 64 - kPrev.size();
+  if (absl::string_view(line).substr(prev_at, kPrev.size()) != kPrev) {
+    return false;
+  }
+  if (line.find("\"checkpoint\":") != std::string::npos) return false;
+  size_t comma = line.find(',', kSeq.size());
+  if (comma == std::string::npos ||
+      !absl::SimpleAtoi(
+          absl::string_view(line).substr(kSeq.size(), comma - kSeq.size()),
+          &out->seq)) {
+    return false;
+  }
+  out->prev = line.substr(prev_at + kPrev.size(), 64);
+  return true;
+}
+
+// Reads a record; false if it is not one.
+bool ReadRecord(const std::string& line, Line* out) {
+  if (ReadFast(line, out)) return true;
   nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
   if (j.is_discarded() || !j.is_object() || !j.contains("seq") ||
       !j["seq"].is_number_unsigned() || !j.contains("prev") ||
       !j["prev"].is_string()) {
     return false;
   }
-  *seq = j["seq"].get<uint64_t>();
-  *prev = j["prev"].get<std::string>();
+  out->seq = j["seq"].get<uint64_t>();
+  out->prev = j["prev"].get<std::string>();
+  if (j.contains("checkpoint")) {
+    const nlohmann::json& c = j["checkpoint"];
+    if (!c.is_object() || !c.contains("last_seq") ||
+        !c["last_seq"].is_number_unsigned() || !c.contains("head") ||
+        !c["head"].is_string() || !c.contains("key") || !c["key"].is_string() ||
+        !c.contains("signature") || !c["signature"].is_string() ||
+        !absl::Base64Unescape(c["signature"].get<std::string>(),
+                              &out->signature)) {
+      return false;
+    }
+    out->is_checkpoint = true;
+    out->last_seq = c["last_seq"].get<uint64_t>();
+    out->head = c["head"].get<std::string>();
+    out->key = c["key"].get<std::string>();
+  }
   return true;
 }
 
 }  // namespace
 
 absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
-    const std::string& dir, const std::function<void(uint64_t)>& progress) {
+    const std::string& dir, const std::vector<std::string>& public_key_pems,
+    const std::function<void(uint64_t)>& progress) {
+  std::map<std::string, std::string> keys;  // fingerprint -> PEM
+  for (const std::string& pem : public_key_pems) {
+    keys[PublicKeyFingerprint(pem)] = pem;
+  }
   std::map<std::string, std::vector<Segment>> by_node;
   DIR* d = opendir(dir.c_str());
   if (d == nullptr) {
@@ -63,6 +120,7 @@ absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
   }
   closedir(d);
   AuditVerifyReport report;
+  report.signatures_checked = !keys.empty();
   for (auto& [node, segments] : by_node) {
     std::sort(segments.begin(), segments.end(),
               [](const Segment& a, const Segment& b) {
@@ -81,14 +139,15 @@ absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
       uint64_t line_no = 0;
       while (std::getline(in, line)) {
         ++line_no;
-        uint64_t seq = 0;
-        std::string prev;
+        Line rec;
+        const uint64_t& seq = rec.seq;
+        const std::string& prev = rec.prev;
         auto fail = [&](const std::string& what) {
           report.ok = false;
           report.first_break = absl::StrCat(path, ":", line_no, ": seq ",
                                             expected, ": ", what);
         };
-        if (!ReadRecord(line, &seq, &prev)) {
+        if (!ReadRecord(line, &rec)) {
           fail("not an audit record (edited or torn)");
         } else if (seq != expected) {
           fail(absl::StrCat("found seq ", seq,
@@ -100,6 +159,26 @@ absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
                         : "prev does not match the record before it (that "
                           "record or this one was edited, or one was "
                           "removed)");
+        } else if (rec.is_checkpoint) {
+          if (rec.last_seq + 1 != seq || rec.head != prev_hash) {
+            fail("checkpoint does not cover the record before it");
+          } else if (!keys.empty()) {
+            auto key = keys.find(rec.key);
+            if (key == keys.end()) {
+              fail(absl::StrCat("checkpoint signed by key ", rec.key,
+                                ", which is not among the public keys given"));
+            } else if (!VerifyP256Signature(
+                            key->second,
+                            CheckpointMessage(node, rec.last_seq, rec.head),
+                            rec.signature)
+                            .ok()) {
+              fail("checkpoint signature does not verify");
+            }
+          }
+          if (report.ok) {
+            ++summary.checkpoints;
+            summary.last_checkpoint_seq = rec.last_seq;
+          }
         }
         if (!report.ok) {
           summary.last_seq = expected - 1;  // the last good record
@@ -114,6 +193,7 @@ absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
       }
     }
     summary.last_seq = expected - 1;
+    summary.unsigned_tail = summary.last_seq - summary.last_checkpoint_seq;
     report.nodes.push_back(summary);
   }
   if (progress) progress(report.records);

@@ -2,8 +2,11 @@
 // (no server needed), checks every node's hash chain — sequence numbers
 // consecutive from 1, each record's `prev` equal to the SHA-256 of the line
 // before it — and says exactly where the first break is (file, line,
-// sequence number). Checkpoint signatures join this check with the signed
-// checkpoints of the audit issue. Stateless and thread-safe.
+// sequence number) — and every signed checkpoint: it must cover exactly the
+// record before it, and its ECDSA P-256 signature must verify with one of
+// the public keys given. Records after a node's last checkpoint are reported
+// as its unsigned tail: cutting them off could not be detected. Stateless
+// and thread-safe.
 #ifndef CUSTOS_KMS_AUDIT_AUDIT_VERIFIER_H_
 #define CUSTOS_KMS_AUDIT_AUDIT_VERIFIER_H_
 
@@ -22,10 +25,14 @@ struct AuditVerifyReport {
     int segments = 0;
     uint64_t records = 0;
     uint64_t last_seq = 0;
+    uint64_t checkpoints = 0;
+    uint64_t last_checkpoint_seq = 0;  // the last record a checkpoint covers
+    uint64_t unsigned_tail = 0;        // records after it
   };
   std::vector<Node> nodes;
   uint64_t records = 0;
   bool ok = true;
+  bool signatures_checked = false;  // false when no public key was given
   // Where the first break is: "FILE:LINE: seq N: what is wrong".
   std::string first_break;
 };
@@ -33,8 +40,10 @@ struct AuditVerifyReport {
 // Verifies every audit-<node>-<seq>.jsonl under `dir`. A broken chain is
 // reported in the report (ok = false), not as an error; errors are for an
 // unreadable directory. `progress` (optional) is called with records done.
+// `public_key_pems`: the nodes' checkpoint keys (PEM); empty to check the
+// chain only.
 absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
-    const std::string& dir,
+    const std::string& dir, const std::vector<std::string>& public_key_pems,
     const std::function<void(uint64_t)>& progress = nullptr);
 
 }  // namespace custos::kms

@@ -90,13 +90,20 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
   try {
     CUSTOS_CFG(OnlyKnown(root, "",
                          {"node_id", "listen", "tls", "hsm", "storage",
-                          "audit_dir", "admins", "auditors", "limits",
+                          "audit_dir", "audit_checkpoint_every",
+                          "audit_checkpoint_interval_seconds", "admins",
+                          "auditors", "limits",
                           "encryption_limit", "maintenance_interval_seconds",
                           "log_level", "development", "testing"}));
     CUSTOS_CFG(Get(root, "node_id", "node_id", &c.node_id));
     CUSTOS_CFG(Get(root, "listen", "listen", &c.listen));
     CUSTOS_CFG(Get(root, "storage", "storage", &c.storage));
     CUSTOS_CFG(Get(root, "audit_dir", "audit_dir", &c.audit_dir));
+    CUSTOS_CFG(Get(root, "audit_checkpoint_every", "audit_checkpoint_every",
+                   &c.audit_checkpoint_every));
+    CUSTOS_CFG(GetSeconds(root, "audit_checkpoint_interval_seconds",
+                          "audit_checkpoint_interval_seconds",
+                          &c.audit_checkpoint_interval));
     CUSTOS_CFG(Get(root, "admins", "admins", &c.admins));
     CUSTOS_CFG(Get(root, "auditors", "auditors", &c.auditors));
     CUSTOS_CFG(Get(root, "encryption_limit", "encryption_limit",
@@ -198,6 +205,12 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
                                  "custos.db");
   }
   if (c.audit_dir.empty()) return FieldError("audit_dir", "required");
+  if (c.audit_checkpoint_every < 1 ||
+      c.audit_checkpoint_interval <= absl::ZeroDuration()) {
+    return FieldError("audit_checkpoint_every / "
+                      "audit_checkpoint_interval_seconds",
+                      "must be positive");
+  }
   if (c.admins.empty()) {
     return FieldError("admins",
                       "name at least one admin principal (a client "

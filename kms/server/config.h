@@ -31,6 +31,8 @@ struct Config {
   } hsm;
   std::string storage;    // sqlite:///path
   std::string audit_dir;  // audit segments
+  uint64_t audit_checkpoint_every = 1000;  // records between checkpoints
+  absl::Duration audit_checkpoint_interval = absl::Seconds(60);
   std::vector<std::string> admins;
   std::vector<std::string> auditors;
   struct Limits {

@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 
 #include <atomic>
 #include <chrono>
@@ -31,6 +32,7 @@
 #include "hsm/hsm.h"
 #include "hsm/module.h"
 #include "kms/audit/audit_log.h"
+#include "kms/audit/checkpoint.h"
 #include "kms/authorizer.h"
 #include "kms/key_registry.h"
 #include "kms/key_service.h"
@@ -60,6 +62,22 @@ void ForbidCoreDumps() {
   struct rlimit none = {0, 0};
   setrlimit(RLIMIT_CORE, &none);
   prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+}
+
+absl::Status WritePublicKey(const Config& config, const std::string& pem) {
+  mkdir(config.audit_dir.c_str(), 0700);
+  const std::string path = absl::StrCat(
+      config.audit_dir, "/audit-public-key-", config.node_id, ".pem");
+  std::ofstream out(path, std::ios::trunc);
+  out << pem;
+  out.close();
+  if (!out) {
+    return absl::UnavailableError(
+        absl::StrCat("audit_dir: cannot write ", path));
+  }
+  spdlog::info("audit: checkpoint key {} (public key in {})",
+               kms::PublicKeyFingerprint(pem), path);
+  return absl::OkStatus();
 }
 
 void SetUpLogging(const std::string& level) {
@@ -110,9 +128,19 @@ absl::Status Run(const std::string& config_path) {
   spdlog::info("storage: {} (schema {}), {} keys", config.storage,
                store->SchemaVersion(), registry->size());
 
+  // The checkpoint signing key lives in the HSM; its public half is written
+  // beside the segments for auditors (who should also keep a copy of their
+  // own: a key next to the log it vouches for proves nothing by itself).
+  CUSTOS_ASSIGN_OR_RETURN(
+      std::unique_ptr<kms::HsmAuditSigner> signer,
+      kms::HsmAuditSigner::Create(hsm->get(), config.node_id));
+  CUSTOS_RETURN_IF_ERROR(WritePublicKey(config, signer->public_key_pem()));
   kms::FileAuditLog::Options audit_options;
   audit_options.dir = config.audit_dir;
   audit_options.node_id = config.node_id;
+  audit_options.signer = signer.get();
+  audit_options.checkpoint_every = config.audit_checkpoint_every;
+  audit_options.checkpoint_interval = config.audit_checkpoint_interval;
   CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<kms::FileAuditLog> audit,
                           kms::FileAuditLog::Open(audit_options));
   spdlog::info("audit: appending to {}", audit->segment_path());

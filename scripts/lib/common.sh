@@ -13,6 +13,7 @@ CUSTOS_PACKAGES=(
   libsqlite3-dev sqlite3 libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev libfmt-dev libcli11-dev libyaml-cpp-dev nlohmann-json3-dev
   clang-format
+  python3-grpcio python3-protobuf nodejs
 )
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -20,7 +21,11 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 custos_install_deps() {
   local missing=()
   local pkg
-  for pkg in "${CUSTOS_PACKAGES[@]}" "$@"; do
+  local extra=()
+  # npm comes with Debian's nodejs as a separate package; a NodeSource
+  # nodejs (which bundles npm and conflicts with Debian's) needs nothing.
+  command -v npm >/dev/null 2>&1 || extra+=(npm)
+  for pkg in "${CUSTOS_PACKAGES[@]}" "${extra[@]}" "$@"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null |
         grep -q "install ok installed"; then
       missing+=("$pkg")

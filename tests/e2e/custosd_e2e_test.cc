@@ -589,6 +589,24 @@ TEST_F(E2eTest, BadClientCertificatesAreRefused) {
   }
 }
 
+TEST_F(E2eTest, OversizedMessagesAreRefusedByTheTransport) {
+  pb::Key key = NewKey();
+  pb::EncryptRequest req;
+  req.set_key(key.key_id());
+  req.set_plaintext(std::string(100 * 1024, 'x'));  // limit: 64 KiB
+  pb::EncryptResponse resp;
+  grpc::ClientContext ctx;
+  EXPECT_EQ(Crypto("service-a")->Encrypt(&ctx, req, &resp).error_code(),
+            grpc::StatusCode::RESOURCE_EXHAUSTED);
+  // Under the transport limit but over Encrypt's 4,096 bytes: the service
+  // names the field.
+  req.set_plaintext(std::string(4097, 'x'));
+  grpc::ClientContext ctx2;
+  grpc::Status s = Crypto("service-a")->Encrypt(&ctx2, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("plaintext"));
+}
+
 TEST_F(E2eTest, DataKeysNeverAppearInLogsOrAuditFiles) {
   pb::Key key = NewKey();
   std::vector<std::string> secrets;
@@ -660,6 +678,9 @@ TEST_F(E2eTest, ZKillNineDuringABurstLosesNoReturnedBlob) {
     ASSERT_TRUE(s.ok()) << s.error_message();
     EXPECT_EQ(resp.plaintext(), plaintext);
   }
+  // And SIGTERM is a clean, drained shutdown (exit status 0).
+  channels_->clear();
+  EXPECT_TRUE(server_->Stop().ok());
 }
 
 }  // namespace

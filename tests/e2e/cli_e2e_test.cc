@@ -1,0 +1,770 @@
+// End to end for the `custos` command line: one real custosd per suite, and
+// the real build/bin/custos run as a subprocess with the dev-env identities
+// in CUSTOS_ADDR, CUSTOS_CA, CUSTOS_CERT and CUSTOS_KEY. Every command of
+// docs/cli.md has its happy path and its main error (exit code and message).
+#include <fcntl.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "tests/support/custosd_process.h"
+
+extern char** environ;
+
+namespace custos {
+namespace {
+
+namespace fs = std::filesystem;
+using ::custos::testing::CustosdProcess;
+using ::nlohmann::json;
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+void WriteAll(const std::string& path, const std::string& data) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << data;
+  ASSERT_TRUE(out.good()) << path;
+}
+
+struct CliResult {
+  int code = -1;
+  std::string out, err;
+};
+
+std::ostream& operator<<(std::ostream& os, const CliResult& r) {
+  return os << "exit " << r.code << "\n--- stdout:\n"
+            << r.out.substr(0, 2000) << "\n--- stderr:\n"
+            << r.err;
+}
+
+// How to run the CLI: as which dev-env identity, against which address,
+// with what on stdin.
+struct RunAs {
+  std::string identity = "admin";
+  std::string address;     // empty: the suite's server
+  std::string stdin_file;  // empty: /dev/null
+  bool no_connection_env = false;
+};
+
+class CliTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto server = CustosdProcess::Start({});
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = server->release();
+    work_ = (fs::path(server_->dir()).parent_path() / "cli").string();
+    fs::create_directories(work_);
+    // service-a may use every operation of the keys made with it.
+    WriteAll(
+        PolicyFile(),
+        json{{"bindings",
+              {{{"principals", {CustosdProcess::Principal("service-a")}},
+                {"operations",
+                 {"GENERATE_DATA_KEY", "GENERATE_DATA_KEY_WITHOUT_PLAINTEXT",
+                  "ENCRYPT", "DECRYPT", "RE_ENCRYPT_FROM", "RE_ENCRYPT_TO"}}}}}}
+            .dump());
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+
+  static std::string Path(const std::string& name) {
+    return work_ + "/" + name;
+  }
+  static std::string PolicyFile() { return Path("service-a-policy.json"); }
+
+  // Runs build/bin/custos ARGS and waits for it.
+  static CliResult Cli(const std::vector<std::string>& args,
+                       const RunAs& as = {}) {
+    static int calls = 0;
+    const std::string out_path = Path(absl::StrCat("run-", ++calls, ".out"));
+    const std::string err_path =
+        out_path.substr(0, out_path.size() - 4) + ".err";
+    // Everything the child needs is prepared before fork: the test process
+    // has gRPC threads, so the child may only dup2 and exec.
+    const std::string binary = testing::BinDir() + "/custos";
+    std::vector<std::string> argv_s = {binary};
+    argv_s.insert(argv_s.end(), args.begin(), args.end());
+    std::vector<std::string> env_s;
+    for (char** e = environ; *e != nullptr; ++e) {
+      if (!absl::StartsWith(*e, "CUSTOS_")) env_s.push_back(*e);
+    }
+    if (!as.no_connection_env) {
+      const std::string pki = server_->dir() + "/pki/";
+      env_s.push_back("CUSTOS_ADDR=" +
+                      (as.address.empty() ? server_->address() : as.address));
+      env_s.push_back("CUSTOS_CA=" + pki + "ca.pem");
+      env_s.push_back("CUSTOS_CERT=" + pki + as.identity + ".pem");
+      env_s.push_back("CUSTOS_KEY=" + pki + as.identity + ".key");
+    }
+    std::vector<char*> argv, envp;
+    for (std::string& s : argv_s) argv.push_back(s.data());
+    argv.push_back(nullptr);
+    for (std::string& s : env_s) envp.push_back(s.data());
+    envp.push_back(nullptr);
+    const std::string in_path =
+        as.stdin_file.empty() ? "/dev/null" : as.stdin_file;
+    int in = open(in_path.c_str(), O_RDONLY | O_CLOEXEC);
+    int out =
+        open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int err =
+        open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    CliResult r;
+    if (in < 0 || out < 0 || err < 0) {
+      r.err = "test harness: cannot open " + in_path;
+      return r;
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
+      dup2(in, STDIN_FILENO);
+      dup2(out, STDOUT_FILENO);
+      dup2(err, STDERR_FILENO);
+      execve(argv[0], argv.data(), envp.data());
+      _exit(127);
+    }
+    close(in);
+    close(out);
+    close(err);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    r.out = ReadAll(out_path);
+    r.err = ReadAll(err_path);
+    fs::remove(out_path);
+    fs::remove(err_path);
+    return r;
+  }
+
+  static json ParseJson(const CliResult& r) {
+    json j = json::parse(r.out, nullptr, /*allow_exceptions=*/false);
+    EXPECT_FALSE(j.is_discarded()) << "not JSON: " << r;
+    return j;
+  }
+
+  // A key whose policy lets service-a use every operation; its id.
+  static std::string NewKey(std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {"--json",   "key",        "create",
+                                     "--policy", PolicyFile(), "--description",
+                                     "cli e2e"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    CliResult r = Cli(args);
+    EXPECT_EQ(r.code, 0) << r;
+    json j = ParseJson(r);
+    return j.is_object() ? j.value("key_id", "") : "";
+  }
+
+  static std::string RandomBytes(size_t n) {
+    std::mt19937_64 rng(42);
+    std::string s(n, '\0');
+    for (char& c : s) c = static_cast<char>(rng());
+    return s;
+  }
+
+  static CustosdProcess* server_;
+  static std::string work_;
+};
+CustosdProcess* CliTest::server_ = nullptr;
+std::string CliTest::work_;
+
+// "custos: CODE: message" on stderr and the exit code.
+#define EXPECT_CLI_ERROR(result, exit_code, ...)                          \
+  do {                                                                    \
+    const CliResult& r_ = (result);                                       \
+    EXPECT_EQ(r_.code, exit_code) << r_;                                  \
+    EXPECT_THAT(r_.err, AllOf(HasSubstr("custos: "), __VA_ARGS__)) << r_; \
+  } while (0)
+
+TEST_F(CliTest, HelpOnEveryCommandExitsZeroWithAnExample) {
+  const std::vector<std::string> commands = {"",
+                                             "key",
+                                             "key create",
+                                             "key list",
+                                             "key show",
+                                             "key update",
+                                             "key rotate",
+                                             "key enable",
+                                             "key disable",
+                                             "key schedule-deletion",
+                                             "key cancel-deletion",
+                                             "alias",
+                                             "alias create",
+                                             "alias delete",
+                                             "alias list",
+                                             "policy",
+                                             "policy get",
+                                             "policy set",
+                                             "datakey",
+                                             "datakey generate",
+                                             "encrypt",
+                                             "decrypt",
+                                             "reencrypt",
+                                             "random",
+                                             "audit",
+                                             "audit verify"};
+  for (const std::string& command : commands) {
+    std::vector<std::string> args =
+        absl::StrSplit(command, ' ', absl::SkipEmpty());
+    args.push_back("--help");
+    CliResult r = Cli(args);
+    EXPECT_EQ(r.code, 0) << command << ": " << r;
+    EXPECT_THAT(r.out, HasSubstr("Example")) << command << ": " << r;
+    EXPECT_THAT(r.out, HasSubstr("Usage:")) << command;
+  }
+}
+
+TEST_F(CliTest, UsageErrorsExitTwo) {
+  CliResult r = Cli({"frobnicate"});
+  EXPECT_EQ(r.code, 2) << r;
+  EXPECT_THAT(r.err, HasSubstr("unknown command 'frobnicate'")) << r;
+  r = Cli({"key", "frobnicate"});
+  EXPECT_EQ(r.code, 2) << r;
+  EXPECT_THAT(r.err, HasSubstr("unknown command 'frobnicate'")) << r;
+  r = Cli({"key", "show"});
+  EXPECT_EQ(r.code, 2) << r;
+  EXPECT_THAT(r.err, HasSubstr("KEY is required")) << r;
+  r = Cli({"encrypt", "-i", "x"});
+  EXPECT_EQ(r.code, 2) << r;
+  EXPECT_THAT(r.err, HasSubstr("--key is required")) << r;
+  r = Cli({"key", "list", "--bogus"});
+  EXPECT_EQ(r.code, 2) << r;
+  EXPECT_THAT(r.err, HasSubstr("--bogus")) << r;
+  r = Cli({});
+  EXPECT_EQ(r.code, 2) << r;
+  EXPECT_THAT(r.err, HasSubstr("subcommand is required")) << r;
+  // None of these reached the server, so nothing printed on stdout.
+  EXPECT_EQ(r.out, "");
+}
+
+TEST_F(CliTest, NoConnectionSettingsExitFourNamingCustosAddr) {
+  RunAs as;
+  as.no_connection_env = true;
+  CliResult r = Cli({"key", "list"}, as);
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("CUSTOS_ADDR"), HasSubstr("--addr"));
+  // Flags are enough on their own.
+  const std::string pki = server_->dir() + "/pki/";
+  r = Cli({"--addr", server_->address(), "--ca", pki + "ca.pem", "--cert",
+           pki + "admin.pem", "--key", pki + "admin.key", "key", "list"},
+          as);
+  EXPECT_EQ(r.code, 0) << r;
+}
+
+TEST_F(CliTest, ServerNotRunningExitsOne) {
+  // A port nobody listens on.
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr = {};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  RunAs as;
+  as.address = absl::StrCat("localhost:", ntohs(addr.sin_port));
+  CliResult r = Cli({"--timeout", "2", "key", "list"}, as);
+  EXPECT_CLI_ERROR(r, 1, HasSubstr("UNAVAILABLE"));
+  r = Cli({"--timeout", "2", "random"}, as);
+  EXPECT_CLI_ERROR(r, 1, HasSubstr("UNAVAILABLE"));
+}
+
+TEST_F(CliTest, KeyCreate) {
+  CliResult r = Cli({"key", "create", "--alias", "alias/cli-create",
+                     "--description", "photo store", "--label", "team=photos",
+                     "--rotation-period", "90d", "--policy", PolicyFile()});
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, AllOf(HasSubstr("key_id"), HasSubstr("k-"),
+                           HasSubstr("alias/cli-create"), HasSubstr("ENABLED"),
+                           HasSubstr("photo store"), HasSubstr("team=photos"),
+                           HasSubstr("90d"), HasSubstr("VERSION")));
+  r = Cli({"--json", "key", "create", "--label", "team=x"});
+  ASSERT_EQ(r.code, 0) << r;
+  json j = ParseJson(r);
+  EXPECT_TRUE(absl::StartsWith(j.value("key_id", ""), "k-")) << r;
+  EXPECT_EQ(j.value("state", ""), "ENABLED");
+  EXPECT_EQ(j.value("primary_version", 0), 1);
+  EXPECT_EQ(j["labels"].value("team", ""), "x");
+
+  // The alias is taken.
+  r = Cli({"key", "create", "--alias", "alias/cli-create"});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("alias/cli-create"));
+  // A bad period is refused before the server is asked.
+  r = Cli({"key", "create", "--rotation-period", "soon"});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("--rotation-period 'soon'"));
+  // Only admins manage keys.
+  r = Cli({"key", "create"}, {.identity = "service-a"});
+  EXPECT_CLI_ERROR(r, 3, HasSubstr("PERMISSION_DENIED"));
+}
+
+TEST_F(CliTest, KeyList) {
+  const std::string id = NewKey({"--label", "cli-list=yes"});
+  CliResult r = Cli({"key", "list", "--label", "cli-list=yes"});
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, AllOf(HasSubstr("KEY_ID"), HasSubstr(id),
+                           HasSubstr("ENABLED"), HasSubstr("cli e2e")));
+  // --json after the command works too (global flags fall through).
+  r = Cli({"key", "list", "--all", "--state", "ENABLED", "--json"});
+  ASSERT_EQ(r.code, 0) << r;
+  json j = ParseJson(r);
+  ASSERT_TRUE(j.contains("keys")) << r;
+  bool found = false;
+  for (const json& k : j["keys"]) {
+    found |= k.value("key_id", "") == id;
+    EXPECT_EQ(k.value("state", ""), "ENABLED");
+  }
+  EXPECT_TRUE(found) << r;
+
+  r = Cli({"key", "list", "--state", "SLEEPY"});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("--state"), HasSubstr("ENABLED"));
+}
+
+TEST_F(CliTest, KeyShow) {
+  const std::string id = NewKey({"--alias", "alias/cli-show"});
+  CliResult r = Cli({"key", "show", "alias/cli-show"});
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, AllOf(HasSubstr(id), HasSubstr("alias/cli-show"),
+                           HasSubstr("ENCRYPTIONS")));
+  r = Cli({"--json", "key", "show", id});
+  ASSERT_EQ(r.code, 0) << r;
+  json j = ParseJson(r);
+  EXPECT_EQ(j.value("key_id", ""), id);
+  ASSERT_EQ(j["versions"].size(), 1u) << r;
+  EXPECT_EQ(j["versions"][0].value("version", 0), 1);
+
+  r = Cli({"key", "show", "alias/cli-nobody"});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("NOT_FOUND"));
+}
+
+TEST_F(CliTest, KeyUpdate) {
+  const std::string id = NewKey();
+  CliResult r = Cli({"--json", "key", "update", id, "--description", "renamed",
+                     "--label", "tier=gold", "--rotation-period", "30d"});
+  ASSERT_EQ(r.code, 0) << r;
+  json j = ParseJson(r);
+  EXPECT_EQ(j.value("description", ""), "renamed");
+  EXPECT_EQ(j["labels"].value("tier", ""), "gold");
+  EXPECT_EQ(j.value("rotation_period", ""), "2592000s");
+  r = Cli({"key", "update", id, "--description", "again"});
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("again"));
+
+  r = Cli({"key", "update", id, "--label", "no-equals-sign"});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("--label 'no-equals-sign'"),
+                   HasSubstr("NAME=VALUE"));
+  r = Cli({"key", "update", "alias/cli-nobody", "--description", "x"});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("NOT_FOUND"));
+}
+
+TEST_F(CliTest, KeyRotate) {
+  const std::string id = NewKey();
+  CliResult r = Cli({"--json", "key", "rotate", id});
+  ASSERT_EQ(r.code, 0) << r;
+  json j = ParseJson(r);
+  EXPECT_EQ(j.value("primary_version", 0), 2);
+  r = Cli({"key", "rotate", id});
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("primary_version"));
+
+  r = Cli({"key", "rotate", id}, {.identity = "service-a"});
+  EXPECT_CLI_ERROR(r, 3, HasSubstr("PERMISSION_DENIED"));
+}
+
+TEST_F(CliTest, KeyDisableAndEnable) {
+  const std::string id = NewKey();
+  CliResult r = Cli({"key", "disable", id});
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("DISABLED"));
+  // A disabled key refuses cryptography: rejected, not refused.
+  r = Cli({"datakey", "generate", id}, {.identity = "service-a"});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("FAILED_PRECONDITION"));
+  r = Cli({"--json", "key", "enable", id});
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_EQ(ParseJson(r).value("state", ""), "ENABLED");
+  r = Cli({"datakey", "generate", id}, {.identity = "service-a"});
+  EXPECT_EQ(r.code, 0) << r;
+
+  r = Cli({"key", "disable", "alias/cli-nobody"});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("NOT_FOUND"));
+  r = Cli({"key", "enable", "alias/cli-nobody"});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("NOT_FOUND"));
+}
+
+TEST_F(CliTest, KeyScheduleAndCancelDeletion) {
+  const std::string id = NewKey();
+  CliResult r = Cli({"key", "schedule-deletion", id, "--days", "3"});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("INVALID_ARGUMENT"));
+  // Cancelling what is not scheduled is a wrong state.
+  r = Cli({"key", "cancel-deletion", id});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("FAILED_PRECONDITION"));
+
+  r = Cli({"key", "schedule-deletion", id, "--days", "7"});
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out,
+              AllOf(HasSubstr("PENDING_DELETION"), HasSubstr("deletion_time")));
+  r = Cli({"--json", "key", "cancel-deletion", id});
+  ASSERT_EQ(r.code, 0) << r;
+  json j = ParseJson(r);
+  EXPECT_EQ(j.value("state", ""), "DISABLED");
+  EXPECT_FALSE(j.contains("deletion_time")) << r;
+}
+
+TEST_F(CliTest, Aliases) {
+  const std::string id = NewKey();
+  CliResult r = Cli({"alias", "create", "alias/cli-alias", id});
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("alias/cli-alias -> " + id));
+  r = Cli({"--json", "alias", "create", "alias/cli-alias-2", id});
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_EQ(ParseJson(r).value("name", ""), "alias/cli-alias-2");
+
+  r = Cli({"alias", "list", "--key", id});
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, AllOf(HasSubstr("ALIAS"), HasSubstr("alias/cli-alias "),
+                           HasSubstr("alias/cli-alias-2")));
+  r = Cli({"--json", "alias", "list", "--key", id});
+  ASSERT_EQ(r.code, 0) << r;
+  json j = ParseJson(r);
+  ASSERT_EQ(j["aliases"].size(), 2u) << r;
+  EXPECT_EQ(j["aliases"][0].value("key_id", ""), id);
+
+  r = Cli({"alias", "delete", "alias/cli-alias-2"});
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("deleted alias/cli-alias-2"));
+  r = Cli({"--json", "alias", "list", "--key", id});
+  EXPECT_EQ(ParseJson(r)["aliases"].size(), 1u) << r;
+
+  r = Cli({"alias", "create", "alias/cli-alias", id});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("ALREADY_EXISTS"));
+  r = Cli({"alias", "create", "no-prefix", id});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("INVALID_ARGUMENT"));
+  r = Cli({"alias", "delete", "alias/cli-alias-2"});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("NOT_FOUND"));
+  r = Cli({"alias", "list"}, {.identity = "service-b"});
+  EXPECT_CLI_ERROR(r, 3, HasSubstr("PERMISSION_DENIED"));
+}
+
+TEST_F(CliTest, PolicyGetAndSet) {
+  const std::string id = NewKey();
+  CliResult r = Cli({"policy", "get", id});
+  ASSERT_EQ(r.code, 0) << r;
+  json j = ParseJson(r);
+  ASSERT_EQ(j["bindings"].size(), 1u) << r;
+  EXPECT_EQ(j["bindings"][0]["principals"][0],
+            CustosdProcess::Principal("service-a"));
+  const int version = std::stoi(j.value("version", std::string("0")));
+
+  // What `policy get` prints is what `policy set` reads.
+  json changed = j;
+  changed.erase("version");
+  changed["bindings"][0]["principals"].push_back(
+      CustosdProcess::Principal("service-b"));
+  WriteAll(Path("policy-b.json"), changed.dump(2));
+  r = Cli({"policy", "set", id, Path("policy-b.json"), "--expected-version",
+           std::to_string(version)});
+  ASSERT_EQ(r.code, 0) << r;
+  j = ParseJson(r);
+  EXPECT_EQ(j["bindings"][0]["principals"].size(), 2u) << r;
+  EXPECT_GT(std::stoi(j.value("version", std::string("0"))), version);
+
+  // A stale version is refused.
+  r = Cli({"policy", "set", id, Path("policy-b.json"), "--expected-version",
+           std::to_string(version)});
+  EXPECT_CLI_ERROR(r, 4, Not(HasSubstr("UNKNOWN")));
+  // An unknown field is named, and nothing is sent.
+  WriteAll(
+      Path("policy-typo.json"),
+      R"({"bindings": [{"principals": ["*"], "operation": ["DECRYPT"]}]})");
+  r = Cli({"policy", "set", id, Path("policy-typo.json")});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("policy-typo.json"), HasSubstr("operation"),
+                   HasSubstr("docs/policies.md"));
+  r = Cli({"policy", "get", "alias/cli-nobody"});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("NOT_FOUND"));
+}
+
+TEST_F(CliTest, DataKeyGenerate) {
+  const std::string id = NewKey();
+  const RunAs service_a = {.identity = "service-a"};
+  CliResult r =
+      Cli({"datakey", "generate", id, "--context", "tenant=7"}, service_a);
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, AllOf(HasSubstr(id), HasSubstr("ciphertext_blob"),
+                           HasSubstr("plaintext"), HasSubstr("key_version")));
+  r = Cli({"--json", "datakey", "generate", id, "--bytes", "16"}, service_a);
+  ASSERT_EQ(r.code, 0) << r;
+  json j = ParseJson(r);
+  EXPECT_EQ(j.value("key_id", ""), id);
+  std::string plaintext, blob;
+  ASSERT_TRUE(absl::Base64Unescape(j.value("plaintext", ""), &plaintext));
+  EXPECT_EQ(plaintext.size(), 16u);
+  ASSERT_TRUE(absl::Base64Unescape(j.value("ciphertext_blob", ""), &blob));
+  EXPECT_GT(blob.size(), 16u);
+
+  r = Cli({"datakey", "generate", id, "--no-plaintext"}, service_a);
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, AllOf(HasSubstr("ciphertext_blob"),
+                           Not(HasSubstr("\nplaintext"))));
+  r = Cli({"--json", "datakey", "generate", id, "--no-plaintext"}, service_a);
+  ASSERT_EQ(r.code, 0) << r;
+  j = ParseJson(r);
+  EXPECT_FALSE(j.contains("plaintext")) << r;
+  EXPECT_FALSE(j.value("ciphertext_blob", "").empty()) << r;
+
+  // service-b is not in the policy.
+  r = Cli({"datakey", "generate", id}, {.identity = "service-b"});
+  EXPECT_CLI_ERROR(r, 3, HasSubstr("PERMISSION_DENIED"));
+  r = Cli({"datakey", "generate", id, "--context", "tenant"}, service_a);
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("--context 'tenant'"));
+}
+
+class CliEnvelopeTest : public CliTest {
+ protected:
+  void SetUp() override {
+    key_ = NewKey();
+    plain_ = Path("plain.bin");
+    WriteAll(plain_, RandomBytes(1 << 20));
+  }
+  std::string key_, plain_;
+  const RunAs service_a_ = {.identity = "service-a"};
+};
+
+TEST_F(CliEnvelopeTest, RoundTripOfOneMebibyteThroughFiles) {
+  CliResult r =
+      Cli({"encrypt", "--key", key_, "--context", "tenant=7", "--context",
+           "app=photos", "-i", plain_, "-o", Path("a.custos")},
+          service_a_);
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_EQ(r.out, "");
+  const std::string sealed = ReadAll(Path("a.custos"));
+  ASSERT_GT(sealed.size(), size_t{1 << 20});
+  EXPECT_EQ(sealed.substr(0, 7), "CUSTOSE");
+  EXPECT_FALSE(fs::exists(Path("a.custos.custos-tmp")));
+
+  r = Cli({"decrypt", "-i", Path("a.custos"), "-o", Path("a.out")}, service_a_);
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_TRUE(ReadAll(Path("a.out")) == ReadAll(plain_));
+  // With --context, exactly the bound context.
+  r = Cli({"decrypt", "--context", "app=photos", "--context", "tenant=7", "-i",
+           Path("a.custos"), "-o", Path("a2.out")},
+          service_a_);
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_TRUE(ReadAll(Path("a2.out")) == ReadAll(plain_));
+}
+
+TEST_F(CliEnvelopeTest, RoundTripThroughStdinAndStdout) {
+  CliResult r = Cli({"encrypt", "--key", key_},
+                    {.identity = "service-a", .stdin_file = plain_});
+  ASSERT_EQ(r.code, 0) << r;
+  WriteAll(Path("b.custos"), r.out);
+  r = Cli({"decrypt"},
+          {.identity = "service-a", .stdin_file = Path("b.custos")});
+  ASSERT_EQ(r.code, 0) << r.code << r.err;
+  EXPECT_TRUE(r.out == ReadAll(plain_));
+}
+
+TEST_F(CliEnvelopeTest, WrongContextIsRejected) {
+  ASSERT_EQ(Cli({"encrypt", "--key", key_, "--context", "tenant=7", "-i",
+                 plain_, "-o", Path("c.custos")},
+                service_a_)
+                .code,
+            0);
+  CliResult r = Cli({"decrypt", "--context", "tenant=8", "-i", Path("c.custos"),
+                     "-o", Path("c.out")},
+                    service_a_);
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("context does not match"));
+  EXPECT_FALSE(fs::exists(Path("c.out")));
+  EXPECT_FALSE(fs::exists(Path("c.out.custos-tmp")));
+}
+
+TEST_F(CliEnvelopeTest, ServiceOutsideThePolicyIsRefused) {
+  ASSERT_EQ(
+      Cli({"encrypt", "--key", key_, "-i", plain_, "-o", Path("d.custos")},
+          service_a_)
+          .code,
+      0);
+  CliResult r = Cli({"decrypt", "-i", Path("d.custos"), "-o", Path("d.out")},
+                    {.identity = "service-b"});
+  EXPECT_CLI_ERROR(r, 3, HasSubstr("PERMISSION_DENIED"));
+  EXPECT_FALSE(fs::exists(Path("d.out")));
+  r = Cli({"encrypt", "--key", key_, "-i", plain_, "-o", Path("d2.custos")},
+          {.identity = "service-b"});
+  EXPECT_CLI_ERROR(r, 3, HasSubstr("PERMISSION_DENIED"));
+  EXPECT_FALSE(fs::exists(Path("d2.custos")));
+}
+
+TEST_F(CliEnvelopeTest, TamperedFileIsRejectedAndLeavesNoOutput) {
+  ASSERT_EQ(
+      Cli({"encrypt", "--key", key_, "-i", plain_, "-o", Path("e.custos")},
+          service_a_)
+          .code,
+      0);
+  std::string sealed = ReadAll(Path("e.custos"));
+  // A bit in the middle of the file: a late chunk fails after earlier ones
+  // already verified, so partial plaintext existed in the temporary file.
+  sealed[sealed.size() * 3 / 4] ^= 0x01;
+  WriteAll(Path("e-tampered.custos"), sealed);
+  CliResult r =
+      Cli({"decrypt", "-i", Path("e-tampered.custos"), "-o", Path("e.out")},
+          service_a_);
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("invalid envelope"),
+                   HasSubstr("failed authentication"));
+  EXPECT_FALSE(fs::exists(Path("e.out")));
+  EXPECT_FALSE(fs::exists(Path("e.out.custos-tmp")));
+
+  r = Cli({"decrypt", "-i", Path("missing.custos"), "-o", Path("e.out")},
+          service_a_);
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("missing.custos"));
+}
+
+TEST_F(CliTest, ReEncrypt) {
+  const std::string source = NewKey();
+  const std::string destination = NewKey({"--alias", "alias/cli-archive"});
+  const RunAs service_a = {.identity = "service-a"};
+  CliResult r = Cli({"--json", "datakey", "generate", source, "--context",
+                     "tenant=7", "--no-plaintext"},
+                    service_a);
+  ASSERT_EQ(r.code, 0) << r;
+  const std::string blob = ParseJson(r).value("ciphertext_blob", "");
+  WriteAll(Path("blob.b64"), blob + "\n");
+
+  // To another key and context, from a file.
+  r = Cli({"--json", "reencrypt", "--source-context", "tenant=7",
+           "--destination-key", "alias/cli-archive", "--destination-context",
+           "tenant=8", "-i", Path("blob.b64"), "-o", Path("moved.b64")},
+          service_a);
+  ASSERT_EQ(r.code, 0) << r;
+  json j = ParseJson(r);
+  EXPECT_EQ(j.value("source_key_id", ""), source);
+  EXPECT_EQ(j.value("key_id", ""), destination);
+  EXPECT_EQ(j.value("key_version", 0), 1);
+  const std::string moved = j.value("ciphertext_blob", "");
+  EXPECT_FALSE(moved.empty());
+  EXPECT_NE(moved, blob);
+  EXPECT_EQ(ReadAll(Path("moved.b64")), moved + "\n");
+  // The new blob is bound to the new context: moving it on needs tenant=8.
+  r = Cli(
+      {"reencrypt", "--source-context", "tenant=7", "-i", Path("moved.b64")},
+      service_a);
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("INVALID_ARGUMENT"));
+
+  // Default destination: the blob's own key, at its new primary version;
+  // from stdin, as a table.
+  ASSERT_EQ(Cli({"key", "rotate", destination}).code, 0);
+  r = Cli({"reencrypt", "--source-context", "tenant=8", "--destination-context",
+           "tenant=8"},
+          {.identity = "service-a", .stdin_file = Path("moved.b64")});
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, AllOf(HasSubstr("key_id"), HasSubstr(destination),
+                           HasSubstr("ciphertext_blob")));
+  bool version_two = false;
+  for (absl::string_view line : absl::StrSplit(r.out, '\n')) {
+    if (absl::StartsWith(line, "key_version")) {
+      version_two = absl::StripTrailingAsciiWhitespace(line).back() == '2';
+    }
+  }
+  EXPECT_TRUE(version_two) << r;
+
+  // Wrong source context: the blob does not open.
+  r = Cli({"reencrypt", "--source-context", "tenant=9", "-i", Path("blob.b64"),
+           "-o", Path("never.b64")},
+          service_a);
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("INVALID_ARGUMENT"));
+  EXPECT_FALSE(fs::exists(Path("never.b64")));
+  // Not a blob at all.
+  WriteAll(Path("junk.b64"), "this is not base64!");
+  r = Cli({"reencrypt", "-i", Path("junk.b64")}, service_a);
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("not a base64 ciphertext blob"));
+  // service-b may not use the source key.
+  r = Cli({"reencrypt", "--source-context", "tenant=7", "-i", Path("blob.b64")},
+          {.identity = "service-b"});
+  EXPECT_CLI_ERROR(r, 3, HasSubstr("PERMISSION_DENIED"));
+}
+
+TEST_F(CliTest, Random) {
+  CliResult r = Cli({"random"}, {.identity = "service-b"});
+  ASSERT_EQ(r.code, 0) << r;
+  std::string bytes;
+  ASSERT_TRUE(
+      absl::Base64Unescape(absl::StripTrailingAsciiWhitespace(r.out), &bytes))
+      << r;
+  EXPECT_EQ(bytes.size(), 32u);
+  r = Cli({"--json", "random", "--bytes", "100"});
+  ASSERT_EQ(r.code, 0) << r;
+  ASSERT_TRUE(absl::Base64Unescape(ParseJson(r).value("random", ""), &bytes));
+  EXPECT_EQ(bytes.size(), 100u);
+
+  r = Cli({"random", "--bytes", "5000"});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("1 to 1024"));
+}
+
+TEST_F(CliTest, AuditVerify) {
+  // Enough records to edit one in the middle, even when run alone.
+  for (int i = 0; i < 4; ++i) ASSERT_FALSE(NewKey().empty());
+  const std::string copy = Path("audit-copy");
+  fs::remove_all(copy);
+  fs::copy(server_->audit_dir(), copy, fs::copy_options::recursive);
+  CliResult r = Cli({"audit", "verify", copy}, {.no_connection_env = true});
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, AllOf(HasSubstr("NODE"), HasSubstr("OK: "),
+                           HasSubstr("every hash chain is intact")));
+  r = Cli({"--json", "audit", "verify", copy}, {.no_connection_env = true});
+  ASSERT_EQ(r.code, 0) << r;
+  json j = ParseJson(r);
+  EXPECT_EQ(j.value("ok", false), true);
+  EXPECT_GE(j.value("records", 0), 4);
+
+  // Edit the third line of the first segment.
+  std::vector<std::string> segments;
+  for (const auto& e : fs::directory_iterator(copy)) {
+    if (absl::EndsWith(e.path().string(), ".jsonl")) {
+      segments.push_back(e.path().string());
+    }
+  }
+  ASSERT_FALSE(segments.empty());
+  std::sort(segments.begin(), segments.end());
+  const std::string segment = segments.front();
+  std::vector<std::string> lines = absl::StrSplit(ReadAll(segment), '\n');
+  ASSERT_GE(lines.size(), 4u) << segment;
+  const size_t at = lines[2].find("\"operation\"");
+  ASSERT_NE(at, std::string::npos) << lines[2];
+  lines[2].insert(at, "\"edited\":true,");
+  WriteAll(segment, absl::StrJoin(lines, "\n"));
+
+  r = Cli({"audit", "verify", copy}, {.no_connection_env = true});
+  EXPECT_EQ(r.code, 4) << r;
+  const std::string name = fs::path(segment).filename().string();
+  EXPECT_THAT(r.out + r.err, AllOf(HasSubstr("BROKEN"), HasSubstr(name))) << r;
+  // The first record whose `prev` no longer matches is on line 4.
+  EXPECT_THAT(r.out + r.err, HasSubstr(name + ":4:")) << r;
+
+  r = Cli({"audit", "verify", Path("no-such-dir")},
+          {.no_connection_env = true});
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("no-such-dir"));
+}
+
+}  // namespace
+}  // namespace custos
