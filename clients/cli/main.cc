@@ -14,6 +14,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "CLI/CLI.hpp"
@@ -49,6 +50,10 @@ struct Args {
   uint32_t days = 0, bytes = 0, page_size = 0;
   uint64_t expected_version = 0;
   bool no_plaintext = false, all = false, force = false;
+  // audit list / tail filters
+  std::string principal, operation, outcome, since, until;
+  uint64_t from_seq = 0;
+  uint32_t limit = 0;
 };
 
 absl::StatusOr<std::unique_ptr<Client>> Connect(const Globals& g) {
@@ -539,7 +544,130 @@ int RunRandom(const Globals& g, const Args& a) {
   return kExitOk;
 }
 
+absl::StatusOr<pb::AuditFilter> AuditFilterFrom(const Args& a) {
+  pb::AuditFilter f;
+  f.set_principal(a.principal);
+  f.set_key_id(a.key);
+  f.set_operation(a.operation);
+  f.set_outcome(a.outcome);
+  for (const auto& [text, field, out] :
+       {std::tuple{a.since, "--since", f.mutable_start_time()},
+        std::tuple{a.until, "--until", f.mutable_end_time()}}) {
+    if (text.empty()) continue;
+    absl::Time t;
+    std::string err;
+    if (!absl::ParseTime(absl::RFC3339_full, text, &t, &err)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, " '", text, "': use RFC 3339, e.g. 2026-11-27T20:00:00Z"));
+    }
+    out->set_seconds(absl::ToUnixSeconds(t));
+  }
+  if (a.since.empty()) f.clear_start_time();
+  if (a.until.empty()) f.clear_end_time();
+  return f;
+}
+
+std::vector<std::string> EventRow(const pb::AuditEvent& e) {
+  return {absl::StrCat(e.seq()), FormatSeconds(e.time().seconds()),
+          e.principal(), e.operation(),
+          e.key_id().empty() ? "-"
+                             : absl::StrCat(e.key_id(), e.key_version()
+                                                            ? absl::StrCat(
+                                                                  "/v",
+                                                                  e.key_version())
+                                                            : ""),
+          e.outcome(), e.code()};
+}
+
+const std::vector<std::string> kEventHeader = {
+    "SEQ", "TIME", "PRINCIPAL", "OPERATION", "KEY", "OUTCOME", "CODE"};
+
+int RunAuditList(const Globals& g, const Args& a) {
+  absl::StatusOr<std::unique_ptr<Client>> c = Connect(g);
+  if (!c.ok()) return Fail(c.status());
+  auto filter = AuditFilterFrom(a);
+  if (!filter.ok()) return Fail(filter.status());
+  pb::ListAuditEventsRequest req;
+  *req.mutable_filter() = *filter;
+  req.set_page_size(a.page_size);
+  pb::ListAuditEventsResponse all;
+  do {
+    auto page = (*c)->ListAuditEvents(req);
+    if (!page.ok()) return Fail(page.status());
+    all.mutable_events()->MergeFrom(page->events());
+    req.set_page_token(page->next_page_token());
+    all.set_next_page_token(page->next_page_token());
+  } while (a.all && !req.page_token().empty());
+  if (g.json) {
+    for (pb::AuditEvent& e : *all.mutable_events()) e.clear_raw();
+    PrintJson(all);
+    return kExitOk;
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (const pb::AuditEvent& e : all.events()) rows.push_back(EventRow(e));
+  PrintTable(kEventHeader, rows);
+  if (!all.next_page_token().empty()) std::cerr << "(more events: use --all)\n";
+  return kExitOk;
+}
+
+int RunAuditTail(const Globals& g, const Args& a) {
+  absl::StatusOr<std::unique_ptr<Client>> c = Connect(g);
+  if (!c.ok()) return Fail(c.status());
+  auto filter = AuditFilterFrom(a);
+  if (!filter.ok()) return Fail(filter.status());
+  pb::StreamAuditEventsRequest req;
+  *req.mutable_filter() = *filter;
+  req.set_from_seq(a.from_seq);
+  uint32_t seen = 0;
+  if (!g.json) PrintTable(kEventHeader, {});
+  absl::Status s = (*c)->StreamAuditEvents(req, [&](const pb::AuditEvent& e) {
+    if (g.json) {
+      std::cout << e.raw() << std::endl;
+    } else {
+      PrintTable({}, {EventRow(e)});
+      std::cout.flush();
+    }
+    return a.limit == 0 || ++seen < a.limit;
+  });
+  if (!s.ok()) return Fail(s);
+  return kExitOk;
+}
+
+int RunAuditPublicKey(const Globals& g, const Args& a) {
+  absl::StatusOr<std::unique_ptr<Client>> c = Connect(g);
+  if (!c.ok()) return Fail(c.status());
+  auto key = (*c)->GetAuditPublicKey(pb::GetAuditPublicKeyRequest());
+  if (!key.ok()) return Fail(key.status());
+  if (g.json) {
+    PrintJson(*key);
+  } else {
+    std::cout << key->public_key_pem();
+    std::cerr << "node " << key->node() << ", key " << key->fingerprint()
+              << "\n";
+  }
+  return kExitOk;
+}
+
+int RunAuditVerifyServer(const Globals& g) {
+  absl::StatusOr<std::unique_ptr<Client>> c = Connect(g);
+  if (!c.ok()) return Fail(c.status());
+  auto report = (*c)->VerifyAuditLog(pb::VerifyAuditLogRequest());
+  if (!report.ok()) return Fail(report.status());
+  if (g.json) {
+    PrintJson(*report);
+  } else if (report->ok()) {
+    std::cout << "OK (verified by the server): " << report->records()
+              << " records, " << report->checkpoints()
+              << " checkpoints, unsigned tail " << report->unsigned_tail()
+              << "\n";
+  } else {
+    std::cout << "BROKEN: " << report->first_break() << "\n";
+  }
+  return report->ok() ? kExitOk : kExitRejected;
+}
+
 int RunAuditVerify(const Globals& g, const Args& a) {
+  if (a.dir.empty()) return RunAuditVerifyServer(g);
   auto progress = [](uint64_t n) {
     if (isatty(STDERR_FILENO))
       std::fprintf(stderr, "\r%llu records", (unsigned long long)n);
@@ -776,7 +904,32 @@ int Main(int argc, char** argv) {
                          "break, naming file, line and seq)",
                          "custos audit verify --public-key "
                          "audit-public-key.pem ./audit");
-  verify->add_option("DIR", a.dir, "directory of audit-*.jsonl")->required();
+  verify->add_option("DIR", a.dir,
+                     "directory of audit-*.jsonl (omit to ask the server "
+                     "to verify its own log)");
+  auto add_filters = [&](CLI::App* cmd) {
+    cmd->add_option("--principal", a.principal, "only this caller");
+    cmd->add_option("--key", a.key, "only this key id");
+    cmd->add_option("--operation", a.operation, "only this RPC, e.g. Decrypt");
+    cmd->add_option("--outcome", a.outcome, "ALLOWED, DENIED or FAILED");
+    cmd->add_option("--since", a.since, "RFC 3339 time, inclusive");
+    cmd->add_option("--until", a.until, "RFC 3339 time, exclusive");
+  };
+  CLI::App* alist = add(audit, "list", "list audit events (auditors only)",
+                        "custos audit list --outcome DENIED --all");
+  add_filters(alist);
+  alist->add_option("--page-size", a.page_size, "events per page");
+  alist->add_flag("--all", a.all, "fetch every page");
+  CLI::App* atail = add(audit, "tail",
+                        "follow the audit log like tail -f (Ctrl-C stops)",
+                        "custos audit tail --operation Decrypt");
+  add_filters(atail);
+  atail->add_option("--from-seq", a.from_seq,
+                    "start at this sequence number (default: new events)");
+  atail->add_option("--limit", a.limit, "stop after this many events");
+  add(audit, "public-key",
+      "print the server's checkpoint public key (PEM)",
+      "custos audit public-key > audit-public-key.pem");
   verify->add_option("--public-key", a.public_key, "checkpoint key (PEM)");
 
   try {
@@ -807,6 +960,9 @@ int Main(int argc, char** argv) {
   if (group == "alias") return RunAliasCommand(verb, g, a);
   if (group == "policy") return RunPolicyCommand(verb, g, a);
   if (group == "datakey") return RunDataKey(g, a);
+  if (group == "audit" && verb == "list") return RunAuditList(g, a);
+  if (group == "audit" && verb == "tail") return RunAuditTail(g, a);
+  if (group == "audit" && verb == "public-key") return RunAuditPublicKey(g, a);
   if (group == "audit") return RunAuditVerify(g, a);
   std::cerr << app.help();
   return kExitUsage;

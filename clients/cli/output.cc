@@ -37,7 +37,9 @@ int Fail(const absl::Status& status) {
 
 void PrintTable(const std::vector<std::string>& header,
                 const std::vector<std::vector<std::string>>& rows) {
-  std::vector<size_t> width(header.size(), 0);
+  size_t columns = header.size();
+  for (const auto& row : rows) columns = std::max(columns, row.size());
+  std::vector<size_t> width(columns, 0);
   for (size_t i = 0; i < header.size(); ++i) width[i] = header[i].size();
   for (const auto& row : rows) {
     for (size_t i = 0; i < row.size() && i < width.size(); ++i) {
@@ -52,7 +54,7 @@ void PrintTable(const std::vector<std::string>& header,
     }
     std::cout << line << "\n";
   };
-  print_row(header);
+  if (!header.empty()) print_row(header);
   for (const auto& row : rows) print_row(row);
 }
 

@@ -62,7 +62,8 @@ Client::Client(ClientOptions options, std::shared_ptr<grpc::Channel> channel)
     : options_(std::move(options)),
       channel_(std::move(channel)),
       kms_(pb::KeyManagementService::NewStub(channel_)),
-      crypto_(pb::CryptoService::NewStub(channel_)) {}
+      crypto_(pb::CryptoService::NewStub(channel_)),
+      audit_(pb::AuditService::NewStub(channel_)) {}
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
     const ClientOptions& options) {
@@ -152,7 +153,31 @@ CUSTOS_CLIENT_CALL(crypto_, ReEncrypt, pb::ReEncryptRequest,
                    pb::ReEncryptResponse, true)
 CUSTOS_CLIENT_CALL(crypto_, GenerateRandom, pb::GenerateRandomRequest,
                    pb::GenerateRandomResponse, true)
+CUSTOS_CLIENT_CALL(audit_, ListAuditEvents, pb::ListAuditEventsRequest,
+                   pb::ListAuditEventsResponse, true)
+CUSTOS_CLIENT_CALL(audit_, GetAuditPublicKey, pb::GetAuditPublicKeyRequest,
+                   pb::AuditPublicKey, true)
+CUSTOS_CLIENT_CALL(audit_, VerifyAuditLog, pb::VerifyAuditLogRequest,
+                   pb::VerifyAuditLogResponse, true)
 #undef CUSTOS_CLIENT_CALL
+
+absl::Status Client::StreamAuditEvents(
+    const pb::StreamAuditEventsRequest& request,
+    const std::function<bool(const pb::AuditEvent&)>& on_event) {
+  grpc::ClientContext context;
+  std::unique_ptr<grpc::ClientReader<pb::AuditEvent>> reader =
+      audit_->StreamAuditEvents(&context, request);
+  pb::AuditEvent event;
+  while (reader->Read(&event)) {
+    if (!on_event(event)) {
+      context.TryCancel();
+      break;
+    }
+  }
+  grpc::Status s = reader->Finish();
+  if (s.error_code() == grpc::StatusCode::CANCELLED) return absl::OkStatus();
+  return FromGrpc(s);
+}
 
 absl::Status Client::DeleteAlias(const pb::DeleteAliasRequest& request) {
   google::protobuf::Empty response;

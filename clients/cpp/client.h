@@ -9,6 +9,7 @@
 #ifndef CUSTOS_CLIENTS_CPP_CLIENT_H_
 #define CUSTOS_CLIENTS_CPP_CLIENT_H_
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -16,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "clients/cpp/data_key_source.h"
+#include "custos/v1/audit.grpc.pb.h"
 #include "custos/v1/kms.grpc.pb.h"
 
 namespace custos::client {
@@ -77,6 +79,19 @@ class Client : public DataKeySource {
   absl::StatusOr<pb::GenerateRandomResponse> GenerateRandom(
       const pb::GenerateRandomRequest& request);
 
+  // AuditService (auditors).
+  absl::StatusOr<pb::ListAuditEventsResponse> ListAuditEvents(
+      const pb::ListAuditEventsRequest& request);
+  absl::StatusOr<pb::AuditPublicKey> GetAuditPublicKey(
+      const pb::GetAuditPublicKeyRequest& request);
+  absl::StatusOr<pb::VerifyAuditLogResponse> VerifyAuditLog(
+      const pb::VerifyAuditLogRequest& request);
+  // Follows the log, calling `on_event` for each event until it returns
+  // false or the stream ends. No deadline: it runs until stopped.
+  absl::Status StreamAuditEvents(
+      const pb::StreamAuditEventsRequest& request,
+      const std::function<bool(const pb::AuditEvent&)>& on_event);
+
   // DataKeySource, for Envelope encryption: AES-256 data keys.
   absl::StatusOr<DataKey> GenerateDataKey(
       const std::string& key,
@@ -96,6 +111,7 @@ class Client : public DataKeySource {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<pb::KeyManagementService::Stub> kms_;
   std::unique_ptr<pb::CryptoService::Stub> crypto_;
+  std::unique_ptr<pb::AuditService::Stub> audit_;
 };
 
 // Overwrites the plaintext fields of a response before it is freed.

@@ -37,6 +37,9 @@
 #include "kms/key_registry.h"
 #include "kms/key_service.h"
 #include "kms/server/config.h"
+#include "kms/audit/audit_reader.h"
+#include "kms/audit_api.h"
+#include "kms/server/audit_handler.h"
 #include "kms/server/handlers.h"
 #include "kms/server/rpc_support.h"
 #include "kms/store/store.h"
@@ -158,10 +161,15 @@ absl::Status Run(const std::string& config_path) {
                           service.Reconcile());
   (void)reconciled;
 
+  kms::AuditReader audit_reader(config.audit_dir, config.node_id);
+  kms::AuditApi audit_api(&audit_reader, audit.get(), &authorizer,
+                          signer.get());
+
   CallerResolver tls_callers("");
   CallerResolver dev_callers(config.development.insecure_principal);
   KeyManagementHandler kms_handler(&service, &tls_callers);
   CryptoHandler crypto_handler(&service, &tls_callers);
+  AuditHandler audit_handler(&audit_api, &tls_callers);
   KeyManagementHandler dev_kms_handler(&service, &dev_callers);
   CryptoHandler dev_crypto_handler(&service, &dev_callers);
 
@@ -178,6 +186,7 @@ absl::Status Run(const std::string& config_path) {
                            &bound_port);
   builder.RegisterService(&kms_handler);
   builder.RegisterService(&crypto_handler);
+  builder.RegisterService(&audit_handler);
   builder.SetMaxReceiveMessageSize(config.limits.max_message_bytes);
   builder.SetMaxSendMessageSize(config.limits.max_message_bytes);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
@@ -231,6 +240,7 @@ absl::Status Run(const std::string& config_path) {
   sigwait(&signals, &signal_number);
   spdlog::info("signal {}: draining calls and shutting down", signal_number);
   stop.Notify();
+  audit_handler.Stop();  // ends open StreamAuditEvents calls
   const auto deadline = std::chrono::system_clock::now() +
                         std::chrono::seconds(10);
   server->Shutdown(deadline);

@@ -41,7 +41,7 @@ grpc::Status ToGrpc(const absl::Status& status) {
 }
 
 absl::StatusOr<kms::Caller> CallerResolver::Resolve(
-    grpc::CallbackServerContext* context) {
+    grpc::ServerContextBase* context) {
   kms::Caller caller;
   caller.peer = context->peer();
   auto metadata = context->client_metadata();

@@ -35,7 +35,7 @@ class CallerResolver {
   // empty to refuse them).
   explicit CallerResolver(std::string insecure_principal)
       : insecure_principal_(std::move(insecure_principal)) {}
-  absl::StatusOr<kms::Caller> Resolve(grpc::CallbackServerContext* context);
+  absl::StatusOr<kms::Caller> Resolve(grpc::ServerContextBase* context);
 
  private:
   const std::string insecure_principal_;

@@ -14,6 +14,7 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "custos/v1/audit.grpc.pb.h"
 #include "custos/v1/kms.grpc.pb.h"
 #include "tests/support/custosd_process.h"
 #include "tests/support/test_certs.h"
@@ -605,6 +606,70 @@ TEST_F(E2eTest, OversizedMessagesAreRefusedByTheTransport) {
   grpc::Status s = Crypto("service-a")->Encrypt(&ctx2, req, &resp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("plaintext"));
+}
+
+TEST_F(E2eTest, AuditServiceServesAuditorsOnly) {
+  pb::Key key = NewKey();
+  grpc::Status s;
+  DataKey(key.key_id(), {{"case", "audit-api"}}, &s);
+  ASSERT_TRUE(s.ok());
+  // Only the auditor may read the log; the refusals are audited too.
+  for (const char* who : {"admin", "service-a", "service-b"}) {
+    pb::ListAuditEventsRequest req;
+    pb::ListAuditEventsResponse resp;
+    grpc::ClientContext ctx;
+    EXPECT_EQ(pb::AuditService::NewStub(ChannelOf(who))
+                  ->ListAuditEvents(&ctx, req, &resp)
+                  .error_code(),
+              grpc::StatusCode::PERMISSION_DENIED)
+        << who;
+  }
+  auto audit = pb::AuditService::NewStub(ChannelOf("auditor"));
+  pb::ListAuditEventsRequest req;
+  req.mutable_filter()->set_key_id(key.key_id());
+  req.mutable_filter()->set_operation("GenerateDataKey");
+  pb::ListAuditEventsResponse resp;
+  grpc::ClientContext ctx;
+  ASSERT_TRUE(audit->ListAuditEvents(&ctx, req, &resp).ok());
+  ASSERT_EQ(resp.events_size(), 1);
+  EXPECT_EQ(resp.events(0).principal(),
+            CustosdProcess::Principal("service-a"));
+  EXPECT_EQ(resp.events(0).encryption_context().at("case"), "audit-api");
+  EXPECT_EQ(resp.events(0).outcome(), "ALLOWED");
+  pb::ListAuditEventsRequest denied;
+  denied.mutable_filter()->set_outcome("DENIED");
+  denied.mutable_filter()->set_principal(CustosdProcess::Principal("admin"));
+  pb::ListAuditEventsResponse refusals;
+  grpc::ClientContext ctx2;
+  ASSERT_TRUE(audit->ListAuditEvents(&ctx2, denied, &refusals).ok());
+  EXPECT_GE(refusals.events_size(), 1);
+  // The public key, and the server's own verification.
+  pb::AuditPublicKey key_pem;
+  grpc::ClientContext ctx3;
+  ASSERT_TRUE(audit->GetAuditPublicKey(&ctx3, pb::GetAuditPublicKeyRequest(),
+                                       &key_pem)
+                  .ok());
+  EXPECT_THAT(key_pem.public_key_pem(), HasSubstr("BEGIN PUBLIC KEY"));
+  pb::VerifyAuditLogResponse verified;
+  grpc::ClientContext ctx4;
+  ASSERT_TRUE(audit->VerifyAuditLog(&ctx4, pb::VerifyAuditLogRequest(),
+                                    &verified)
+                  .ok());
+  EXPECT_TRUE(verified.ok()) << verified.first_break();
+  EXPECT_GT(verified.records(), 0u);
+  // Follow from the start: the first events arrive, then we cancel.
+  pb::StreamAuditEventsRequest stream_req;
+  stream_req.set_from_seq(1);
+  grpc::ClientContext ctx5;
+  auto reader = audit->StreamAuditEvents(&ctx5, stream_req);
+  pb::AuditEvent event;
+  uint64_t expected_seq = 1;
+  for (int i = 0; i < 5 && reader->Read(&event); ++i) {
+    EXPECT_EQ(event.seq(), expected_seq++);
+  }
+  EXPECT_EQ(expected_seq, 6u);
+  ctx5.TryCancel();
+  reader->Finish();
 }
 
 TEST_F(E2eTest, DataKeysNeverAppearInLogsOrAuditFiles) {
