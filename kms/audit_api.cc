@@ -89,7 +89,8 @@ absl::StatusOr<std::string> AuditApi::PublicKeyPem(const Caller& caller) {
 
 absl::StatusOr<AuditVerifyReport> AuditApi::Verify(const Caller& caller) {
   CUSTOS_RETURN_IF_ERROR(Admit(caller, Rpc::kVerifyAuditLog, ""));
-  return VerifyAuditDirectory(reader_->dir(), {signer_->public_key_pem()});
+  return VerifyAuditDirectory(reader_->dir(), {signer_->public_key_pem()},
+                              nullptr, /*live=*/true);
 }
 
 }  // namespace custos::kms

@@ -14,10 +14,10 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/logging.h"
 #include "common/p256.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
-#include "common/logging.h"
 
 namespace custos::kms {
 namespace {
@@ -127,21 +127,23 @@ absl::StatusOr<std::unique_ptr<FileAuditLog>> FileAuditLog::Open(
     prev = AuditLineHash(last);
     break;
   }
-  log->segment_path_ = absl::StrFormat("%s/%s%020d.jsonl", options.dir,
-                                       prefix, next_seq);
-  log->fd_ = open(log->segment_path_.c_str(),
-                  O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  log->path_ = log->SegmentPathFor(next_seq);
+  log->fd_ =
+      open(log->path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
   if (log->fd_ < 0) {
-    return absl::UnavailableError(Errno("audit: create", log->segment_path_));
+    return absl::UnavailableError(Errno("audit: create", log->path_));
   }
   struct stat st;
   fstat(log->fd_, &st);
   log->durable_size_ = st.st_size;
+  log->segment_opened_ = absl::Now();
   CUSTOS_RETURN_IF_ERROR(SyncDir(options.dir));
   {
     absl::MutexLock lock(&log->mu_);
     log->next_seq_ = next_seq;
     log->prev_hash_ = prev;
+    log->segment_path_ = log->path_;
+    log->stats_.segments = 1;
   }
   log->writer_ = std::thread([raw = log.get()] { raw->WriterLoop(); });
   return log;
@@ -161,8 +163,7 @@ absl::Status FileAuditLog::Append(AuditRecord record) {
   pending->record = std::move(record);
   absl::MutexLock lock(&mu_);
   if (stopping_) return absl::UnavailableError("audit log is shutting down");
-  auto has_room = [](FileAuditLog* self) ABSL_SHARED_LOCKS_REQUIRED(
-                      self->mu_) {
+  auto has_room = [](FileAuditLog* self) ABSL_SHARED_LOCKS_REQUIRED(self->mu_) {
     return self->queue_.size() < self->options_.max_queue || self->stopping_;
   };
   mu_.Await(absl::Condition(+has_room, this));
@@ -172,11 +173,19 @@ absl::Status FileAuditLog::Append(AuditRecord record) {
   return pending->result;
 }
 
+std::string FileAuditLog::SegmentPathFor(uint64_t first_seq) const {
+  return absl::StrFormat("%s/audit-%s-%020d.jsonl", options_.dir,
+                         options_.node_id, first_seq);
+}
+
+std::string FileAuditLog::segment_path() const {
+  absl::MutexLock lock(&mu_);
+  return segment_path_;
+}
+
 void FileAuditLog::WriterLoop() {
   for (;;) {
     std::vector<std::shared_ptr<Pending>> batch;
-    uint64_t seq = 0;
-    std::string prev;
     bool stopping = false;
     {
       absl::MutexLock lock(&mu_);
@@ -190,25 +199,77 @@ void FileAuditLog::WriterLoop() {
       stopping = stopping_ && queue_.empty();
       batch.assign(queue_.begin(), queue_.end());
       queue_.clear();
-      seq = next_seq_;
-      prev = prev_hash_;
     }
-    if (!batch.empty()) WriteRecords(batch, seq, std::move(prev));
+    if (!batch.empty()) WriteRecords(batch);
     MaybeCheckpoint(/*force=*/stopping);
     if (stopping) return;
   }
 }
 
-void FileAuditLog::WriteRecords(
-    const std::vector<std::shared_ptr<Pending>>& batch, uint64_t seq,
-    std::string prev) {
-  std::string bytes;
-  for (const auto& p : batch) {
-    std::string line = Serialize(p->record, seq++, prev);
-    prev = AuditLineHash(line);
-    bytes.append(line).push_back('\n');
+absl::Status FileAuditLog::MaybeRoll() {
+  // An empty segment never rolls: its name is already the next sequence.
+  if (durable_size_ == 0 ||
+      (durable_size_ < options_.max_segment_bytes &&
+       absl::Now() - segment_opened_ < options_.max_segment_age)) {
+    return absl::OkStatus();
   }
-  absl::Status s = WriteBatch(bytes);
+  // Seal the segment: with a checkpoint as its last record, everything in
+  // it is signed and only the newest segment can have an unsigned tail.
+  MaybeCheckpoint(/*force=*/true);
+  if (options_.sync) {
+    // Each batch was fdatasynced; this makes the file's metadata durable too
+    // before it is left behind. Reopen it if a failure closed it.
+    int fd = fd_ >= 0 ? fd_ : open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || fsync(fd) != 0) {
+      std::string error = Errno(fd < 0 ? "open" : "fsync", path_);
+      if (fd >= 0) close(fd);
+      fd_ = -1;
+      return absl::UnavailableError(
+          absl::StrCat("audit log unavailable: ", error,
+                       "; requests are refused until it is writable"));
+    }
+    if (fd != fd_) close(fd);
+  }
+  if (fd_ >= 0) close(fd_);
+  fd_ = -1;
+  uint64_t next_seq;
+  {
+    absl::MutexLock lock(&mu_);
+    next_seq = next_seq_;
+  }
+  const std::string old_path = path_;
+  path_ = SegmentPathFor(next_seq);
+  durable_size_ = 0;
+  segment_opened_ = absl::Now();
+  dir_sync_pending_ = true;  // WriteBatch creates the file and syncs the dir
+  {
+    absl::MutexLock lock(&mu_);
+    segment_path_ = path_;
+    ++stats_.segments;
+  }
+  spdlog::info("audit: rolled from {} to {}", old_path, path_);
+  return absl::OkStatus();
+}
+
+void FileAuditLog::WriteRecords(
+    const std::vector<std::shared_ptr<Pending>>& batch) {
+  absl::Status s = MaybeRoll();
+  uint64_t seq;
+  std::string prev;
+  {
+    absl::MutexLock lock(&mu_);  // only this thread changes them
+    seq = next_seq_;
+    prev = prev_hash_;
+  }
+  if (s.ok()) {
+    std::string bytes;
+    for (const auto& p : batch) {
+      std::string line = Serialize(p->record, seq++, prev);
+      prev = AuditLineHash(line);
+      bytes.append(line).push_back('\n');
+    }
+    s = WriteBatch(bytes);
+  }
   if (s.ok()) since_checkpoint_ += batch.size();
   absl::MutexLock lock(&mu_);
   if (s.ok()) {
@@ -240,8 +301,8 @@ void FileAuditLog::MaybeCheckpoint(bool force) {
     seq = next_seq_;
     head = prev_hash_;
   }
-  absl::StatusOr<std::string> signature = options_.signer->Sign(
-      CheckpointMessage(options_.node_id, seq - 1, head));
+  absl::StatusOr<std::string> signature =
+      options_.signer->Sign(CheckpointMessage(options_.node_id, seq - 1, head));
   if (!signature.ok()) {
     // Records stay durable and chained; the next checkpoint will cover them.
     spdlog::error("audit: could not sign a checkpoint: {}",
@@ -251,8 +312,8 @@ void FileAuditLog::MaybeCheckpoint(bool force) {
   }
   OrderedJson j;
   j["seq"] = seq;
-  j["time"] = absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", now,
-                               absl::UTCTimeZone());
+  j["time"] =
+      absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", now, absl::UTCTimeZone());
   j["node"] = options_.node_id;
   j["principal"] = "custos:system";
   j["operation"] = "Checkpoint";
@@ -280,17 +341,27 @@ void FileAuditLog::MaybeCheckpoint(bool force) {
 
 absl::Status FileAuditLog::WriteBatch(const std::string& bytes) {
   if (fd_ < 0) {
-    fd_ = open(segment_path_.c_str(),
-               O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    fd_ = open(path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
     if (fd_ < 0) {
-      return absl::UnavailableError(absl::StrCat(
-          "audit log unavailable: ", Errno("open", segment_path_),
-          "; requests are refused until it is writable"));
+      return absl::UnavailableError(
+          absl::StrCat("audit log unavailable: ", Errno("open", path_),
+                       "; requests are refused until it is writable"));
     }
     struct stat st;
     fstat(fd_, &st);
     durable_size_ = st.st_size;
   }
+  if (dir_sync_pending_ && options_.sync) {
+    // A new segment: its directory entry must be durable before any record
+    // in it is acknowledged.
+    absl::Status s = SyncDir(options_.dir);
+    if (!s.ok()) {
+      return absl::UnavailableError(
+          absl::StrCat("audit log unavailable: ", s.message(),
+                       "; requests are refused until it is writable"));
+    }
+  }
+  dir_sync_pending_ = false;
   size_t written = 0;
   const char* what = "write";
   bool ok = true;
@@ -311,26 +382,26 @@ absl::Status FileAuditLog::WriteBatch(const std::string& bytes) {
     durable_size_ += bytes.size();
     return absl::OkStatus();
   }
-  std::string error = Errno(what, segment_path_);
+  std::string error = Errno(what, path_);
   // Roll back to the last durable record so the chain stays whole, and
   // reopen next time (after a failed fsync the page cache cannot be trusted).
   if (ftruncate(fd_, durable_size_) != 0) {
-    spdlog::error("audit: could not roll back {} to {} bytes", segment_path_,
+    spdlog::error("audit: could not roll back {} to {} bytes", path_,
                   durable_size_);
   }
   close(fd_);
   fd_ = -1;
-  return absl::UnavailableError(absl::StrCat(
-      "audit log unavailable: ", error,
-      "; requests are refused until it is writable"));
+  return absl::UnavailableError(
+      absl::StrCat("audit log unavailable: ", error,
+                   "; requests are refused until it is writable"));
 }
 
 std::string FileAuditLog::Serialize(const AuditRecord& r, uint64_t seq,
                                     const std::string& prev) const {
   OrderedJson j;
   j["seq"] = seq;
-  j["time"] = absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", r.time,
-                               absl::UTCTimeZone());
+  j["time"] =
+      absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", r.time, absl::UTCTimeZone());
   j["node"] = options_.node_id;
   j["principal"] = r.principal;
   j["operation"] = r.operation;

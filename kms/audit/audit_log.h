@@ -3,7 +3,11 @@
 //
 // FileAuditLog appends to segment files in one directory with group commit:
 // callers enqueue a record and wait; one writer thread appends every queued
-// record, fdatasyncs once for the batch, and releases the callers. Each
+// record, fdatasyncs once for the batch, and releases the callers. A segment
+// rolls once it reaches `max_segment_bytes` or `max_segment_age` (checked
+// before each batch): it is sealed with a checkpoint (when there is a
+// signer), fsynced and closed, and the next one is named after the next
+// sequence number; the chain runs on across segments and restarts. Each
 // record carries its sequence number and `prev`, the SHA-256 (hex) of the
 // previous record's line, so any edit, deletion or reordering breaks the
 // chain. If a write or sync fails, every caller of that batch and later gets
@@ -75,12 +79,17 @@ class FileAuditLog : public AuditLog {
     AuditSigner* signer = nullptr;
     uint64_t checkpoint_every = 1000;
     absl::Duration checkpoint_interval = absl::Seconds(60);
+    // Before a batch, a segment holding at least one record rolls over to a
+    // new one once it has `max_segment_bytes` or is `max_segment_age` old.
+    uint64_t max_segment_bytes = uint64_t{64} << 20;
+    absl::Duration max_segment_age = absl::Hours(24);
   };
   struct Stats {
     uint64_t records = 0;
     uint64_t batches = 0;  // = fdatasync calls when sync is on
     uint64_t failures = 0;
     uint64_t checkpoints = 0;
+    uint64_t segments = 0;  // opened by this process, the first included
     uint64_t next_seq = 0;
   };
 
@@ -92,7 +101,8 @@ class FileAuditLog : public AuditLog {
 
   absl::Status Append(AuditRecord record) override;
   Stats stats() const;
-  const std::string& segment_path() const { return segment_path_; }
+  // The segment being appended to; changes when it rolls.
+  std::string segment_path() const;
 
  private:
   struct Pending {
@@ -102,16 +112,22 @@ class FileAuditLog : public AuditLog {
   };
 
   explicit FileAuditLog(Options options) : options_(std::move(options)) {}
+  std::string SegmentPathFor(uint64_t first_seq) const;
   void WriterLoop();
   bool HasWork() const ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     return !queue_.empty() || stopping_;
   }
-  // Serialises, chains, writes and syncs `batch` starting at `seq`, then
-  // releases its callers with the outcome. Writer thread only.
-  void WriteRecords(const std::vector<std::shared_ptr<Pending>>& batch,
-                    uint64_t seq, std::string prev);
-  // Writes and syncs one batch; on failure, rolls the file back to its last
-  // durable length.
+  // Rolls the segment if it is due, then serialises, chains, writes and
+  // syncs `batch`, and releases its callers with the outcome. Writer thread
+  // only.
+  void WriteRecords(const std::vector<std::shared_ptr<Pending>>& batch);
+  // Rolls to a new segment if the current one is due (size or age). On
+  // failure the batch fails and the roll is tried again before the next.
+  // Writer thread only.
+  absl::Status MaybeRoll();
+  // Writes and syncs one batch (opening the segment, and syncing the
+  // directory after creating it, if needed); on failure, rolls the file back
+  // to its last durable length.
   absl::Status WriteBatch(const std::string& bytes);
   std::string Serialize(const AuditRecord& record, uint64_t seq,
                         const std::string& prev) const;
@@ -120,17 +136,21 @@ class FileAuditLog : public AuditLog {
   void MaybeCheckpoint(bool force);
 
   const Options options_;
-  std::string segment_path_;
-  int fd_ = -1;             // writer thread only (and Open)
-  uint64_t durable_size_ = 0;  // writer thread only
-  uint64_t since_checkpoint_ = 0;  // writer thread only
-  absl::Time last_checkpoint_ = absl::Now();  // writer thread only
+  // Writer thread only (and Open, before the writer starts):
+  std::string path_;  // the current segment
+  int fd_ = -1;
+  bool dir_sync_pending_ = false;  // path_ was created; fsync the directory
+  uint64_t durable_size_ = 0;
+  absl::Time segment_opened_ = absl::Now();
+  uint64_t since_checkpoint_ = 0;
+  absl::Time last_checkpoint_ = absl::Now();
 
   mutable absl::Mutex mu_;
   std::deque<std::shared_ptr<Pending>> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
-  std::string prev_hash_ ABSL_GUARDED_BY(mu_);  // hex of the last line
+  std::string prev_hash_ ABSL_GUARDED_BY(mu_);     // hex of the last line
+  std::string segment_path_ ABSL_GUARDED_BY(mu_);  // = path_, for readers
   Stats stats_ ABSL_GUARDED_BY(mu_);
   std::thread writer_;
 };

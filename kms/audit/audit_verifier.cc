@@ -1,21 +1,34 @@
 #include "kms/audit/audit_verifier.h"
 
 #include <dirent.h>
+#include <fcntl.h>
+#include <openssl/bio.h>
+#include <openssl/bn.h>
+#include <openssl/core_names.h>
+#include <openssl/ec.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <unistd.h>
 
 #include <algorithm>
-#include <fstream>
+#include <cerrno>
+#include <cstring>
 #include <map>
+#include <memory>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/escaping.h"
+#include "absl/strings/str_format.h"
 #include "common/p256.h"
 #include "kms/audit/audit_chain.h"
 #include "nlohmann/json.hpp"
 
 namespace custos::kms {
 namespace {
+
+constexpr size_t kHexHashSize = 64;
 
 struct Segment {
   std::string name;
@@ -36,42 +49,238 @@ bool ParseSegmentName(const std::string& name, Segment* out) {
   return absl::SimpleAtoi(core.substr(dash + 1), &out->first_seq);
 }
 
-struct Line {
+std::string SegmentName(const std::string& node, uint64_t first_seq) {
+  return absl::StrFormat("audit-%s-%020d.jsonl", node, first_seq);
+}
+
+// Reads a file line by line through one reusable buffer: no allocation per
+// line. A final line without its newline is returned too.
+class LineReader {
+ public:
+  // `drop_unterminated`: a final line without its newline is a record still
+  // being written (verifying a live log), not a line to check.
+  LineReader(int fd, bool drop_unterminated)
+      : fd_(fd),
+        buf_(new char[kInitialSize]),
+        drop_unterminated_(drop_unterminated) {}
+
+  // The next line, without its newline, valid until the next call. False at
+  // the end of the file or on a read error (then `error()` says which).
+  bool Next(absl::string_view* line) {
+    for (;;) {
+      if (const void* nl =
+              std::memchr(buf_.get() + scanned_, '\n', end_ - scanned_)) {
+        const char* at = static_cast<const char*>(nl);
+        *line =
+            absl::string_view(buf_.get() + begin_, at - (buf_.get() + begin_));
+        begin_ = scanned_ = at - buf_.get() + 1;
+        return true;
+      }
+      scanned_ = end_;
+      if (eof_) {
+        if (begin_ == end_ || drop_unterminated_) return false;
+        *line = absl::string_view(buf_.get() + begin_, end_ - begin_);
+        begin_ = scanned_ = end_;
+        return true;
+      }
+      // Keep the partial line: move it to the front, and grow the buffer if
+      // it fills the buffer.
+      if (begin_ > 0) {
+        std::memmove(buf_.get(), buf_.get() + begin_, end_ - begin_);
+        end_ -= begin_;
+        scanned_ -= begin_;
+        begin_ = 0;
+      }
+      if (end_ == size_) {
+        std::unique_ptr<char[]> bigger(new char[size_ * 2]);
+        std::memcpy(bigger.get(), buf_.get(), end_);
+        buf_ = std::move(bigger);
+        size_ *= 2;
+      }
+      ssize_t n = read(fd_, buf_.get() + end_, size_ - end_);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) {
+        error_ = std::strerror(errno);
+        return false;
+      }
+      if (n == 0) eof_ = true;
+      end_ += static_cast<size_t>(n);
+    }
+  }
+  const std::string& error() const { return error_; }
+
+ private:
+  static constexpr size_t kInitialSize = 1 << 20;
+  const int fd_;
+  std::unique_ptr<char[]> buf_;
+  size_t size_ = kInitialSize;
+  size_t begin_ = 0;    // start of the next line
+  size_t scanned_ = 0;  // no newline in [begin_, scanned_)
+  size_t end_ = 0;      // end of the data read
+  bool eof_ = false;
+  const bool drop_unterminated_;
+  std::string error_;
+};
+
+// SHA-256 of a line as lowercase hex into a caller's buffer, with the digest
+// fetched once and one context reused: AuditLineHash's result, without its
+// allocations and its per-call algorithm lookup.
+class LineHasher {
+ public:
+  LineHasher()
+      : fetched_(EVP_MD_fetch(nullptr, "SHA2-256", nullptr)),
+        md_(fetched_ != nullptr ? fetched_ : EVP_sha256()),
+        ctx_(EVP_MD_CTX_new()) {}
+  ~LineHasher() {
+    EVP_MD_CTX_free(ctx_);
+    EVP_MD_free(fetched_);
+  }
+  LineHasher(const LineHasher&) = delete;
+  LineHasher& operator=(const LineHasher&) = delete;
+
+  bool Hex(absl::string_view line, char out[kHexHashSize]) {
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    unsigned int len = 0;
+    if (ctx_ == nullptr || EVP_DigestInit_ex2(ctx_, md_, nullptr) != 1 ||
+        EVP_DigestUpdate(ctx_, line.data(), line.size()) != 1 ||
+        EVP_DigestFinal_ex(ctx_, digest, &len) != 1 || len != 32) {
+      return false;
+    }
+    static constexpr char kDigits[] = "0123456789abcdef";
+    for (unsigned int i = 0; i < len; ++i) {
+      out[2 * i] = kDigits[digest[i] >> 4];
+      out[2 * i + 1] = kDigits[digest[i] & 0xf];
+    }
+    return true;
+  }
+
+ private:
+  EVP_MD* const fetched_;
+  const EVP_MD* const md_;
+  EVP_MD_CTX* const ctx_;
+};
+
+// The checkpoint public keys, by fingerprint, each parsed once: parsing a
+// PEM costs several times what verifying a signature does.
+class CheckpointKeys {
+ public:
+  CheckpointKeys() = default;
+  CheckpointKeys(const CheckpointKeys&) = delete;
+  CheckpointKeys& operator=(const CheckpointKeys&) = delete;
+  ~CheckpointKeys() {
+    for (auto& [fingerprint, key] : keys_) EVP_PKEY_free(key);
+  }
+
+  absl::Status Add(const std::string& pem) {
+    BIO* bio = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
+    EVP_PKEY* key =
+        bio ? PEM_read_bio_PUBKEY(bio, nullptr, nullptr, nullptr) : nullptr;
+    BIO_free(bio);
+    char group[64] = {0};
+    size_t group_len = 0;
+    if (key == nullptr || !EVP_PKEY_is_a(key, "EC") ||
+        !EVP_PKEY_get_utf8_string_param(key, OSSL_PKEY_PARAM_GROUP_NAME, group,
+                                        sizeof(group), &group_len) ||
+        absl::string_view(group, group_len) != "prime256v1") {
+      EVP_PKEY_free(key);
+      return absl::InvalidArgumentError(
+          "checkpoint public key: not a PEM P-256 public key");
+    }
+    EVP_PKEY*& slot = keys_[PublicKeyFingerprint(pem)];
+    EVP_PKEY_free(slot);
+    slot = key;
+    return absl::OkStatus();
+  }
+  bool empty() const { return keys_.empty(); }
+  // Null if no key has this fingerprint.
+  EVP_PKEY* Find(const std::string& fingerprint) const {
+    auto it = keys_.find(fingerprint);
+    return it == keys_.end() ? nullptr : it->second;
+  }
+
+  // Whether `raw` (r||s) is a valid ECDSA signature over SHA-256(message).
+  static bool Verify(EVP_PKEY* key, absl::string_view message,
+                     absl::string_view raw) {
+    if (raw.size() != kP256RawSignatureSize) return false;
+    const auto* bytes = reinterpret_cast<const unsigned char*>(raw.data());
+    ECDSA_SIG* sig = ECDSA_SIG_new();
+    BIGNUM* r = BN_bin2bn(bytes, 32, nullptr);
+    BIGNUM* s = BN_bin2bn(bytes + 32, 32, nullptr);
+    if (sig == nullptr || r == nullptr || s == nullptr ||
+        ECDSA_SIG_set0(sig, r, s) != 1) {
+      BN_free(r);
+      BN_free(s);
+      ECDSA_SIG_free(sig);
+      return false;
+    }
+    unsigned char* der = nullptr;
+    const int der_len = i2d_ECDSA_SIG(sig, &der);
+    ECDSA_SIG_free(sig);
+    if (der_len <= 0) return false;
+    EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+    const bool ok =
+        ctx != nullptr &&
+        EVP_DigestVerifyInit(ctx, nullptr, EVP_sha256(), nullptr, key) == 1 &&
+        EVP_DigestVerify(ctx, der, static_cast<size_t>(der_len),
+                         reinterpret_cast<const unsigned char*>(message.data()),
+                         message.size()) == 1;
+    EVP_MD_CTX_free(ctx);
+    OPENSSL_free(der);
+    return ok;
+  }
+
+ private:
+  std::map<std::string, EVP_PKEY*> keys_;
+};
+
+// One record, as far as verification cares. Reused across lines.
+struct Record {
   uint64_t seq = 0;
-  std::string prev;
+  absl::string_view prev;  // into the line, or into `prev_storage`
   bool is_checkpoint = false;
   uint64_t last_seq = 0;
   std::string head, key, signature;  // signature: raw bytes
+  std::string prev_storage;
 };
 
-// Fast path for the writer's own layout: {"seq":N, ... ,"prev":"<64 hex>"}
-// with no checkpoint. Anything else takes the full JSON parse. (Edits in
-// between are caught by the hash chain either way.)
-bool ReadFast(const std::string& line, Line* out) {
+// Fast path for the writer's own layout of an ordinary record:
+//   {"seq":N,...,"<a string field>":"...","prev":"<64 chars>"}
+// with no "checkpoint" anywhere. Reads seq and prev without parsing the rest
+// (which the hash chain covers). Anything else takes the full JSON parse.
+bool ReadFast(absl::string_view line, Record* out) {
   constexpr absl::string_view kSeq = "{\"seq\":";
-  constexpr absl::string_view kPrev = ",\"prev\":\"";
-  if (line.size() < 90 || !absl::StartsWith(line, kSeq) ||
-      !absl::EndsWith(line, "\"}")) {
+  constexpr absl::string_view kPrev = "\",\"prev\":\"";
+  constexpr absl::string_view kEnd = "\"}";
+  if (line.size() <
+          kSeq.size() + 2 + kPrev.size() + kHexHashSize + kEnd.size() ||
+      !absl::StartsWith(line, kSeq) || !absl::EndsWith(line, kEnd)) {
     return false;
   }
-  const size_t prev_at = line.size() - 2 - 64 - kPrev.size();
-  if (absl::string_view(line).substr(prev_at, kPrev.size()) != kPrev) {
+  const size_t prev_at = line.size() - kEnd.size() - kHexHashSize;
+  if (line.substr(prev_at - kPrev.size(), kPrev.size()) != kPrev) {
     return false;
   }
-  if (line.find("\"checkpoint\":") != std::string::npos) return false;
-  size_t comma = line.find(',', kSeq.size());
-  if (comma == std::string::npos ||
-      !absl::SimpleAtoi(
-          absl::string_view(line).substr(kSeq.size(), comma - kSeq.size()),
-          &out->seq)) {
+  // seq: 1 to 19 digits without a leading zero (so no overflow), then ','.
+  uint64_t seq = 0;
+  size_t i = kSeq.size();
+  if (line[i] < '1' || line[i] > '9') return false;
+  for (; i < kSeq.size() + 19 && line[i] >= '0' && line[i] <= '9'; ++i) {
+    seq = seq * 10 + static_cast<uint64_t>(line[i] - '0');
+  }
+  if (line[i] != ',') return false;
+  constexpr absl::string_view kCheckpoint = "\"checkpoint\"";
+  if (memmem(line.data() + i, line.size() - i, kCheckpoint.data(),
+             kCheckpoint.size()) != nullptr) {
     return false;
   }
-  out->prev = line.substr(prev_at + kPrev.size(), 64);
+  out->seq = seq;
+  out->prev = line.substr(prev_at, kHexHashSize);
+  out->is_checkpoint = false;
   return true;
 }
 
-// Reads a record; false if it is not one.
-bool ReadRecord(const std::string& line, Line* out) {
+// Reads a record; false if the line is not one.
+bool ReadRecord(absl::string_view line, Record* out) {
   if (ReadFast(line, out)) return true;
   nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
   if (j.is_discarded() || !j.is_object() || !j.contains("seq") ||
@@ -80,9 +289,12 @@ bool ReadRecord(const std::string& line, Line* out) {
     return false;
   }
   out->seq = j["seq"].get<uint64_t>();
-  out->prev = j["prev"].get<std::string>();
+  out->prev_storage = j["prev"].get<std::string>();
+  out->prev = out->prev_storage;
+  out->is_checkpoint = false;
   if (j.contains("checkpoint")) {
     const nlohmann::json& c = j["checkpoint"];
+    out->signature.clear();
     if (!c.is_object() || !c.contains("last_seq") ||
         !c["last_seq"].is_number_unsigned() || !c.contains("head") ||
         !c["head"].is_string() || !c.contains("key") || !c["key"].is_string() ||
@@ -103,10 +315,10 @@ bool ReadRecord(const std::string& line, Line* out) {
 
 absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
     const std::string& dir, const std::vector<std::string>& public_key_pems,
-    const std::function<void(uint64_t)>& progress) {
-  std::map<std::string, std::string> keys;  // fingerprint -> PEM
+    const std::function<void(uint64_t)>& progress, bool live) {
+  CheckpointKeys keys;
   for (const std::string& pem : public_key_pems) {
-    keys[PublicKeyFingerprint(pem)] = pem;
+    if (absl::Status s = keys.Add(pem); !s.ok()) return s;
   }
   std::map<std::string, std::vector<Segment>> by_node;
   DIR* d = opendir(dir.c_str());
@@ -121,6 +333,8 @@ absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
   closedir(d);
   AuditVerifyReport report;
   report.signatures_checked = !keys.empty();
+  LineHasher hasher;
+  Record rec;
   for (auto& [node, segments] : by_node) {
     std::sort(segments.begin(), segments.end(),
               [](const Segment& a, const Segment& b) {
@@ -129,71 +343,117 @@ absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
     AuditVerifyReport::Node summary;
     summary.node_id = node;
     uint64_t expected = 1;
-    std::string prev_hash = kAuditGenesisHash;
+    uint64_t last_checkpoint_at = 0;  // the checkpoint record's own seq
+    char prev_hash[kHexHashSize];
+    std::memcpy(prev_hash, kAuditGenesisHash, kHexHashSize);
+    std::string previous_segment;  // the last one that held records
     for (const Segment& seg : segments) {
+      const bool newest = &seg == &segments.back();
       ++summary.segments;
       const std::string path = dir + "/" + seg.name;
-      std::ifstream in(path, std::ios::binary);
-      if (!in) return absl::NotFoundError("cannot read " + path);
-      std::string line;
       uint64_t line_no = 0;
-      while (std::getline(in, line)) {
+      auto fail = [&](const std::string& what) {
+        report.ok = false;
+        report.first_break =
+            absl::StrCat(path, ":", std::max<uint64_t>(line_no, 1), ": seq ",
+                         expected, ": ", what);
+        summary.last_seq = expected - 1;  // the last good record
+        report.nodes.push_back(summary);
+        return report;
+      };
+      // A segment is named after its first record, which continues the
+      // chain of the one before: a different name means records are gone
+      // (or segments overlap), even when this segment is empty.
+      if (seg.first_seq > expected) {
+        return fail(absl::StrCat(
+            "the segment is named for seq ", seg.first_seq, ": records ",
+            expected, "..", seg.first_seq - 1, " are missing (",
+            previous_segment.empty()
+                ? absl::StrCat("no ", SegmentName(node, expected))
+                : absl::StrCat("the end of ", previous_segment,
+                               " was cut off"
+                               " or a segment after it, starting with ",
+                               SegmentName(node, expected), ", was removed"),
+            ")"));
+      }
+      if (seg.first_seq < expected) {
+        return fail(absl::StrCat("the segment is named for seq ", seg.first_seq,
+                                 " but the segments before it "
+                                 "already run to seq ",
+                                 expected - 1,
+                                 " (segments overlap or were renamed)"));
+      }
+      const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) {
+        return absl::NotFoundError(
+            absl::StrCat("cannot read ", path, ": ", std::strerror(errno)));
+      }
+      LineReader reader(fd, live && newest);
+      absl::string_view line;
+      while (reader.Next(&line)) {
         ++line_no;
-        Line rec;
-        const uint64_t& seq = rec.seq;
-        const std::string& prev = rec.prev;
-        auto fail = [&](const std::string& what) {
-          report.ok = false;
-          report.first_break = absl::StrCat(path, ":", line_no, ": seq ",
-                                            expected, ": ", what);
-        };
         if (!ReadRecord(line, &rec)) {
-          fail("not an audit record (edited or torn)");
-        } else if (seq != expected) {
-          fail(absl::StrCat("found seq ", seq,
-                            seq > expected ? " (records missing before it)"
-                                           : " (records repeated or "
-                                             "reordered)"));
-        } else if (prev != prev_hash) {
-          fail(seq == 1 ? "the chain does not start from the genesis hash"
-                        : "prev does not match the record before it (that "
-                          "record or this one was edited, or one was "
-                          "removed)");
-        } else if (rec.is_checkpoint) {
-          if (rec.last_seq + 1 != seq || rec.head != prev_hash) {
-            fail("checkpoint does not cover the record before it");
-          } else if (!keys.empty()) {
-            auto key = keys.find(rec.key);
-            if (key == keys.end()) {
-              fail(absl::StrCat("checkpoint signed by key ", rec.key,
-                                ", which is not among the public keys given"));
-            } else if (!VerifyP256Signature(
-                            key->second,
-                            CheckpointMessage(node, rec.last_seq, rec.head),
-                            rec.signature)
-                            .ok()) {
-              fail("checkpoint signature does not verify");
+          close(fd);
+          return fail("not an audit record (edited or torn)");
+        }
+        const uint64_t seq = rec.seq;
+        if (seq != expected) {
+          close(fd);
+          return fail(absl::StrCat(
+              "found seq ", seq,
+              seq > expected ? " (records missing before it, or reordered)"
+                             : " (records repeated or reordered)"));
+        }
+        if (rec.prev != absl::string_view(prev_hash, kHexHashSize)) {
+          close(fd);
+          return fail(seq == 1
+                          ? "the chain does not start from the genesis hash"
+                          : "prev does not match the record before it (that "
+                            "record or this one was edited, or one was "
+                            "removed)");
+        }
+        if (rec.is_checkpoint) {
+          if (rec.last_seq + 1 != seq || rec.head != rec.prev) {
+            close(fd);
+            return fail("checkpoint does not cover the record before it");
+          }
+          if (!keys.empty()) {
+            EVP_PKEY* key = keys.Find(rec.key);
+            if (key == nullptr) {
+              close(fd);
+              return fail(
+                  absl::StrCat("checkpoint signed by key ", rec.key,
+                               ", which is not among the public keys given"));
+            }
+            if (!CheckpointKeys::Verify(
+                    key, CheckpointMessage(node, rec.last_seq, rec.head),
+                    rec.signature)) {
+              close(fd);
+              return fail("checkpoint signature does not verify");
             }
           }
-          if (report.ok) {
-            ++summary.checkpoints;
-            summary.last_checkpoint_seq = rec.last_seq;
-          }
+          ++summary.checkpoints;
+          summary.last_checkpoint_seq = rec.last_seq;
+          last_checkpoint_at = seq;
         }
-        if (!report.ok) {
-          summary.last_seq = expected - 1;  // the last good record
-          report.nodes.push_back(summary);
-          return report;
+        if (!hasher.Hex(line, prev_hash)) {
+          close(fd);
+          return absl::InternalError("audit verify: SHA-256 failed");
         }
-        prev_hash = AuditLineHash(line);
         ++expected;
         ++summary.records;
         ++report.records;
         if (progress && report.records % 100000 == 0) progress(report.records);
       }
+      close(fd);
+      if (!reader.error().empty()) {
+        return absl::UnavailableError(
+            absl::StrCat("cannot read ", path, ": ", reader.error()));
+      }
+      if (line_no > 0) previous_segment = seg.name;
     }
     summary.last_seq = expected - 1;
-    summary.unsigned_tail = summary.last_seq - summary.last_checkpoint_seq;
+    summary.unsigned_tail = summary.last_seq - last_checkpoint_at;
     report.nodes.push_back(summary);
   }
   if (progress) progress(report.records);

@@ -25,8 +25,15 @@ absl::Status OnlyKnown(const YAML::Node& node, absl::string_view where,
     return FieldError(where.empty() ? "(top level)" : where,
                       "must be a mapping");
   }
+  std::set<std::string> seen;
   for (const auto& kv : node) {
     std::string key = kv.first.as<std::string>();
+    if (!seen.insert(key).second) {
+      // yaml-cpp would silently keep the first: an appended override must
+      // not be ignored without a word.
+      return FieldError(where.empty() ? key : absl::StrCat(where, ".", key),
+                        "given twice; keep one");
+    }
     if (allowed.count(key) == 0) {
       return FieldError(
           where.empty() ? key : absl::StrCat(where, ".", key),
@@ -91,7 +98,9 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
     CUSTOS_CFG(OnlyKnown(root, "",
                          {"node_id", "listen", "tls", "hsm", "storage",
                           "audit_dir", "audit_checkpoint_every",
-                          "audit_checkpoint_interval_seconds", "admins",
+                          "audit_checkpoint_interval_seconds",
+                          "audit_max_segment_bytes",
+                          "audit_max_segment_age_seconds", "admins",
                           "auditors", "limits",
                           "encryption_limit", "maintenance_interval_seconds",
                           "log_level", "development", "testing"}));
@@ -101,6 +110,11 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
     CUSTOS_CFG(Get(root, "audit_dir", "audit_dir", &c.audit_dir));
     CUSTOS_CFG(Get(root, "audit_checkpoint_every", "audit_checkpoint_every",
                    &c.audit_checkpoint_every));
+    CUSTOS_CFG(Get(root, "audit_max_segment_bytes", "audit_max_segment_bytes",
+                   &c.audit_max_segment_bytes));
+    CUSTOS_CFG(GetSeconds(root, "audit_max_segment_age_seconds",
+                          "audit_max_segment_age_seconds",
+                          &c.audit_max_segment_age));
     CUSTOS_CFG(GetSeconds(root, "audit_checkpoint_interval_seconds",
                           "audit_checkpoint_interval_seconds",
                           &c.audit_checkpoint_interval));
@@ -205,6 +219,11 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
                                  "custos.db");
   }
   if (c.audit_dir.empty()) return FieldError("audit_dir", "required");
+  if (c.audit_max_segment_bytes < 4096 ||
+      c.audit_max_segment_age <= absl::ZeroDuration()) {
+    return FieldError("audit_max_segment_bytes / audit_max_segment_age_seconds",
+                      "at least 4096 bytes and a positive age");
+  }
   if (c.audit_checkpoint_every < 1 ||
       c.audit_checkpoint_interval <= absl::ZeroDuration()) {
     return FieldError("audit_checkpoint_every / "

@@ -144,6 +144,8 @@ absl::Status Run(const std::string& config_path) {
   audit_options.signer = signer.get();
   audit_options.checkpoint_every = config.audit_checkpoint_every;
   audit_options.checkpoint_interval = config.audit_checkpoint_interval;
+  audit_options.max_segment_bytes = config.audit_max_segment_bytes;
+  audit_options.max_segment_age = config.audit_max_segment_age;
   CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<kms::FileAuditLog> audit,
                           kms::FileAuditLog::Open(audit_options));
   spdlog::info("audit: appending to {}", audit->segment_path());

@@ -1,12 +1,14 @@
 // FileAuditLog in a temporary directory: gap-free sequence numbers, the hash
 // chain, group commit under concurrency, continuation across restarts and
-// torn final lines, and the allow-list of fields.
+// torn final lines, rolling segments by size and age, and the allow-list of
+// fields.
 #include "kms/audit/audit_log.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -19,6 +21,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "common/testing/status_matchers.h"
@@ -120,10 +123,14 @@ class AuditLogTest : public ::testing::Test {
     if (!root_.empty()) std::filesystem::remove_all(root_);
   }
 
-  std::unique_ptr<FileAuditLog> Open() {
+  std::unique_ptr<FileAuditLog> Open(
+      uint64_t max_segment_bytes = uint64_t{64} << 20,
+      absl::Duration max_segment_age = absl::Hours(24)) {
     FileAuditLog::Options options;
     options.dir = dir_;
     options.node_id = kNode;
+    options.max_segment_bytes = max_segment_bytes;
+    options.max_segment_age = max_segment_age;
     absl::StatusOr<std::unique_ptr<FileAuditLog>> log =
         FileAuditLog::Open(options);
     EXPECT_THAT(log, IsOk());
@@ -350,9 +357,124 @@ TEST_F(AuditLogTest, CorruptLastRecordRefusesToOpen) {
       {
         absl::StatusOr<std::unique_ptr<FileAuditLog>> log =
             FileAuditLog::Open(options);
-        std::exit(log.status().code() == absl::StatusCode::kDataLoss ? 0 : 1);
+        const bool data_loss =
+            log.status().code() == absl::StatusCode::kDataLoss;
+        // The child reran SetUp in a directory of its own; exit skips
+        // TearDown.
+        std::filesystem::remove_all(root_);
+        std::exit(data_loss ? 0 : 1);
       },
       ::testing::ExitedWithCode(0), "");
+}
+
+// Each segment is named after the seq of its first line.
+void ExpectSegmentsNamedByFirstSeq(const std::string& dir) {
+  for (const std::string& path : Segments(dir)) {
+    std::string text = ReadFile(path);
+    if (text.empty()) continue;
+    nlohmann::json first =
+        nlohmann::json::parse(text.substr(0, text.find('\n')));
+    EXPECT_EQ(path, absl::StrFormat("%s/audit-%s-%020d.jsonl", dir, kNode,
+                                    first["seq"].get<uint64_t>()));
+  }
+}
+
+TEST_F(AuditLogTest, RollsAtTheSizeLimitAndTheChainContinues) {
+  constexpr uint64_t kMaxBytes = 1000;
+  std::unique_ptr<FileAuditLog> log = Open(kMaxBytes);
+  ASSERT_NE(log, nullptr);
+  std::set<std::string> paths = {log->segment_path()};
+  for (int i = 0; i < 30; ++i) {
+    ASSERT_THAT(log->Append(SimpleRecord("a", i)), IsOk());
+    paths.insert(log->segment_path());
+  }
+  const std::vector<std::string> segments = Segments(dir_);
+  ASSERT_GE(segments.size(), 3u);
+  EXPECT_EQ(paths, std::set<std::string>(segments.begin(), segments.end()));
+  EXPECT_EQ(log->segment_path(), segments.back());
+  EXPECT_EQ(log->stats().segments, segments.size());
+  // Appends one at a time: every segment but the newest reached the limit
+  // and stopped at the first batch after it.
+  const size_t line_size = ReadFile(segments[0]).find('\n') + 1;
+  for (size_t i = 0; i + 1 < segments.size(); ++i) {
+    const uint64_t size = std::filesystem::file_size(segments[i]);
+    EXPECT_GE(size, kMaxBytes) << segments[i];
+    EXPECT_LT(size, kMaxBytes + 2 * line_size) << segments[i];
+  }
+  std::vector<std::string> lines = AllLines(dir_);
+  ASSERT_EQ(lines.size(), 30u);
+  ExpectValidChain(lines);
+  ExpectSegmentsNamedByFirstSeq(dir_);
+}
+
+TEST_F(AuditLogTest, RollsAtTheAgeLimit) {
+  // Age zero: every batch after the first finds its segment due.
+  std::unique_ptr<FileAuditLog> log =
+      Open(uint64_t{64} << 20, absl::ZeroDuration());
+  ASSERT_NE(log, nullptr);
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_THAT(log->Append(SimpleRecord("a", i)), IsOk());
+  }
+  EXPECT_EQ(Segments(dir_).size(), 4u);
+  EXPECT_EQ(log->segment_path(),
+            dir_ + "/audit-node-1-00000000000000000004.jsonl");
+  ExpectValidChain(AllLines(dir_));
+  ExpectSegmentsNamedByFirstSeq(dir_);
+}
+
+TEST_F(AuditLogTest, ChainContinuesAcrossRollsAndReopen) {
+  {
+    std::unique_ptr<FileAuditLog> log = Open(600);
+    ASSERT_NE(log, nullptr);
+    for (int i = 0; i < 10; ++i) {
+      ASSERT_THAT(log->Append(SimpleRecord("a", i)), IsOk());
+    }
+    EXPECT_GE(log->stats().segments, 2u);
+  }
+  const size_t before = Segments(dir_).size();
+  {
+    std::unique_ptr<FileAuditLog> log = Open(600);
+    ASSERT_NE(log, nullptr);
+    EXPECT_EQ(log->stats().next_seq, 11u);
+    EXPECT_EQ(log->segment_path(),
+              dir_ + "/audit-node-1-00000000000000000011.jsonl");
+    for (int i = 10; i < 20; ++i) {
+      ASSERT_THAT(log->Append(SimpleRecord("a", i)), IsOk());
+    }
+  }
+  EXPECT_GE(Segments(dir_).size(), before + 2);
+  std::vector<std::string> lines = AllLines(dir_);
+  ASSERT_EQ(lines.size(), 20u);
+  ExpectValidChain(lines);
+  ExpectSegmentsNamedByFirstSeq(dir_);
+}
+
+TEST_F(AuditLogTest, ConcurrentAppendsAcrossRollsStayGapFree) {
+  std::unique_ptr<FileAuditLog> log = Open(4096);
+  ASSERT_NE(log, nullptr);
+  constexpr int kThreads = 16;
+  constexpr int kPerThread = 40;
+  std::atomic<bool> done{false};
+  // segment_path() may be read while the writer rolls.
+  std::thread reader([&] {
+    while (!done) EXPECT_THAT(log->segment_path(), HasSubstr("/audit-"));
+  });
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        EXPECT_THAT(log->Append(SimpleRecord(absl::StrCat("t", t), i)), IsOk());
+      }
+    });
+  }
+  for (std::thread& th : threads) th.join();
+  done = true;
+  reader.join();
+  EXPECT_GE(Segments(dir_).size(), 3u);
+  std::vector<std::string> lines = AllLines(dir_);
+  ASSERT_EQ(lines.size(), static_cast<size_t>(kThreads * kPerThread));
+  ExpectValidChain(lines);
+  ExpectSegmentsNamedByFirstSeq(dir_);
 }
 
 TEST_F(AuditLogTest, RecordsCarryOnlyDocumentedFields) {

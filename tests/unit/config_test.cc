@@ -384,3 +384,26 @@ TEST(LoadConfigTest, MissingFileIsNotFound) {
 
 }  // namespace
 }  // namespace custos::server
+
+namespace custos::server {
+namespace {
+
+TEST(ConfigDuplicatesTest, AKeyGivenTwiceIsRefusedByName) {
+  const std::string yaml = R"(listen: "127.0.0.1:1"
+tls: {cert: c, key: k, client_ca: a}
+hsm: {module: m, token_label: t, pin_file: p}
+storage: sqlite:///x.db
+audit_dir: /a
+audit_dir: /b
+admins: [x]
+)";
+  absl::StatusOr<Config> c = ParseConfig(yaml, "");
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(c.status().message().find("audit_dir: given twice"),
+            std::string::npos)
+      << c.status();
+}
+
+}  // namespace
+}  // namespace custos::server
