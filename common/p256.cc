@@ -26,7 +26,8 @@ struct Deleter {
 using BioPtr = std::unique_ptr<BIO, Deleter<BIO_free_all>>;
 using PkeyPtr = std::unique_ptr<EVP_PKEY, Deleter<EVP_PKEY_free>>;
 using PkeyCtxPtr = std::unique_ptr<EVP_PKEY_CTX, Deleter<EVP_PKEY_CTX_free>>;
-using ParamBldPtr = std::unique_ptr<OSSL_PARAM_BLD, Deleter<OSSL_PARAM_BLD_free>>;
+using ParamBldPtr =
+    std::unique_ptr<OSSL_PARAM_BLD, Deleter<OSSL_PARAM_BLD_free>>;
 using ParamPtr = std::unique_ptr<OSSL_PARAM, Deleter<OSSL_PARAM_free>>;
 using OctetPtr =
     std::unique_ptr<ASN1_OCTET_STRING, Deleter<ASN1_OCTET_STRING_free>>;
@@ -66,9 +67,9 @@ absl::StatusOr<std::string> P256PublicKeyPemFromEcPoint(
   if (bld == nullptr ||
       !OSSL_PARAM_BLD_push_utf8_string(bld.get(), OSSL_PKEY_PARAM_GROUP_NAME,
                                        "prime256v1", 0) ||
-      !OSSL_PARAM_BLD_push_octet_string(
-          bld.get(), OSSL_PKEY_PARAM_PUB_KEY,
-          ASN1_STRING_get0_data(octets.get()), kUncompressedPointSize)) {
+      !OSSL_PARAM_BLD_push_octet_string(bld.get(), OSSL_PKEY_PARAM_PUB_KEY,
+                                        ASN1_STRING_get0_data(octets.get()),
+                                        kUncompressedPointSize)) {
     return absl::InternalError("EC point: OpenSSL parameter build failed");
   }
   ParamPtr params(OSSL_PARAM_BLD_to_param(bld.get()));
@@ -129,9 +130,8 @@ absl::Status VerifyP256Signature(absl::string_view public_key_pem,
   if (der_len <= 0) return absl::InternalError("signature: encoding failed");
   std::unique_ptr<unsigned char, OpensslFree> der_owner(der);
   MdCtxPtr md(EVP_MD_CTX_new());
-  if (md == nullptr ||
-      EVP_DigestVerifyInit(md.get(), nullptr, EVP_sha256(), nullptr,
-                           pkey.get()) != 1) {
+  if (md == nullptr || EVP_DigestVerifyInit(md.get(), nullptr, EVP_sha256(),
+                                            nullptr, pkey.get()) != 1) {
     return absl::InternalError("signature: OpenSSL verify init failed");
   }
   if (EVP_DigestVerify(md.get(), der, der_len,

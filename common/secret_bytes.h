@@ -34,8 +34,7 @@ class SecretBytes {
   bool empty() const { return size_ == 0; }
   // A view of the bytes; valid while this buffer lives and is not moved.
   absl::string_view view() const {
-    return absl::string_view(reinterpret_cast<const char*>(data_.get()),
-                             size_);
+    return absl::string_view(reinterpret_cast<const char*>(data_.get()), size_);
   }
   // Shortens the buffer to `size` bytes (cleansing the tail). Never grows.
   void Truncate(size_t size);

@@ -18,8 +18,8 @@
 
 // Evaluates `rexpr` (an absl::StatusOr<T>); on error returns its status,
 // otherwise moves the value into `lhs` (which may be a declaration).
-#define CUSTOS_ASSIGN_OR_RETURN(lhs, rexpr)                                  \
-  CUSTOS_ASSIGN_OR_RETURN_IMPL_(                                             \
+#define CUSTOS_ASSIGN_OR_RETURN(lhs, rexpr) \
+  CUSTOS_ASSIGN_OR_RETURN_IMPL_(            \
       CUSTOS_STATUS_CONCAT_(custos_statusor_, __LINE__), lhs, rexpr)
 
 #define CUSTOS_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, rexpr) \

@@ -2,8 +2,7 @@
 
 namespace custos::hsm {
 
-AttributeTemplate& AttributeTemplate::Bool(CK_ATTRIBUTE_TYPE type,
-                                           bool value) {
+AttributeTemplate& AttributeTemplate::Bool(CK_ATTRIBUTE_TYPE type, bool value) {
   CK_BBOOL& v = bools_.emplace_back(value ? CK_TRUE : CK_FALSE);
   attrs_.push_back({type, &v, sizeof(v)});
   return *this;

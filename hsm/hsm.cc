@@ -43,10 +43,10 @@ absl::StatusOr<std::unique_ptr<Hsm>> Hsm::Open(const Module& module,
   absl::StatusOr<std::unique_ptr<SessionPool>> pool =
       SessionPool::Create(module.fn(), slot, std::move(pin), options.pool);
   if (!pool.ok()) {
-    return absl::Status(pool.status().code(),
-                        absl::StrCat("opening sessions on token '",
-                                     options.token_label,
-                                     "': ", pool.status().message()));
+    return absl::Status(
+        pool.status().code(),
+        absl::StrCat("opening sessions on token '", options.token_label,
+                     "': ", pool.status().message()));
   }
   return std::unique_ptr<Hsm>(new Hsm(*std::move(pool)));
 }
@@ -72,9 +72,9 @@ absl::StatusOr<CK_OBJECT_HANDLE> Hsm::Resolve(Session& session,
         absl::StrCat("no HSM object with CKA_ID ", ObjectIdHex(id)));
   }
   if (found.size() > 1) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "several HSM objects share CKA_ID ", ObjectIdHex(id),
-        ": refusing an ambiguous key"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("several HSM objects share CKA_ID ", ObjectIdHex(id),
+                     ": refusing an ambiguous key"));
   }
   if (cls == CKO_SECRET_KEY) {
     CUSTOS_RETURN_IF_ERROR(VerifyCmkAttributes(session, found[0]));
@@ -106,8 +106,9 @@ absl::StatusOr<T> Hsm::WithObject(Session& session, const std::string& id,
 
 absl::StatusOr<std::string> Hsm::GenerateAesKey(absl::string_view label) {
   return Call<std::string>(
-      *pool_, [this, label = std::string(label)](
-                  Session& session) -> absl::StatusOr<std::string> {
+      *pool_,
+      [this, label = std::string(label)](
+          Session& session) -> absl::StatusOr<std::string> {
         CUSTOS_ASSIGN_OR_RETURN(SecretBytes id_bytes,
                                 session.GenerateRandom(kObjectIdSize));
         std::string id(id_bytes.view());
@@ -165,9 +166,10 @@ absl::StatusOr<SecretBytes> Hsm::DecryptAesGcm(absl::string_view id,
     return absl::InvalidArgumentError("AES-GCM ciphertext shorter than a tag");
   }
   return Call<SecretBytes>(
-      *pool_, [this, id = std::string(id), iv = std::string(iv),
-               aad = std::string(aad), ciphertext = std::string(ciphertext)](
-                  Session& session) -> absl::StatusOr<SecretBytes> {
+      *pool_,
+      [this, id = std::string(id), iv = std::string(iv), aad = std::string(aad),
+       ciphertext = std::string(ciphertext)](
+          Session& session) -> absl::StatusOr<SecretBytes> {
         return WithObject<SecretBytes>(
             session, id, CKO_SECRET_KEY, [&](CK_OBJECT_HANDLE key) {
               return session.DecryptAesGcm(key, iv, aad, ciphertext);
@@ -183,8 +185,9 @@ absl::StatusOr<SecretBytes> Hsm::GenerateRandom(size_t size) {
 
 absl::StatusOr<std::string> Hsm::GenerateSigningKey(absl::string_view label) {
   return Call<std::string>(
-      *pool_, [this, label = std::string(label)](
-                  Session& session) -> absl::StatusOr<std::string> {
+      *pool_,
+      [this, label = std::string(label)](
+          Session& session) -> absl::StatusOr<std::string> {
         CUSTOS_ASSIGN_OR_RETURN(SecretBytes id_bytes,
                                 session.GenerateRandom(kObjectIdSize));
         std::string id(id_bytes.view());
@@ -200,12 +203,13 @@ absl::StatusOr<std::string> Hsm::GenerateSigningKey(absl::string_view label) {
 absl::StatusOr<std::string> Hsm::SignP256(absl::string_view id,
                                           absl::string_view message) {
   return Call<std::string>(
-      *pool_, [this, id = std::string(id), digest = Sha256(message)](
-                  Session& session) -> absl::StatusOr<std::string> {
-        return WithObject<std::string>(
-            session, id, CKO_PRIVATE_KEY, [&](CK_OBJECT_HANDLE key) {
-              return session.SignEcdsa(key, digest);
-            });
+      *pool_,
+      [this, id = std::string(id), digest = Sha256(message)](
+          Session& session) -> absl::StatusOr<std::string> {
+        return WithObject<std::string>(session, id, CKO_PRIVATE_KEY,
+                                       [&](CK_OBJECT_HANDLE key) {
+                                         return session.SignEcdsa(key, digest);
+                                       });
       });
 }
 

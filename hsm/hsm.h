@@ -109,8 +109,7 @@ class Hsm {
   std::unique_ptr<SessionPool> pool_;
   absl::Mutex mu_;
   // (class, CKA_ID) -> verified handle.
-  absl::flat_hash_map<std::pair<CK_OBJECT_CLASS, std::string>,
-                      CK_OBJECT_HANDLE>
+  absl::flat_hash_map<std::pair<CK_OBJECT_CLASS, std::string>, CK_OBJECT_HANDLE>
       handles_ ABSL_GUARDED_BY(mu_);
   uint64_t handles_epoch_ ABSL_GUARDED_BY(mu_) = 0;
 };

@@ -18,7 +18,7 @@ struct Expectation {
   const char* name;
   CK_ULONG value;  // CK_BBOOL or CK_ULONG, compared as CK_ULONG
   bool is_bool;
-  bool optional;   // may be unknown to older tokens
+  bool optional;  // may be unknown to older tokens
 };
 
 // Reads every expected attribute and refuses the object unless all match,
@@ -44,9 +44,10 @@ absl::Status Verify(Session& session, CK_OBJECT_HANDLE object,
   std::vector<std::string> problems;
   for (size_t i = 0; i < expected.size(); ++i) {
     const Expectation& e = expected[i];
-    bool unavailable = attrs[i].ulValueLen == CK_UNAVAILABLE_INFORMATION ||
-                       (e.is_bool ? (bools[i] != CK_TRUE && bools[i] != CK_FALSE)
-                                  : ulongs[i] == kUnsetUlong);
+    bool unavailable =
+        attrs[i].ulValueLen == CK_UNAVAILABLE_INFORMATION ||
+        (e.is_bool ? (bools[i] != CK_TRUE && bools[i] != CK_FALSE)
+                   : ulongs[i] == kUnsetUlong);
     if (unavailable) {
       if (!e.optional) {
         problems.push_back(absl::StrCat(e.name, " is not reported"));
@@ -57,13 +58,12 @@ absl::Status Verify(Session& session, CK_OBJECT_HANDLE object,
       bool actual = bools[i] == CK_TRUE;
       if (actual != (e.value != 0)) {
         problems.push_back(absl::StrCat(e.name, " is ",
-                                        actual ? "true" : "false",
-                                        " (must be ",
+                                        actual ? "true" : "false", " (must be ",
                                         e.value ? "true" : "false", ")"));
       }
     } else if (ulongs[i] != e.value) {
-      problems.push_back(absl::StrCat(e.name, " is ", ulongs[i],
-                                      " (must be ", e.value, ")"));
+      problems.push_back(
+          absl::StrCat(e.name, " is ", ulongs[i], " (must be ", e.value, ")"));
     }
   }
   if (problems.empty()) return absl::OkStatus();
@@ -71,8 +71,10 @@ absl::Status Verify(Session& session, CK_OBJECT_HANDLE object,
       absl::StrCat(what, " refused: ", absl::StrJoin(problems, "; ")));
 }
 
-#define CUSTOS_BOOL(attr, v, opt) {attr, #attr, v, true, opt}
-#define CUSTOS_ULONG(attr, v) {attr, #attr, v, false, false}
+#define CUSTOS_BOOL(attr, v, opt) \
+  { attr, #attr, v, true, opt }
+#define CUSTOS_ULONG(attr, v) \
+  { attr, #attr, v, false, false }
 
 }  // namespace
 
@@ -173,8 +175,8 @@ GenerateP256SigningKeyPair(Session& session, absl::string_view id,
       .Bool(CKA_COPYABLE, false)
       .Bytes(CKA_ID, id)
       .Bytes(CKA_LABEL, label);
-  CUSTOS_ASSIGN_OR_RETURN(auto pair, session.GenerateKeyPair(
-                                         CKM_EC_KEY_PAIR_GEN, pub, priv));
+  CUSTOS_ASSIGN_OR_RETURN(
+      auto pair, session.GenerateKeyPair(CKM_EC_KEY_PAIR_GEN, pub, priv));
   if (absl::Status s = VerifySigningKeyAttributes(session, pair.second);
       !s.ok()) {
     session.DestroyObject(pair.second).IgnoreError();
@@ -187,24 +189,24 @@ GenerateP256SigningKeyPair(Session& session, absl::string_view id,
 absl::Status VerifySigningKeyAttributes(Session& session,
                                         CK_OBJECT_HANDLE key) {
   absl::Status s = Verify(session, key, "HSM signing key",
-                {
-                    CUSTOS_ULONG(CKA_CLASS, CKO_PRIVATE_KEY),
-                    CUSTOS_ULONG(CKA_KEY_TYPE, CKK_EC),
-                    CUSTOS_BOOL(CKA_TOKEN, true, false),
-                    CUSTOS_BOOL(CKA_PRIVATE, true, false),
-                    CUSTOS_BOOL(CKA_SENSITIVE, true, false),
-                    CUSTOS_BOOL(CKA_EXTRACTABLE, false, false),
-                    CUSTOS_BOOL(CKA_SIGN, true, false),
-                    CUSTOS_BOOL(CKA_SIGN_RECOVER, false, true),
-                    CUSTOS_BOOL(CKA_DECRYPT, false, false),
-                    CUSTOS_BOOL(CKA_UNWRAP, false, false),
-                    CUSTOS_BOOL(CKA_DERIVE, false, false),
-                    CUSTOS_BOOL(CKA_MODIFIABLE, false, false),
-                    CUSTOS_BOOL(CKA_COPYABLE, false, true),
-                    CUSTOS_BOOL(CKA_ALWAYS_SENSITIVE, true, false),
-                    CUSTOS_BOOL(CKA_NEVER_EXTRACTABLE, true, false),
-                    CUSTOS_BOOL(CKA_LOCAL, true, false),
-                });
+                          {
+                              CUSTOS_ULONG(CKA_CLASS, CKO_PRIVATE_KEY),
+                              CUSTOS_ULONG(CKA_KEY_TYPE, CKK_EC),
+                              CUSTOS_BOOL(CKA_TOKEN, true, false),
+                              CUSTOS_BOOL(CKA_PRIVATE, true, false),
+                              CUSTOS_BOOL(CKA_SENSITIVE, true, false),
+                              CUSTOS_BOOL(CKA_EXTRACTABLE, false, false),
+                              CUSTOS_BOOL(CKA_SIGN, true, false),
+                              CUSTOS_BOOL(CKA_SIGN_RECOVER, false, true),
+                              CUSTOS_BOOL(CKA_DECRYPT, false, false),
+                              CUSTOS_BOOL(CKA_UNWRAP, false, false),
+                              CUSTOS_BOOL(CKA_DERIVE, false, false),
+                              CUSTOS_BOOL(CKA_MODIFIABLE, false, false),
+                              CUSTOS_BOOL(CKA_COPYABLE, false, true),
+                              CUSTOS_BOOL(CKA_ALWAYS_SENSITIVE, true, false),
+                              CUSTOS_BOOL(CKA_NEVER_EXTRACTABLE, true, false),
+                              CUSTOS_BOOL(CKA_LOCAL, true, false),
+                          });
   if (!s.ok()) return s;
   // The curve must be P-256: the verifier of checkpoint signatures assumes
   // it.

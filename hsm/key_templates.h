@@ -46,8 +46,7 @@ GenerateP256SigningKeyPair(Session& session, absl::string_view id,
 // The private-key counterpart of VerifyCmkAttributes: EC key, SIGN true,
 // SENSITIVE, ALWAYS_SENSITIVE, NEVER_EXTRACTABLE, LOCAL true; EXTRACTABLE,
 // DECRYPT, UNWRAP, DERIVE, MODIFIABLE false.
-absl::Status VerifySigningKeyAttributes(Session& session,
-                                        CK_OBJECT_HANDLE key);
+absl::Status VerifySigningKeyAttributes(Session& session, CK_OBJECT_HANDLE key);
 
 // Hex of a CKA_ID, for logs and messages (ids are not secret).
 std::string ObjectIdHex(absl::string_view id);

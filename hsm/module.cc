@@ -126,10 +126,11 @@ absl::StatusOr<CK_SLOT_ID> Module::FindSlotByTokenLabel(
     if (t.initialized && t.label == label) return t.slot;
     if (t.initialized) labels.push_back(absl::StrCat("'", t.label, "'"));
   }
-  return absl::NotFoundError(absl::StrCat(
-      "no initialised token labelled '", label, "' in ", path_,
-      "; tokens present: ", labels.empty() ? "none" : absl::StrJoin(labels, ", "),
-      ". Check token_label in the config."));
+  return absl::NotFoundError(
+      absl::StrCat("no initialised token labelled '", label, "' in ", path_,
+                   "; tokens present: ",
+                   labels.empty() ? "none" : absl::StrJoin(labels, ", "),
+                   ". Check token_label in the config."));
 }
 
 }  // namespace custos::hsm

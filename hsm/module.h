@@ -43,7 +43,8 @@ class Module {
   // The slot whose token has this label. Tokens are always found by label:
   // slot ids are not stable (SoftHSM renumbers them on C_InitToken).
   // NOT_FOUND names the labels that do exist.
-  absl::StatusOr<CK_SLOT_ID> FindSlotByTokenLabel(absl::string_view label) const;
+  absl::StatusOr<CK_SLOT_ID> FindSlotByTokenLabel(
+      absl::string_view label) const;
 
  private:
   Module(std::string path, void* handle, CK_FUNCTION_LIST* fn)

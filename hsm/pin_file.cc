@@ -38,9 +38,8 @@ absl::StatusOr<SecretBytes> ReadPinFile(const std::string& path) {
   }
   Fd fd(open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0) {
-    return absl::NotFoundError(absl::StrCat("pin_file '", path,
-                                            "': cannot open: ",
-                                            std::strerror(errno)));
+    return absl::NotFoundError(absl::StrCat(
+        "pin_file '", path, "': cannot open: ", std::strerror(errno)));
   }
   struct stat st;
   if (fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode)) {

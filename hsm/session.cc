@@ -39,10 +39,10 @@ CK_GCM_PARAMS GcmParams(absl::string_view iv, absl::string_view aad) {
 
 absl::StatusOr<Session> Session::Open(CK_FUNCTION_LIST* fn, CK_SLOT_ID slot) {
   CK_SESSION_HANDLE handle = CK_INVALID_HANDLE;
-  absl::Status s = CkStatus(
-      fn->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr,
-                        nullptr, &handle),
-      "C_OpenSession");
+  absl::Status s =
+      CkStatus(fn->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                                 nullptr, nullptr, &handle),
+               "C_OpenSession");
   if (!s.ok()) return s;
   return Session(fn, slot, handle);
 }
@@ -85,9 +85,8 @@ absl::Status Session::Login(const SecretBytes& pin) {
 absl::StatusOr<SecretBytes> Session::GenerateRandom(size_t size) {
   SecretBytes out(size);
   if (size == 0) return out;
-  absl::Status s =
-      CkStatus(fn_->C_GenerateRandom(handle_, out.data(), size),
-               "C_GenerateRandom");
+  absl::Status s = CkStatus(fn_->C_GenerateRandom(handle_, out.data(), size),
+                            "C_GenerateRandom");
   if (!s.ok()) return s;
   return out;
 }
@@ -109,28 +108,27 @@ Session::GenerateKeyPair(CK_MECHANISM_TYPE mechanism,
                          AttributeTemplate& private_attrs) {
   CK_MECHANISM mech = {mechanism, nullptr, 0};
   CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE;
-  absl::Status s = CkStatus(
-      fn_->C_GenerateKeyPair(handle_, &mech, public_attrs.data(),
-                             public_attrs.size(), private_attrs.data(),
-                             private_attrs.size(), &pub, &priv),
-      "C_GenerateKeyPair");
+  absl::Status s =
+      CkStatus(fn_->C_GenerateKeyPair(handle_, &mech, public_attrs.data(),
+                                      public_attrs.size(), private_attrs.data(),
+                                      private_attrs.size(), &pub, &priv),
+               "C_GenerateKeyPair");
   if (!s.ok()) return s;
   return std::make_pair(pub, priv);
 }
 
 absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> Session::FindObjects(
     AttributeTemplate& attrs, size_t max_objects) {
-  absl::Status s = CkStatus(
-      fn_->C_FindObjectsInit(handle_, attrs.data(), attrs.size()),
-      "C_FindObjectsInit");
+  absl::Status s =
+      CkStatus(fn_->C_FindObjectsInit(handle_, attrs.data(), attrs.size()),
+               "C_FindObjectsInit");
   if (!s.ok()) return s;
   std::vector<CK_OBJECT_HANDLE> found;
   CK_OBJECT_HANDLE batch[64];
   while (found.size() < max_objects) {
     CK_ULONG n = 0;
     CK_ULONG want = std::min<size_t>(64, max_objects - found.size());
-    s = CkStatus(fn_->C_FindObjects(handle_, batch, want, &n),
-                 "C_FindObjects");
+    s = CkStatus(fn_->C_FindObjects(handle_, batch, want, &n), "C_FindObjects");
     if (!s.ok() || n == 0) break;
     found.insert(found.end(), batch, batch + n);
   }
@@ -147,8 +145,8 @@ absl::Status Session::DestroyObject(CK_OBJECT_HANDLE object) {
   return CkStatus(fn_->C_DestroyObject(handle_, object), "C_DestroyObject");
 }
 
-absl::StatusOr<std::string> Session::GetBytesAttribute(
-    CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type) {
+absl::StatusOr<std::string> Session::GetBytesAttribute(CK_OBJECT_HANDLE object,
+                                                       CK_ATTRIBUTE_TYPE type) {
   CK_ATTRIBUTE attr = {type, nullptr, 0};
   absl::Status s = CkStatus(fn_->C_GetAttributeValue(handle_, object, &attr, 1),
                             "C_GetAttributeValue");
@@ -177,10 +175,9 @@ absl::Status Session::GetAttributes(CK_OBJECT_HANDLE object,
   return CkStatus(rv, "C_GetAttributeValue");
 }
 
-absl::StatusOr<std::string> Session::EncryptAesGcm(CK_OBJECT_HANDLE key,
-                                                   absl::string_view iv,
-                                                   absl::string_view aad,
-                                                   absl::string_view plaintext) {
+absl::StatusOr<std::string> Session::EncryptAesGcm(
+    CK_OBJECT_HANDLE key, absl::string_view iv, absl::string_view aad,
+    absl::string_view plaintext) {
   if (absl::Status s = CheckGcmSizes(iv); !s.ok()) return s;
   CK_GCM_PARAMS params = GcmParams(iv, aad);
   CK_MECHANISM mech = {CKM_AES_GCM, &params, sizeof(params)};
@@ -189,18 +186,18 @@ absl::StatusOr<std::string> Session::EncryptAesGcm(CK_OBJECT_HANDLE key,
   if (!s.ok()) return s;
   std::string out(plaintext.size() + kGcmTagSize, '\0');
   CK_ULONG out_len = out.size();
-  s = CkStatus(fn_->C_Encrypt(handle_, Bytes(plaintext), plaintext.size(),
-                              reinterpret_cast<CK_BYTE_PTR>(out.data()),
-                              &out_len),
-               "C_Encrypt");
+  s = CkStatus(
+      fn_->C_Encrypt(handle_, Bytes(plaintext), plaintext.size(),
+                     reinterpret_cast<CK_BYTE_PTR>(out.data()), &out_len),
+      "C_Encrypt");
   if (!s.ok()) {
     needs_reset_ = true;
     return s;
   }
   if (out_len != plaintext.size() + kGcmTagSize) {
-    return absl::InternalError(absl::StrCat(
-        "C_Encrypt: AES-GCM returned ", out_len, " bytes, expected ",
-        plaintext.size() + kGcmTagSize));
+    return absl::InternalError(absl::StrCat("C_Encrypt: AES-GCM returned ",
+                                            out_len, " bytes, expected ",
+                                            plaintext.size() + kGcmTagSize));
   }
   return out;
 }

@@ -55,9 +55,9 @@ class Session {
   absl::StatusOr<CK_OBJECT_HANDLE> GenerateKey(CK_MECHANISM_TYPE mechanism,
                                                AttributeTemplate& attrs);
   // Returns {public, private} handles.
-  absl::StatusOr<std::pair<CK_OBJECT_HANDLE, CK_OBJECT_HANDLE>>
-  GenerateKeyPair(CK_MECHANISM_TYPE mechanism, AttributeTemplate& public_attrs,
-                  AttributeTemplate& private_attrs);
+  absl::StatusOr<std::pair<CK_OBJECT_HANDLE, CK_OBJECT_HANDLE>> GenerateKeyPair(
+      CK_MECHANISM_TYPE mechanism, AttributeTemplate& public_attrs,
+      AttributeTemplate& private_attrs);
 
   // Objects matching `attrs`, at most `max_objects`.
   absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> FindObjects(

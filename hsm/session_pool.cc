@@ -82,8 +82,8 @@ class SessionPool::Worker {
   std::thread thread_;
 };
 
-SessionPool::SessionPool(CK_FUNCTION_LIST* fn, CK_SLOT_ID slot,
-                         SecretBytes pin, Options options)
+SessionPool::SessionPool(CK_FUNCTION_LIST* fn, CK_SLOT_ID slot, SecretBytes pin,
+                         Options options)
     : fn_(fn), slot_(slot), pin_(std::move(pin)), options_(options) {}
 
 absl::StatusOr<std::unique_ptr<SessionPool>> SessionPool::Create(
@@ -192,8 +192,7 @@ absl::Status SessionPool::Run(Op op) {
   return status;
 }
 
-absl::Status SessionPool::RunOnce(std::shared_ptr<Op> op,
-                                  absl::Time deadline) {
+absl::Status SessionPool::RunOnce(std::shared_ptr<Op> op, absl::Time deadline) {
   auto job = std::make_shared<Job>();
   job->op = std::move(op);
   std::vector<std::unique_ptr<Worker>> exited;
@@ -213,15 +212,16 @@ absl::Status SessionPool::Submit(const std::shared_ptr<Job>& job,
   }
   queue_.push_back(job);
   const absl::Time now = absl::Now();
-  if (!mu_.AwaitWithDeadline(absl::Condition(&Job::Started, job.get()),
-                             std::min(deadline, now + options_.lease_timeout))) {
+  if (!mu_.AwaitWithDeadline(
+          absl::Condition(&Job::Started, job.get()),
+          std::min(deadline, now + options_.lease_timeout))) {
     queue_.erase(std::find(queue_.begin(), queue_.end(), job));
     ++stats_.lease_timeouts;
-    return absl::UnavailableError(absl::StrCat(
-        "no HSM session became free within ",
-        absl::FormatDuration(options_.lease_timeout), " (pool of ",
-        live_workers_, ", ", abandoned_,
-        " hung calls): the HSM is overloaded or not answering"));
+    return absl::UnavailableError(
+        absl::StrCat("no HSM session became free within ",
+                     absl::FormatDuration(options_.lease_timeout), " (pool of ",
+                     live_workers_, ", ", abandoned_,
+                     " hung calls): the HSM is overloaded or not answering"));
   }
   if (mu_.AwaitWithDeadline(
           absl::Condition(&Job::Done, job.get()),

@@ -134,8 +134,8 @@ class SessionPool {
   std::deque<std::shared_ptr<Job>> queue_ ABSL_GUARDED_BY(mu_);
   std::list<std::unique_ptr<Worker>> workers_ ABSL_GUARDED_BY(mu_);
   std::vector<Worker*> finished_ ABSL_GUARDED_BY(mu_);  // to join
-  int live_workers_ ABSL_GUARDED_BY(mu_) = 0;  // not abandoned
-  int running_ ABSL_GUARDED_BY(mu_) = 0;       // live workers mid-operation
+  int live_workers_ ABSL_GUARDED_BY(mu_) = 0;           // not abandoned
+  int running_ ABSL_GUARDED_BY(mu_) = 0;  // live workers mid-operation
   int abandoned_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   Stats stats_ ABSL_GUARDED_BY(mu_);

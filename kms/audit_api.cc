@@ -23,13 +23,14 @@ absl::Status AuditApi::Admit(const Caller& caller, Rpc rpc,
   record.request_id = caller.request_id;
   record.peer = caller.peer;
   record.code = allowed.code();
-  record.outcome = allowed.ok() ? AuditOutcome::kAllowed : AuditOutcome::kDenied;
+  record.outcome =
+      allowed.ok() ? AuditOutcome::kAllowed : AuditOutcome::kDenied;
   record.detail = std::string(detail.substr(0, 256));
   absl::Status appended = audit_->Append(std::move(record));
   if (!appended.ok()) {
-    return absl::UnavailableError(absl::StrCat(
-        "request refused because the audit log cannot record it: ",
-        appended.message()));
+    return absl::UnavailableError(
+        absl::StrCat("request refused because the audit log cannot record it: ",
+                     appended.message()));
   }
   return allowed;
 }
@@ -46,8 +47,8 @@ absl::StatusOr<AuditPage> AuditApi::List(const Caller& caller,
   if (page_size > kMaxPageSize) {
     return absl::InvalidArgumentError("page_size: at most 1000");
   }
-  CUSTOS_RETURN_IF_ERROR(Admit(caller, Rpc::kListAuditEvents,
-                               absl::StrCat("from_seq=", from)));
+  CUSTOS_RETURN_IF_ERROR(
+      Admit(caller, Rpc::kListAuditEvents, absl::StrCat("from_seq=", from)));
   uint64_t next = from;
   CUSTOS_ASSIGN_OR_RETURN(
       std::vector<AuditEvent> events,

@@ -25,9 +25,10 @@ struct AuditPage {
 class AuditApi {
  public:
   // All pointers must outlive the AuditApi.
-  AuditApi(const AuditReader* reader, AuditLog* audit,
-           const Authorizer* authorizer, const AuditSigner* signer,
-           std::function<absl::Time()> now = [] { return absl::Now(); })
+  AuditApi(
+      const AuditReader* reader, AuditLog* audit, const Authorizer* authorizer,
+      const AuditSigner* signer,
+      std::function<absl::Time()> now = [] { return absl::Now(); })
       : reader_(reader),
         audit_(audit),
         authorizer_(authorizer),
@@ -35,8 +36,7 @@ class AuditApi {
         now_(std::move(now)) {}
 
   absl::StatusOr<AuditPage> List(const Caller& caller,
-                                 const AuditFilter& filter,
-                                 uint32_t page_size,
+                                 const AuditFilter& filter, uint32_t page_size,
                                  const std::string& page_token);
   // Authorizes and audits the start of a stream; returns the sequence number
   // to start from (`from_seq`, or the next one to be written when 0).

@@ -66,9 +66,9 @@ class KeyService::Audit {
     absl::Status s = service_->audit_->Append(std::move(copy));
     precommit_ = s.ok() ? Precommit::kWritten : Precommit::kFailed;
     if (s.ok()) return absl::OkStatus();
-    return absl::UnavailableError(absl::StrCat(
-        "request refused because the audit log cannot record it: ",
-        s.message()));
+    return absl::UnavailableError(
+        absl::StrCat("request refused because the audit log cannot record it: ",
+                     s.message()));
   }
 
   // Runs `body`, records its outcome, and returns its result, unless the

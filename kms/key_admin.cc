@@ -91,9 +91,9 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::CreateKey(
   Audit audit(this, caller, Rpc::kCreateKey);
   return audit.Run<std::shared_ptr<const Key>>(
       [&]() -> absl::StatusOr<std::shared_ptr<const Key>> {
-        CUSTOS_RETURN_IF_ERROR(authorizer_->Check(
-            caller, Rpc::kCreateKey, nullptr, KeyOperation{}, nullptr,
-            nullptr));
+        CUSTOS_RETURN_IF_ERROR(authorizer_->Check(caller, Rpc::kCreateKey,
+                                                  nullptr, KeyOperation{},
+                                                  nullptr, nullptr));
         if (params.description.size() > kMaxDescriptionBytes) {
           return absl::InvalidArgumentError(
               "description: longer than 8192 bytes");
@@ -279,10 +279,10 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::EnableKey(
                                 AdminKey(caller, Rpc::kEnableKey, name, audit));
         return registry_->Update(key->id, [&](Key& k) -> absl::Status {
           if (k.state == KeyState::kPendingDeletion) {
-            return absl::FailedPreconditionError(absl::StrCat(
-                "key ", k.id,
-                " is PENDING_DELETION: cancel the deletion first "
-                "(CancelKeyDeletion), then enable it"));
+            return absl::FailedPreconditionError(
+                absl::StrCat("key ", k.id,
+                             " is PENDING_DELETION: cancel the deletion first "
+                             "(CancelKeyDeletion), then enable it"));
           }
           if (k.state == KeyState::kDestroyed) {
             return absl::FailedPreconditionError(
@@ -304,8 +304,7 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::DisableKey(
             std::shared_ptr<const Key> key,
             AdminKey(caller, Rpc::kDisableKey, name, audit));
         return registry_->Update(key->id, [&](Key& k) -> absl::Status {
-          if (k.state != KeyState::kEnabled &&
-              k.state != KeyState::kDisabled) {
+          if (k.state != KeyState::kEnabled && k.state != KeyState::kDisabled) {
             return absl::FailedPreconditionError(
                 absl::StrCat("key ", k.id, " is ", KeyStateName(k.state),
                              "; only ENABLED keys can be disabled"));
@@ -334,9 +333,9 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::ScheduleKeyDeletion(
         const absl::Time now = options_.now();
         return registry_->Update(key->id, [&](Key& k) -> absl::Status {
           if (k.state == KeyState::kPendingDeletion) {
-            return absl::FailedPreconditionError(absl::StrCat(
-                "key ", k.id, " is already pending deletion, at ",
-                absl::FormatTime(k.deletion_time)));
+            return absl::FailedPreconditionError(
+                absl::StrCat("key ", k.id, " is already pending deletion, at ",
+                             absl::FormatTime(k.deletion_time)));
           }
           if (k.state == KeyState::kDestroyed) {
             return absl::FailedPreconditionError(
@@ -401,16 +400,17 @@ absl::Status KeyService::DeleteAlias(const Caller& caller,
   Audit audit(this, caller, Rpc::kDeleteAlias);
   return audit
       .Run<bool>([&]() -> absl::StatusOr<bool> {
-        CUSTOS_RETURN_IF_ERROR(authorizer_->Check(
-            caller, Rpc::kDeleteAlias, nullptr, KeyOperation{}, nullptr,
-            nullptr));
+        CUSTOS_RETURN_IF_ERROR(authorizer_->Check(caller, Rpc::kDeleteAlias,
+                                                  nullptr, KeyOperation{},
+                                                  nullptr, nullptr));
         CUSTOS_RETURN_IF_ERROR(ValidateAliasName(alias));
         audit.AddDetail(absl::StrCat("alias=", alias));
         if (auto key = registry_->Find(alias); key.ok()) {
           audit.SetKey((*key)->id, 0);
         }
         if (!registry_->Find(alias).ok()) {
-          return absl::NotFoundError(absl::StrCat("alias ", alias, " not found"));
+          return absl::NotFoundError(
+              absl::StrCat("alias ", alias, " not found"));
         }
         CUSTOS_RETURN_IF_ERROR(audit.RecordBeforeCommit());
         CUSTOS_RETURN_IF_ERROR(registry_->DeleteAlias(alias));
@@ -425,9 +425,9 @@ absl::StatusOr<std::vector<AliasRecord>> KeyService::ListAliases(
   return audit.Run<std::vector<AliasRecord>>(
       [&]() -> absl::StatusOr<std::vector<AliasRecord>> {
         if (name.empty()) {
-          CUSTOS_RETURN_IF_ERROR(authorizer_->Check(
-              caller, Rpc::kListAliases, nullptr, KeyOperation{}, nullptr,
-              nullptr));
+          CUSTOS_RETURN_IF_ERROR(authorizer_->Check(caller, Rpc::kListAliases,
+                                                    nullptr, KeyOperation{},
+                                                    nullptr, nullptr));
           return registry_->Aliases("");
         }
         CUSTOS_ASSIGN_OR_RETURN(
@@ -460,10 +460,10 @@ absl::StatusOr<KeyPolicy> KeyService::SetKeyPolicy(const Caller& caller,
         std::shared_ptr<const Key> updated,
         registry_->Update(key->id, [&](Key& k) -> absl::Status {
           if (expected_version != 0 && k.policy.version != expected_version) {
-            return absl::AbortedError(absl::StrCat(
-                "policy of ", k.id, " is at version ", k.policy.version,
-                ", not ", expected_version,
-                ": someone changed it meanwhile; read it again"));
+            return absl::AbortedError(
+                absl::StrCat("policy of ", k.id, " is at version ",
+                             k.policy.version, ", not ", expected_version,
+                             ": someone changed it meanwhile; read it again"));
           }
           uint64_t next = k.policy.version + 1;
           k.policy = policy;

@@ -7,10 +7,10 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "common/status_macros.h"
 #include "kms/audit_scope.h"
 #include "kms/ciphertext_blob.h"
-#include "common/logging.h"
 
 namespace custos::kms {
 
@@ -54,8 +54,8 @@ absl::Status KeyService::TakeEncryption(const Key& key,
     return absl::ResourceExhaustedError("version reached its encryption limit");
   }
   if (c.used >= c.reserved) {
-    const uint64_t target =
-        std::min(c.reserved + options_.counter_block, options_.encryption_limit);
+    const uint64_t target = std::min(c.reserved + options_.counter_block,
+                                     options_.encryption_limit);
     const uint32_t number = version.number;
     CUSTOS_RETURN_IF_ERROR(
         registry_
@@ -94,8 +94,8 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::RotateFrom(
   CUSTOS_ASSIGN_OR_RETURN(std::string hsm_id,
                           hsm_->GenerateAesKey(HsmLabel(key_id, number)));
   const absl::Time now = options_.now();
-  absl::StatusOr<std::shared_ptr<const Key>> updated = registry_->Update(
-      key_id, [&](Key& k) -> absl::Status {
+  absl::StatusOr<std::shared_ptr<const Key>> updated =
+      registry_->Update(key_id, [&](Key& k) -> absl::Status {
         if (k.primary_version != expected_primary ||
             k.versions.size() + 1 != number) {
           return absl::AbortedError("key changed during rotation");
@@ -128,8 +128,8 @@ absl::StatusOr<KeyService::SealedData> KeyService::Seal(
   for (int attempt = 0; attempt < 3; ++attempt) {
     const KeyVersion* version = key->FindVersion(key->primary_version);
     if (version == nullptr || version->state != VersionState::kEnabled) {
-      return absl::InternalError(absl::StrCat(
-          "key ", key->id, " has no usable primary version"));
+      return absl::InternalError(
+          absl::StrCat("key ", key->id, " has no usable primary version"));
     }
     absl::Status taken = TakeEncryption(*key, *version);
     if (absl::IsResourceExhausted(taken)) {
@@ -148,9 +148,9 @@ absl::StatusOr<KeyService::SealedData> KeyService::Seal(
         version->hsm_id, BlobAad(header, context), plaintext);
     if (!sealed.ok()) {
       if (absl::IsNotFound(sealed.status())) {
-        return absl::InternalError(
-            absl::StrCat("key material of ", key->id, " version ",
-                         version->number, " is missing from the HSM"));
+        return absl::InternalError(absl::StrCat("key material of ", key->id,
+                                                " version ", version->number,
+                                                " is missing from the HSM"));
       }
       return sealed.status();
     }
@@ -172,8 +172,8 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::AuthorizeKeyUse(
       authorizer_->Check(caller, rpc, raw, op, &context, justification));
   if ((*key)->state != KeyState::kEnabled) {
     return absl::FailedPreconditionError(
-        absl::StrCat("key ", (*key)->id, " is ",
-                     KeyStateName((*key)->state), " and cannot be used"));
+        absl::StrCat("key ", (*key)->id, " is ", KeyStateName((*key)->state),
+                     " and cannot be used"));
   }
   return key;
 }
@@ -194,15 +194,14 @@ absl::StatusOr<DataKeyResult> KeyService::GenerateDataKey(
     CUSTOS_RETURN_IF_ERROR(ValidateEncryptionContext(params.context));
     CUSTOS_ASSIGN_OR_RETURN(
         std::shared_ptr<const Key> key,
-        AuthorizeKeyUse(caller,
-                        params.include_plaintext
-                            ? Rpc::kGenerateDataKey
-                            : Rpc::kGenerateDataKeyWithoutPlaintext,
-                        params.include_plaintext
-                            ? KeyOperation::kGenerateDataKey
-                            : KeyOperation::kGenerateDataKeyWithoutPlaintext,
-                        params.key, params.context,
-                        params.justification.get(), audit));
+        AuthorizeKeyUse(
+            caller,
+            params.include_plaintext ? Rpc::kGenerateDataKey
+                                     : Rpc::kGenerateDataKeyWithoutPlaintext,
+            params.include_plaintext
+                ? KeyOperation::kGenerateDataKey
+                : KeyOperation::kGenerateDataKeyWithoutPlaintext,
+            params.key, params.context, params.justification.get(), audit));
     CUSTOS_ASSIGN_OR_RETURN(SecretBytes data_key,
                             hsm_->GenerateRandom(params.bytes));
     CUSTOS_ASSIGN_OR_RETURN(
@@ -234,11 +233,11 @@ absl::StatusOr<EncryptResult> KeyService::Encrypt(const Caller& caller,
     CUSTOS_ASSIGN_OR_RETURN(
         std::shared_ptr<const Key> key,
         AuthorizeKeyUse(caller, Rpc::kEncrypt, KeyOperation::kEncrypt,
-                        params.key, params.context,
-                        params.justification.get(), audit));
-    CUSTOS_ASSIGN_OR_RETURN(SealedData sealed,
-                            Seal(std::move(key), params.plaintext.view(),
-                                 params.context, audit));
+                        params.key, params.context, params.justification.get(),
+                        audit));
+    CUSTOS_ASSIGN_OR_RETURN(
+        SealedData sealed,
+        Seal(std::move(key), params.plaintext.view(), params.context, audit));
     return EncryptResult{std::move(sealed.key_id), sealed.version,
                          std::move(sealed.blob)};
   });
@@ -266,9 +265,9 @@ absl::StatusOr<DecryptResult> KeyService::Open(
   }
   if (raw->state == KeyState::kDestroyed) return InvalidCiphertext();
   if (raw->state != KeyState::kEnabled) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "key ", raw->id, " is ", KeyStateName(raw->state),
-        " and cannot be used"));
+    return absl::FailedPreconditionError(absl::StrCat("key ", raw->id, " is ",
+                                                      KeyStateName(raw->state),
+                                                      " and cannot be used"));
   }
   const KeyVersion* version = raw->FindVersion(parsed.header.version);
   if (version == nullptr || version->state != VersionState::kEnabled) {
@@ -296,8 +295,8 @@ absl::StatusOr<DecryptResult> KeyService::Decrypt(const Caller& caller,
   audit.SetJustification(params.justification.get());
   return audit.Run<DecryptResult>([&] {
     return Open(caller, Rpc::kDecrypt, KeyOperation::kDecrypt, params.blob,
-                params.context, params.expected_key,
-                params.justification.get(), audit);
+                params.context, params.expected_key, params.justification.get(),
+                audit);
   });
 }
 
@@ -311,22 +310,21 @@ absl::StatusOr<ReEncryptResult> KeyService::ReEncrypt(
         ValidateEncryptionContext(params.destination_context));
     CUSTOS_ASSIGN_OR_RETURN(
         DecryptResult opened,
-        Open(caller, Rpc::kReEncrypt, KeyOperation::kReEncryptFrom,
-             params.blob, params.source_context, params.source_expected_key,
+        Open(caller, Rpc::kReEncrypt, KeyOperation::kReEncryptFrom, params.blob,
+             params.source_context, params.source_expected_key,
              params.justification.get(), audit));
-    const std::string& destination = params.destination_key.empty()
-                                         ? opened.key_id
-                                         : params.destination_key;
+    const std::string& destination =
+        params.destination_key.empty() ? opened.key_id : params.destination_key;
     CUSTOS_ASSIGN_OR_RETURN(
         std::shared_ptr<const Key> key,
         AuthorizeKeyUse(caller, Rpc::kReEncrypt, KeyOperation::kReEncryptTo,
                         destination, params.destination_context,
                         params.justification.get(), audit));
-    audit.AddDetail(absl::StrCat("source ", opened.key_id, " version ",
-                                 opened.version));
-    CUSTOS_ASSIGN_OR_RETURN(
-        SealedData sealed, Seal(std::move(key), opened.plaintext.view(),
-                                params.destination_context, audit));
+    audit.AddDetail(
+        absl::StrCat("source ", opened.key_id, " version ", opened.version));
+    CUSTOS_ASSIGN_OR_RETURN(SealedData sealed,
+                            Seal(std::move(key), opened.plaintext.view(),
+                                 params.destination_context, audit));
     return ReEncryptResult{opened.key_id, opened.version,
                            std::move(sealed.key_id), sealed.version,
                            std::move(sealed.blob)};

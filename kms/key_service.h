@@ -188,8 +188,8 @@ class KeyService {
                                           const std::string& alias,
                                           const std::string& key);
   absl::Status DeleteAlias(const Caller& caller, const std::string& alias);
-  absl::StatusOr<std::vector<AliasRecord>> ListAliases(
-      const Caller& caller, const std::string& key);
+  absl::StatusOr<std::vector<AliasRecord>> ListAliases(const Caller& caller,
+                                                       const std::string& key);
   absl::StatusOr<KeyPolicy> GetKeyPolicy(const Caller& caller,
                                          const std::string& key);
   absl::StatusOr<KeyPolicy> SetKeyPolicy(const Caller& caller,

@@ -3,11 +3,11 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "common/status_macros.h"
 #include "hsm/key_templates.h"
 #include "kms/audit_scope.h"
 #include "kms/key_service.h"
-#include "common/logging.h"
 
 namespace custos::kms {
 namespace {
@@ -137,12 +137,12 @@ absl::StatusOr<MaintenanceReport> KeyService::Reconcile() {
     }
     report.destroyed_objects += *n;
     if (dead.count(o.id) == 0) ++report.orphans_destroyed;
-    spdlog::warn(
-        "reconcile: destroyed HSM object {} ({}): {}", hsm::ObjectIdHex(o.id),
-        o.label,
-        dead.count(o.id) ? "its version is destroyed in the database"
-                         : "no key version owns it (left by an interrupted "
-                           "create or rotate)");
+    spdlog::warn("reconcile: destroyed HSM object {} ({}): {}",
+                 hsm::ObjectIdHex(o.id), o.label,
+                 dead.count(o.id)
+                     ? "its version is destroyed in the database"
+                     : "no key version owns it (left by an interrupted "
+                       "create or rotate)");
   }
   for (const std::string& id : live) {
     if (present.count(id) == 0) {

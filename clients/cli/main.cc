@@ -568,15 +568,17 @@ absl::StatusOr<pb::AuditFilter> AuditFilterFrom(const Args& a) {
 }
 
 std::vector<std::string> EventRow(const pb::AuditEvent& e) {
-  return {absl::StrCat(e.seq()), FormatSeconds(e.time().seconds()),
-          e.principal(), e.operation(),
-          e.key_id().empty() ? "-"
-                             : absl::StrCat(e.key_id(), e.key_version()
-                                                            ? absl::StrCat(
-                                                                  "/v",
-                                                                  e.key_version())
-                                                            : ""),
-          e.outcome(), e.code()};
+  return {absl::StrCat(e.seq()),
+          FormatSeconds(e.time().seconds()),
+          e.principal(),
+          e.operation(),
+          e.key_id().empty()
+              ? "-"
+              : absl::StrCat(
+                    e.key_id(),
+                    e.key_version() ? absl::StrCat("/v", e.key_version()) : ""),
+          e.outcome(),
+          e.code()};
 }
 
 const std::vector<std::string> kEventHeader = {
@@ -920,15 +922,14 @@ int Main(int argc, char** argv) {
   add_filters(alist);
   alist->add_option("--page-size", a.page_size, "events per page");
   alist->add_flag("--all", a.all, "fetch every page");
-  CLI::App* atail = add(audit, "tail",
-                        "follow the audit log like tail -f (Ctrl-C stops)",
-                        "custos audit tail --operation Decrypt");
+  CLI::App* atail =
+      add(audit, "tail", "follow the audit log like tail -f (Ctrl-C stops)",
+          "custos audit tail --operation Decrypt");
   add_filters(atail);
   atail->add_option("--from-seq", a.from_seq,
                     "start at this sequence number (default: new events)");
   atail->add_option("--limit", a.limit, "stop after this many events");
-  add(audit, "public-key",
-      "print the server's checkpoint public key (PEM)",
+  add(audit, "public-key", "print the server's checkpoint public key (PEM)",
       "custos audit public-key > audit-public-key.pem");
   verify->add_option("--public-key", a.public_key, "checkpoint key (PEM)");
 

@@ -50,7 +50,8 @@ void PrintTable(const std::vector<std::string>& header,
     std::string line;
     for (size_t i = 0; i < row.size(); ++i) {
       line += row[i];
-      if (i + 1 < row.size()) line += std::string(width[i] - row[i].size() + 2, ' ');
+      if (i + 1 < row.size())
+        line += std::string(width[i] - row[i].size() + 2, ' ');
     }
     std::cout << line << "\n";
   };

@@ -108,14 +108,14 @@ absl::Status Client::Invoke(bool retry, Call call) {
   return FromGrpc(status);
 }
 
-#define CUSTOS_CLIENT_CALL(Stub, Method, Request, Response, Retry)        \
-  absl::StatusOr<Response> Client::Method(const Request& request) {        \
-    Response response;                                                     \
-    absl::Status s = Invoke(Retry, [&](grpc::ClientContext* ctx) {         \
-      return Stub->Method(ctx, request, &response);                        \
-    });                                                                    \
-    if (!s.ok()) return s;                                                 \
-    return response;                                                       \
+#define CUSTOS_CLIENT_CALL(Stub, Method, Request, Response, Retry)  \
+  absl::StatusOr<Response> Client::Method(const Request& request) { \
+    Response response;                                              \
+    absl::Status s = Invoke(Retry, [&](grpc::ClientContext* ctx) {  \
+      return Stub->Method(ctx, request, &response);                 \
+    });                                                             \
+    if (!s.ok()) return s;                                          \
+    return response;                                                \
   }
 
 // Reads and operations that are harmless to repeat are retried; changes
@@ -187,8 +187,7 @@ absl::Status Client::DeleteAlias(const pb::DeleteAliasRequest& request) {
 }
 
 absl::StatusOr<DataKeySource::DataKey> Client::GenerateDataKey(
-    const std::string& key,
-    const std::map<std::string, std::string>& context) {
+    const std::string& key, const std::map<std::string, std::string>& context) {
   pb::GenerateDataKeyRequest request;
   request.set_key(key);
   request.set_key_spec(pb::AES_256);

@@ -55,14 +55,12 @@ MATCHER_P(IsOkAndHolds, value_matcher, "is OK and holds a matching value") {
 }  // namespace custos::testing
 
 // Assertion helpers that print the status on failure.
-#define CUSTOS_ASSERT_OK(expr) \
-  ASSERT_THAT((expr), ::custos::testing::IsOk())
-#define CUSTOS_EXPECT_OK(expr) \
-  EXPECT_THAT((expr), ::custos::testing::IsOk())
+#define CUSTOS_ASSERT_OK(expr) ASSERT_THAT((expr), ::custos::testing::IsOk())
+#define CUSTOS_EXPECT_OK(expr) EXPECT_THAT((expr), ::custos::testing::IsOk())
 
 // Asserts that `rexpr` (a StatusOr) is OK and moves its value into `lhs`.
-#define CUSTOS_ASSERT_OK_AND_ASSIGN(lhs, rexpr)                        \
-  CUSTOS_ASSERT_OK_AND_ASSIGN_IMPL_(                                   \
+#define CUSTOS_ASSERT_OK_AND_ASSIGN(lhs, rexpr) \
+  CUSTOS_ASSERT_OK_AND_ASSIGN_IMPL_(            \
       CUSTOS_TEST_CONCAT_(custos_test_statusor_, __LINE__), lhs, rexpr)
 #define CUSTOS_TEST_CONCAT_INNER_(a, b) a##b
 #define CUSTOS_TEST_CONCAT_(a, b) CUSTOS_TEST_CONCAT_INNER_(a, b)

@@ -37,8 +37,7 @@ absl::StatusOr<std::string> ParseId(const std::string& hex) {
 }
 
 absl::Status RunCommand(const std::string& command, const Flags& flags) {
-  CUSTOS_ASSIGN_OR_RETURN(auto module,
-                          custos::hsm::Module::Load(flags.module));
+  CUSTOS_ASSIGN_OR_RETURN(auto module, custos::hsm::Module::Load(flags.module));
   if (command == "tokens") {
     CUSTOS_ASSIGN_OR_RETURN(auto tokens, module->ListTokens());
     for (const auto& t : tokens) {
@@ -84,8 +83,8 @@ absl::Status RunCommand(const std::string& command, const Flags& flags) {
     CUSTOS_ASSIGN_OR_RETURN(auto sealed,
                             hsm->EncryptAesGcm(id, aad, data_key.view()));
     std::cout << "wrapped a 32-byte random data key under " << flags.id_hex
-              << ":\n  iv  " << absl::BytesToHexString(sealed.iv)
-              << "\n  ct  " << absl::BytesToHexString(sealed.ciphertext)
+              << ":\n  iv  " << absl::BytesToHexString(sealed.iv) << "\n  ct  "
+              << absl::BytesToHexString(sealed.ciphertext)
               << " (32 bytes + 16-byte tag)\n";
     CUSTOS_ASSIGN_OR_RETURN(
         custos::SecretBytes opened,
@@ -128,7 +127,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.add_subcommand("tokens", "list the module's tokens");
   app.add_subcommand("list", "list key objects (CKA_ID, class, label)");
-  app.add_subcommand("generate-key", "generate an AES-256 CMK; print its CKA_ID")
+  app.add_subcommand("generate-key",
+                     "generate an AES-256 CMK; print its CKA_ID")
       ->add_option("--label", flags.label, "CKA_LABEL")
       ->capture_default_str();
   for (const char* name : {"verify-key", "roundtrip", "destroy"}) {

@@ -79,16 +79,15 @@ absl::StatusOr<std::vector<AuditEvent>> AuditReader::Read(
   std::vector<Segment> segments;
   DIR* d = opendir(dir_.c_str());
   if (d == nullptr) {
-    return absl::UnavailableError(
-        absl::StrCat("audit: cannot read ", dir_));
+    return absl::UnavailableError(absl::StrCat("audit: cannot read ", dir_));
   }
   while (dirent* entry = readdir(d)) {
     std::string name = entry->d_name;
     uint64_t first = 0;
     if (absl::StartsWith(name, prefix) && absl::EndsWith(name, ".jsonl") &&
-        absl::SimpleAtoi(name.substr(prefix.size(),
-                                     name.size() - prefix.size() - 6),
-                         &first)) {
+        absl::SimpleAtoi(
+            name.substr(prefix.size(), name.size() - prefix.size() - 6),
+            &first)) {
       segments.push_back({first, dir_ + "/" + name});
     }
   }

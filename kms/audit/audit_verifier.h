@@ -52,8 +52,7 @@ struct AuditVerifyReport {
 // and is skipped rather than reported as a break.
 absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
     const std::string& dir, const std::vector<std::string>& public_key_pems,
-    const std::function<void(uint64_t)>& progress = nullptr,
-    bool live = false);
+    const std::function<void(uint64_t)>& progress = nullptr, bool live = false);
 
 }  // namespace custos::kms
 

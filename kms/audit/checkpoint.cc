@@ -18,9 +18,9 @@ absl::StatusOr<std::unique_ptr<HsmAuditSigner>> HsmAuditSigner::Create(
   for (const hsm::HsmObject& o : objects) {
     if (o.object_class != CKO_PRIVATE_KEY || o.label != label) continue;
     if (!key_id.empty()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "audit: several HSM signing keys are labelled '", label,
-          "'; remove the extra ones"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("audit: several HSM signing keys are labelled '", label,
+                       "'; remove the extra ones"));
     }
     key_id = o.id;
   }

@@ -35,10 +35,9 @@ absl::Status OnlyKnown(const YAML::Node& node, absl::string_view where,
                         "given twice; keep one");
     }
     if (allowed.count(key) == 0) {
-      return FieldError(
-          where.empty() ? key : absl::StrCat(where, ".", key),
-          absl::StrCat("unknown field; known fields are ",
-                       absl::StrJoin(allowed, ", ")));
+      return FieldError(where.empty() ? key : absl::StrCat(where, ".", key),
+                        absl::StrCat("unknown field; known fields are ",
+                                     absl::StrJoin(allowed, ", ")));
     }
   }
   return absl::OkStatus();
@@ -72,10 +71,10 @@ absl::Status GetSeconds(const YAML::Node& node, const char* key,
   return absl::OkStatus();
 }
 
-#define CUSTOS_CFG(expr)          \
-  do {                            \
-    absl::Status s_ = (expr);     \
-    if (!s_.ok()) return s_;      \
+#define CUSTOS_CFG(expr)      \
+  do {                        \
+    absl::Status s_ = (expr); \
+    if (!s_.ok()) return s_;  \
   } while (0)
 
 }  // namespace
@@ -86,24 +85,22 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
   try {
     root = YAML::Load(yaml);
   } catch (const YAML::Exception& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("config: not valid YAML (line ", e.mark.line + 1, "): ",
-                     e.msg));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config: not valid YAML (line ", e.mark.line + 1, "): ", e.msg));
   }
   if (!root || root.IsNull()) {
     return absl::InvalidArgumentError("config: the file is empty");
   }
   Config c;
   try {
-    CUSTOS_CFG(OnlyKnown(root, "",
-                         {"node_id", "listen", "tls", "hsm", "storage",
-                          "audit_dir", "audit_checkpoint_every",
-                          "audit_checkpoint_interval_seconds",
-                          "audit_max_segment_bytes",
-                          "audit_max_segment_age_seconds", "admins",
-                          "auditors", "limits",
-                          "encryption_limit", "maintenance_interval_seconds",
-                          "log_level", "development", "testing"}));
+    CUSTOS_CFG(OnlyKnown(
+        root, "",
+        {"node_id", "listen", "tls", "hsm", "storage", "audit_dir",
+         "audit_checkpoint_every", "audit_checkpoint_interval_seconds",
+         "audit_max_segment_bytes", "audit_max_segment_age_seconds", "admins",
+         "auditors", "limits", "encryption_limit",
+         "maintenance_interval_seconds", "log_level", "development",
+         "testing"}));
     CUSTOS_CFG(Get(root, "node_id", "node_id", &c.node_id));
     CUSTOS_CFG(Get(root, "listen", "listen", &c.listen));
     CUSTOS_CFG(Get(root, "storage", "storage", &c.storage));
@@ -120,8 +117,8 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
                           &c.audit_checkpoint_interval));
     CUSTOS_CFG(Get(root, "admins", "admins", &c.admins));
     CUSTOS_CFG(Get(root, "auditors", "auditors", &c.auditors));
-    CUSTOS_CFG(Get(root, "encryption_limit", "encryption_limit",
-                   &c.encryption_limit));
+    CUSTOS_CFG(
+        Get(root, "encryption_limit", "encryption_limit", &c.encryption_limit));
     CUSTOS_CFG(GetSeconds(root, "maintenance_interval_seconds",
                           "maintenance_interval_seconds",
                           &c.maintenance_interval));
@@ -137,8 +134,8 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
                            {"module", "token_label", "pin_file", "pool_size",
                             "call_timeout_ms", "lease_timeout_ms"}));
       CUSTOS_CFG(Get(hsm, "module", "hsm.module", &c.hsm.module));
-      CUSTOS_CFG(Get(hsm, "token_label", "hsm.token_label",
-                     &c.hsm.token_label));
+      CUSTOS_CFG(
+          Get(hsm, "token_label", "hsm.token_label", &c.hsm.token_label));
       CUSTOS_CFG(Get(hsm, "pin_file", "hsm.pin_file", &c.hsm.pin_file));
       CUSTOS_CFG(Get(hsm, "pool_size", "hsm.pool_size", &c.hsm.pool_size));
       int64_t call_ms = absl::ToInt64Milliseconds(c.hsm.call_timeout);
@@ -172,9 +169,9 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
                      &c.development.insecure_principal));
     }
     if (YAML::Node testing = root["testing"]) {
-      CUSTOS_CFG(OnlyKnown(testing, "testing",
-                           {"deletion_day_seconds",
-                            "min_rotation_period_seconds"}));
+      CUSTOS_CFG(
+          OnlyKnown(testing, "testing",
+                    {"deletion_day_seconds", "min_rotation_period_seconds"}));
       CUSTOS_CFG(GetSeconds(testing, "deletion_day_seconds",
                             "testing.deletion_day_seconds",
                             &c.testing.deletion_day));
@@ -215,8 +212,9 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
     return FieldError("hsm.pool_size", "must be 1 to 64");
   }
   if (c.storage.empty()) {
-    return FieldError("storage", "required, e.g. sqlite:///var/lib/custos/"
-                                 "custos.db");
+    return FieldError("storage",
+                      "required, e.g. sqlite:///var/lib/custos/"
+                      "custos.db");
   }
   if (c.audit_dir.empty()) return FieldError("audit_dir", "required");
   if (c.audit_max_segment_bytes < 4096 ||
@@ -226,9 +224,10 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
   }
   if (c.audit_checkpoint_every < 1 ||
       c.audit_checkpoint_interval <= absl::ZeroDuration()) {
-    return FieldError("audit_checkpoint_every / "
-                      "audit_checkpoint_interval_seconds",
-                      "must be positive");
+    return FieldError(
+        "audit_checkpoint_every / "
+        "audit_checkpoint_interval_seconds",
+        "must be positive");
   }
   if (c.admins.empty()) {
     return FieldError("admins",
@@ -237,8 +236,8 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
   }
   for (const std::string& node : {c.node_id}) {
     if (node.empty() || node.size() > 64 ||
-        node.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") !=
-            std::string::npos) {
+        node.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTU"
+                               "VWXYZ0123456789-_.") != std::string::npos) {
       return FieldError("node_id", "1-64 characters of [A-Za-z0-9._-]");
     }
   }
@@ -269,8 +268,9 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
   const std::set<std::string> levels = {"trace", "debug", "info",
                                         "warn",  "error", "critical"};
   if (levels.count(c.log_level) == 0) {
-    return FieldError("log_level", "one of trace, debug, info, warn, error, "
-                                   "critical");
+    return FieldError("log_level",
+                      "one of trace, debug, info, warn, error, "
+                      "critical");
   }
   c.tls.cert = Resolve(c.tls.cert, base_dir);
   c.tls.key = Resolve(c.tls.key, base_dir);

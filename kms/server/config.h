@@ -29,10 +29,10 @@ struct Config {
     absl::Duration call_timeout = absl::Seconds(10);
     absl::Duration lease_timeout = absl::Seconds(5);
   } hsm;
-  std::string storage;    // sqlite:///path
-  std::string audit_dir;  // audit segments
+  std::string storage;                     // sqlite:///path
+  std::string audit_dir;                   // audit segments
   uint64_t audit_checkpoint_every = 1000;  // records between checkpoints
-  uint64_t audit_max_segment_bytes = 64ull << 20;  // roll at this size
+  uint64_t audit_max_segment_bytes = 64ull << 20;          // roll at this size
   absl::Duration audit_max_segment_age = absl::Hours(24);  // or this age
   absl::Duration audit_checkpoint_interval = absl::Seconds(60);
   std::vector<std::string> admins;

@@ -23,8 +23,7 @@ grpc::ServerUnaryReactor* Serve(grpc::CallbackServerContext* ctx,
 
 // Fills `resp` from a key result.
 absl::Status KeyReply(
-    const absl::StatusOr<std::shared_ptr<const kms::Key>>& key,
-    pb::Key* resp) {
+    const absl::StatusOr<std::shared_ptr<const kms::Key>>& key, pb::Key* resp) {
   if (!key.ok()) return key.status();
   ToProto(**key, /*with_versions=*/true, resp);
   return absl::OkStatus();
@@ -114,9 +113,9 @@ grpc::ServerUnaryReactor* KeyManagementHandler::UpdateKey(
         if (!period.ok()) return period.status();
         params.rotation_period = *period;
       } else {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "update_mask: unknown field '", field.substr(0, 64),
-            "'; use description, labels or rotation_period"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("update_mask: unknown field '", field.substr(0, 64),
+                         "'; use description, labels or rotation_period"));
       }
     }
     return KeyReply(service_->UpdateKey(caller, params), resp);
@@ -148,8 +147,8 @@ grpc::ServerUnaryReactor* KeyManagementHandler::DisableKey(
 }
 
 grpc::ServerUnaryReactor* KeyManagementHandler::ScheduleKeyDeletion(
-    grpc::CallbackServerContext* ctx,
-    const pb::ScheduleKeyDeletionRequest* req, pb::Key* resp) {
+    grpc::CallbackServerContext* ctx, const pb::ScheduleKeyDeletionRequest* req,
+    pb::Key* resp) {
   return Serve(ctx, callers_, [&](const kms::Caller& caller) {
     return KeyReply(service_->ScheduleKeyDeletion(caller, req->key(),
                                                   req->pending_window_days()),
@@ -228,8 +227,8 @@ grpc::ServerUnaryReactor* KeyManagementHandler::SetKeyPolicy(
 grpc::ServerUnaryReactor* CryptoHandler::DataKey(
     grpc::CallbackServerContext* ctx, const pb::GenerateDataKeyRequest* req,
     pb::GenerateDataKeyResponse* resp, bool include_plaintext) {
-  auto* reactor = new CleansingReactor(
-      [resp] { CleanseBytes(resp->mutable_plaintext()); });
+  auto* reactor =
+      new CleansingReactor([resp] { CleanseBytes(resp->mutable_plaintext()); });
   return Serve(
       ctx, callers_,
       [&](const kms::Caller& caller) -> absl::Status {
@@ -318,8 +317,8 @@ grpc::ServerUnaryReactor* CryptoHandler::Encrypt(
 grpc::ServerUnaryReactor* CryptoHandler::Decrypt(
     grpc::CallbackServerContext* ctx, const pb::DecryptRequest* req,
     pb::DecryptResponse* resp) {
-  auto* reactor = new CleansingReactor(
-      [resp] { CleanseBytes(resp->mutable_plaintext()); });
+  auto* reactor =
+      new CleansingReactor([resp] { CleanseBytes(resp->mutable_plaintext()); });
   return Serve(
       ctx, callers_,
       [&](const kms::Caller& caller) -> absl::Status {
@@ -336,8 +335,7 @@ grpc::ServerUnaryReactor* CryptoHandler::Decrypt(
         if (!result.ok()) return result.status();
         resp->set_key_id(result->key_id);
         resp->set_key_version(result->version);
-        resp->set_plaintext(result->plaintext.data(),
-                            result->plaintext.size());
+        resp->set_plaintext(result->plaintext.data(), result->plaintext.size());
         return absl::OkStatus();
       },
       reactor);

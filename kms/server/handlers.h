@@ -41,8 +41,8 @@ class KeyManagementHandler final
       grpc::CallbackServerContext* ctx,
       const pb::ScheduleKeyDeletionRequest* req, pb::Key* resp) override;
   grpc::ServerUnaryReactor* CancelKeyDeletion(
-      grpc::CallbackServerContext* ctx,
-      const pb::CancelKeyDeletionRequest* req, pb::Key* resp) override;
+      grpc::CallbackServerContext* ctx, const pb::CancelKeyDeletionRequest* req,
+      pb::Key* resp) override;
   grpc::ServerUnaryReactor* CreateAlias(grpc::CallbackServerContext* ctx,
                                         const pb::CreateAliasRequest* req,
                                         pb::Alias* resp) override;

@@ -60,9 +60,8 @@ absl::StatusOr<std::string> IdentityFromPem(const std::string& pem) {
     return absl::UnauthenticatedError(
         "client certificate lacks the clientAuth extended key usage");
   }
-  std::unique_ptr<GENERAL_NAMES, NamesFree> names(
-      static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(
-          cert.get(), NID_subject_alt_name, nullptr, nullptr)));
+  std::unique_ptr<GENERAL_NAMES, NamesFree> names(static_cast<GENERAL_NAMES*>(
+      X509_get_ext_d2i(cert.get(), NID_subject_alt_name, nullptr, nullptr)));
   std::string uri, dns;
   if (names != nullptr) {
     for (int i = 0; i < sk_GENERAL_NAME_num(names.get()); ++i) {

@@ -32,14 +32,14 @@
 #include "hsm/hsm.h"
 #include "hsm/module.h"
 #include "kms/audit/audit_log.h"
+#include "kms/audit/audit_reader.h"
 #include "kms/audit/checkpoint.h"
+#include "kms/audit_api.h"
 #include "kms/authorizer.h"
 #include "kms/key_registry.h"
 #include "kms/key_service.h"
-#include "kms/server/config.h"
-#include "kms/audit/audit_reader.h"
-#include "kms/audit_api.h"
 #include "kms/server/audit_handler.h"
+#include "kms/server/config.h"
 #include "kms/server/handlers.h"
 #include "kms/server/rpc_support.h"
 #include "kms/store/store.h"
@@ -69,8 +69,8 @@ void ForbidCoreDumps() {
 
 absl::Status WritePublicKey(const Config& config, const std::string& pem) {
   mkdir(config.audit_dir.c_str(), 0700);
-  const std::string path = absl::StrCat(
-      config.audit_dir, "/audit-public-key-", config.node_id, ".pem");
+  const std::string path = absl::StrCat(config.audit_dir, "/audit-public-key-",
+                                        config.node_id, ".pem");
   std::ofstream out(path, std::ios::trunc);
   out << pem;
   out.close();
@@ -105,8 +105,9 @@ absl::Status Run(const std::string& config_path) {
   absl::StatusOr<std::unique_ptr<hsm::Module>> module =
       hsm::Module::Load(config.hsm.module);
   if (!module.ok()) {
-    return absl::Status(module.status().code(),
-                        absl::StrCat("hsm.module: ", module.status().message()));
+    return absl::Status(
+        module.status().code(),
+        absl::StrCat("hsm.module: ", module.status().message()));
   }
   hsm::Hsm::Options hsm_options;
   hsm_options.token_label = config.hsm.token_label;
@@ -214,9 +215,9 @@ absl::Status Run(const std::string& config_path) {
     dev_builder.SetMaxReceiveMessageSize(config.limits.max_message_bytes);
     dev_server = dev_builder.BuildAndStart();
     if (dev_server == nullptr) {
-      return absl::UnavailableError(absl::StrCat(
-          "development.insecure_listen: cannot serve on ",
-          config.development.insecure_listen));
+      return absl::UnavailableError(
+          absl::StrCat("development.insecure_listen: cannot serve on ",
+                       config.development.insecure_listen));
     }
   }
   spdlog::info("serving mutual TLS on {}", config.listen);
@@ -243,8 +244,8 @@ absl::Status Run(const std::string& config_path) {
   spdlog::info("signal {}: draining calls and shutting down", signal_number);
   stop.Notify();
   audit_handler.Stop();  // ends open StreamAuditEvents calls
-  const auto deadline = std::chrono::system_clock::now() +
-                        std::chrono::seconds(10);
+  const auto deadline =
+      std::chrono::system_clock::now() + std::chrono::seconds(10);
   server->Shutdown(deadline);
   if (dev_server) dev_server->Shutdown(deadline);
   maintenance.join();
@@ -266,8 +267,9 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
-  CLI::App app{"custosd: the Custos key management server.\n"
-               "Example: custosd --config /etc/custos/custos.yaml"};
+  CLI::App app{
+      "custosd: the Custos key management server.\n"
+      "Example: custosd --config /etc/custos/custos.yaml"};
   std::string config;
   app.add_option("--config", config, "YAML configuration file")->required();
   app.set_version_flag("--version", "custosd 0.1.0");

@@ -46,8 +46,8 @@ absl::StatusOr<kms::Caller> CallerResolver::Resolve(
   caller.peer = context->peer();
   auto metadata = context->client_metadata();
   auto rid = metadata.find("x-request-id");
-  if (rid != metadata.end() &&
-      ValidRequestId(absl::string_view(rid->second.data(), rid->second.size()))) {
+  if (rid != metadata.end() && ValidRequestId(absl::string_view(
+                                   rid->second.data(), rid->second.size()))) {
     caller.request_id = std::string(rid->second.data(), rid->second.size());
   } else {
     caller.request_id = NewRequestId();
@@ -150,7 +150,7 @@ absl::StatusOr<kms::KeyPolicy> FromProto(const pb::KeyPolicy& policy) {
       binding.operations.push_back(static_cast<kms::KeyOperation>(op));
     }
     binding.required_context.insert(b.required_context().begin(),
-                                     b.required_context().end());
+                                    b.required_context().end());
     binding.require_justification = b.require_justification();
     for (int r : b.allowed_reasons()) {
       if (r < 1 || r > 6) {
@@ -195,7 +195,8 @@ absl::StatusOr<absl::Duration> FromProto(
     return absl::InvalidArgumentError(
         absl::StrCat(field, ": must not be negative"));
   }
-  return absl::Seconds(duration.seconds()) + absl::Nanoseconds(duration.nanos());
+  return absl::Seconds(duration.seconds()) +
+         absl::Nanoseconds(duration.nanos());
 }
 
 }  // namespace custos::server

@@ -190,9 +190,8 @@ absl::StatusOr<Key> KeyFromRow(const Stmt& row) {
   key.description = row.Text(1);
   CUSTOS_ASSIGN_OR_RETURN(key.labels, LabelsFromJson(row.Text(2)));
   if (row.Int(3) != static_cast<int64_t>(KeyPurpose::kEncryptDecrypt)) {
-    return absl::DataLossError(absl::StrCat("key ", row.Text(0),
-                                            " has unknown stored purpose ",
-                                            row.Int(3)));
+    return absl::DataLossError(absl::StrCat(
+        "key ", row.Text(0), " has unknown stored purpose ", row.Int(3)));
   }
   key.purpose = KeyPurpose::kEncryptDecrypt;
   int64_t state = row.Int(4);
@@ -210,8 +209,9 @@ absl::StatusOr<Key> KeyFromRow(const Stmt& row) {
   if (!row.IsNull(10)) key.deletion_time = FromMicros(row.Int(10));
   absl::StatusOr<KeyPolicy> policy = PolicyFromJson(row.Text(11));
   if (!policy.ok()) {
-    return absl::DataLossError(absl::StrCat(
-        "key ", key.id, " has an unreadable policy: ", policy.status().message()));
+    return absl::DataLossError(
+        absl::StrCat("key ", key.id,
+                     " has an unreadable policy: ", policy.status().message()));
   }
   key.policy = *std::move(policy);
   return key;
@@ -234,8 +234,7 @@ absl::StatusOr<std::unique_ptr<Store>> OpenStore(const std::string& url) {
     return std::unique_ptr<Store>(std::move(store));
   }
   return absl::InvalidArgumentError(absl::StrCat(
-      "storage: unsupported URL '", url,
-      "'; use sqlite:///path/to/custos.db"));
+      "storage: unsupported URL '", url, "'; use sqlite:///path/to/custos.db"));
 }
 
 absl::StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::Open(
@@ -248,9 +247,8 @@ absl::StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::Open(
   if (rc != SQLITE_OK) {
     std::string msg = db ? sqlite3_errmsg(db) : "out of memory";
     sqlite3_close(db);
-    return absl::UnavailableError(
-        absl::StrCat("storage: cannot open SQLite database '", path,
-                     "': ", msg));
+    return absl::UnavailableError(absl::StrCat(
+        "storage: cannot open SQLite database '", path, "': ", msg));
   }
   std::unique_ptr<SqliteStore> store(new SqliteStore(db, path));
   absl::MutexLock lock(&store->mu_);
@@ -284,10 +282,10 @@ absl::Status SqliteStore::Migrate() {
   schema_version_ = static_cast<int>(current.Int(0));
   constexpr int kLatest = kMigrations[std::size(kMigrations) - 1].version;
   if (schema_version_ > kLatest) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "storage: database schema version ", schema_version_,
-        " is newer than this custosd understands (", kLatest,
-        "); run a newer custosd"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("storage: database schema version ", schema_version_,
+                     " is newer than this custosd understands (", kLatest,
+                     "); run a newer custosd"));
   }
   for (const Migration& m : kMigrations) {
     if (m.version <= schema_version_) continue;
@@ -350,15 +348,14 @@ absl::StatusOr<Key> SqliteStore::LoadKeyLocked(absl::string_view id) {
 }
 
 absl::Status SqliteStore::WriteKeyLocked(const Key& key, bool insert) {
-  Stmt k(db_,
-         insert ? "INSERT INTO keys (description, labels, purpose, state, "
-                  "rotation_period_s, next_rotation_us, primary_version, "
-                  "create_us, update_us, deletion_us, policy, id) "
-                  "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
-                : "UPDATE keys SET description=?, labels=?, purpose=?, "
-                  "state=?, rotation_period_s=?, next_rotation_us=?, "
-                  "primary_version=?, create_us=?, update_us=?, "
-                  "deletion_us=?, policy=? WHERE id=?");
+  Stmt k(db_, insert ? "INSERT INTO keys (description, labels, purpose, state, "
+                       "rotation_period_s, next_rotation_us, primary_version, "
+                       "create_us, update_us, deletion_us, policy, id) "
+                       "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+                     : "UPDATE keys SET description=?, labels=?, purpose=?, "
+                       "state=?, rotation_period_s=?, next_rotation_us=?, "
+                       "primary_version=?, create_us=?, update_us=?, "
+                       "deletion_us=?, policy=? WHERE id=?");
   CUSTOS_RETURN_IF_ERROR(k.prepared());
   k.Bind(1, key.description)
       .Bind(2, LabelsToJson(key.labels))
@@ -472,7 +469,9 @@ absl::Status SqliteStore::CreateAlias(const AliasRecord& alias) {
   }
   Stmt a(db_, "INSERT INTO aliases (name, key_id, create_us) VALUES (?,?,?)");
   CUSTOS_RETURN_IF_ERROR(a.prepared());
-  a.Bind(1, alias.name).Bind(2, alias.key_id).Bind(3, Micros(alias.create_time));
+  a.Bind(1, alias.name)
+      .Bind(2, alias.key_id)
+      .Bind(3, Micros(alias.create_time));
   absl::Status s = SqliteStatus(db_, a.Step(), "create alias");
   if (absl::IsAlreadyExists(s)) {
     return absl::AlreadyExistsError(

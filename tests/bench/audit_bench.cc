@@ -83,9 +83,9 @@ Result Run(hsm::Hsm* hsm, const std::string& dir, bool sync, int threads,
   std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
   stop = true;
   for (auto& w : workers) w.join();
-  const double elapsed = std::chrono::duration<double>(
-                             std::chrono::steady_clock::now() - start)
-                             .count();
+  const double elapsed =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+          .count();
   std::vector<double> all;
   for (auto& l : latencies) all.insert(all.end(), l.begin(), l.end());
   std::sort(all.begin(), all.end());
@@ -106,7 +106,8 @@ Result Run(hsm::Hsm* hsm, const std::string& dir, bool sync, int threads,
 int main(int argc, char** argv) {
   double seconds = 5;
   for (int i = 1; i + 1 < argc; ++i) {
-    if (std::strcmp(argv[i], "--seconds") == 0) seconds = std::atof(argv[i + 1]);
+    if (std::strcmp(argv[i], "--seconds") == 0)
+      seconds = std::atof(argv[i + 1]);
   }
   auto token = custos::testing::TestToken::Create("audit-bench");
   if (!token.ok()) {
@@ -120,9 +121,10 @@ int main(int argc, char** argv) {
   options.pool.size = 2;
   auto hsm = custos::hsm::Hsm::Open(**module, options);
   if (!hsm.ok()) return 1;
-  std::printf("GenerateDataKey through the core, %.0f s per row (SoftHSM2, "
-              "SQLite, policy, audit)\n",
-              seconds);
+  std::printf(
+      "GenerateDataKey through the core, %.0f s per row (SoftHSM2, "
+      "SQLite, policy, audit)\n",
+      seconds);
   std::printf("%-7s %-8s %10s %9s %9s %12s %7s\n", "callers", "audit",
               "calls/s", "p50 us", "p99 us", "records/sync", "errors");
   for (int threads : {1, 16, 64}) {
@@ -131,14 +133,13 @@ int main(int argc, char** argv) {
       std::string dir = absl::StrCat((*token)->dir(), "/run-", threads, "-",
                                      sync ? "sync" : "nosync");
       Result r = Run(hsm->get(), dir, sync, threads, seconds);
-      std::printf("%-7d %-8s %10.0f %9.0f %9.0f %12s %7llu", threads,
-                  sync ? "fsync" : "no-fsync", r.calls_per_second, r.p50_us,
-                  r.p99_us,
-                  sync ? absl::StrCat(static_cast<int>(r.records_per_sync * 10) /
-                                      10.0)
-                             .c_str()
-                       : "-",
-                  static_cast<unsigned long long>(r.errors));
+      std::printf(
+          "%-7d %-8s %10.0f %9.0f %9.0f %12s %7llu", threads,
+          sync ? "fsync" : "no-fsync", r.calls_per_second, r.p50_us, r.p99_us,
+          sync ? absl::StrCat(static_cast<int>(r.records_per_sync * 10) / 10.0)
+                     .c_str()
+               : "-",
+          static_cast<unsigned long long>(r.errors));
       if (sync) {
         std::printf("   durable/no-fsync = %.2f\n",
                     with_sync > 0 ? r.calls_per_second / with_sync : 0);

@@ -94,8 +94,8 @@ void BM_HsmEncrypt32(benchmark::State& state) {
 void BM_HsmDecrypt32(benchmark::State& state) {
   auto sealed = g_hsm->EncryptAesGcm(g_key_id, kAad, kDataKey);
   for (auto _ : state) {
-    auto pt = g_hsm->DecryptAesGcm(g_key_id, sealed->iv, kAad,
-                                   sealed->ciphertext);
+    auto pt =
+        g_hsm->DecryptAesGcm(g_key_id, sealed->iv, kAad, sealed->ciphertext);
     if (!pt.ok()) Check(pt.status(), state);
     benchmark::DoNotOptimize(pt);
   }

@@ -93,11 +93,13 @@ class E2eTest : public ::testing::Test {
   }
 
   static pb::GenerateDataKeyResponse DataKey(
-      const std::string& key, const std::map<std::string, std::string>& ctx_pairs,
+      const std::string& key,
+      const std::map<std::string, std::string>& ctx_pairs,
       grpc::Status* status = nullptr) {
     pb::GenerateDataKeyRequest req;
     req.set_key(key);
-    for (const auto& [k, v] : ctx_pairs) (*req.mutable_encryption_context())[k] = v;
+    for (const auto& [k, v] : ctx_pairs)
+      (*req.mutable_encryption_context())[k] = v;
     pb::GenerateDataKeyResponse resp;
     grpc::ClientContext ctx;
     grpc::Status s = Crypto("service-a")->GenerateDataKey(&ctx, req, &resp);
@@ -169,7 +171,8 @@ TEST_F(E2eTest, EveryRpcHasAWorkingHappyPath) {
   }
   // Data keys, Encrypt, Decrypt, ReEncrypt, random.
   grpc::Status s;
-  pb::GenerateDataKeyResponse dk = DataKey("alias/e2e-happy", {{"tenant", "7"}}, &s);
+  pb::GenerateDataKeyResponse dk =
+      DataKey("alias/e2e-happy", {{"tenant", "7"}}, &s);
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(dk.plaintext().size(), 32u);
   EXPECT_EQ(dk.key_id(), key.key_id());
@@ -183,8 +186,7 @@ TEST_F(E2eTest, EveryRpcHasAWorkingHappyPath) {
     req.set_key_spec(pb::AES_128);
     pb::GenerateDataKeyResponse resp;
     grpc::ClientContext ctx;
-    ASSERT_TRUE(
-        crypto->GenerateDataKeyWithoutPlaintext(&ctx, req, &resp).ok());
+    ASSERT_TRUE(crypto->GenerateDataKeyWithoutPlaintext(&ctx, req, &resp).ok());
     EXPECT_TRUE(resp.plaintext().empty());
     pb::DecryptResponse later;
     ASSERT_TRUE(Decrypt(resp.ciphertext_blob(), {}, &later).ok());
@@ -215,7 +217,8 @@ TEST_F(E2eTest, EveryRpcHasAWorkingHappyPath) {
     EXPECT_EQ(resp.source_key_id(), key.key_id());
     EXPECT_EQ(resp.key_id(), other.key_id());
     pb::DecryptResponse moved;
-    ASSERT_TRUE(Decrypt(resp.ciphertext_blob(), {{"tenant", "8"}}, &moved).ok());
+    ASSERT_TRUE(
+        Decrypt(resp.ciphertext_blob(), {{"tenant", "8"}}, &moved).ok());
     EXPECT_EQ(moved.plaintext(), dk.plaintext());
   }
   {
@@ -447,10 +450,11 @@ TEST_F(E2eTest, DeletionDestroysHsmObjectsAndOldBlobsFail) {
   pb::GenerateDataKeyResponse dk = DataKey(key.key_id(), {}, &s);
   ASSERT_TRUE(s.ok());
   auto hsm_objects = [&] {
-    return testing::RunCommand(absl::StrCat(
-               "SOFTHSM2_CONF=", server_->softhsm_conf(), " ",
-               testing::BinDir(), "/custos-hsmtool --token custos --pin-file ",
-               server_->pin_file(), " list"))
+    return testing::RunCommand(
+               absl::StrCat("SOFTHSM2_CONF=", server_->softhsm_conf(), " ",
+                            testing::BinDir(),
+                            "/custos-hsmtool --token custos --pin-file ",
+                            server_->pin_file(), " list"))
         .output;
   };
   const std::string label = absl::StrCat("custos:", key.key_id(), ":v1");
@@ -496,7 +500,8 @@ TEST_F(E2eTest, UnauthenticatedCallersAreRefusedAtTheTlsLayer) {
                                           server_->ReadPki("server.pem"));
   grpc::ClientContext ctx2;
   ctx2.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  s = pb::CryptoService::NewStub(server_cert)->GenerateRandom(&ctx2, req, &resp);
+  s = pb::CryptoService::NewStub(server_cert)
+          ->GenerateRandom(&ctx2, req, &resp);
   EXPECT_NE(s.error_code(), grpc::StatusCode::OK);
 }
 
@@ -632,8 +637,7 @@ TEST_F(E2eTest, AuditServiceServesAuditorsOnly) {
   grpc::ClientContext ctx;
   ASSERT_TRUE(audit->ListAuditEvents(&ctx, req, &resp).ok());
   ASSERT_EQ(resp.events_size(), 1);
-  EXPECT_EQ(resp.events(0).principal(),
-            CustosdProcess::Principal("service-a"));
+  EXPECT_EQ(resp.events(0).principal(), CustosdProcess::Principal("service-a"));
   EXPECT_EQ(resp.events(0).encryption_context().at("case"), "audit-api");
   EXPECT_EQ(resp.events(0).outcome(), "ALLOWED");
   pb::ListAuditEventsRequest denied;
@@ -646,15 +650,15 @@ TEST_F(E2eTest, AuditServiceServesAuditorsOnly) {
   // The public key, and the server's own verification.
   pb::AuditPublicKey key_pem;
   grpc::ClientContext ctx3;
-  ASSERT_TRUE(audit->GetAuditPublicKey(&ctx3, pb::GetAuditPublicKeyRequest(),
-                                       &key_pem)
-                  .ok());
+  ASSERT_TRUE(
+      audit->GetAuditPublicKey(&ctx3, pb::GetAuditPublicKeyRequest(), &key_pem)
+          .ok());
   EXPECT_THAT(key_pem.public_key_pem(), HasSubstr("BEGIN PUBLIC KEY"));
   pb::VerifyAuditLogResponse verified;
   grpc::ClientContext ctx4;
-  ASSERT_TRUE(audit->VerifyAuditLog(&ctx4, pb::VerifyAuditLogRequest(),
-                                    &verified)
-                  .ok());
+  ASSERT_TRUE(
+      audit->VerifyAuditLog(&ctx4, pb::VerifyAuditLogRequest(), &verified)
+          .ok());
   EXPECT_TRUE(verified.ok()) << verified.first_break();
   EXPECT_GT(verified.records(), 0u);
   // Follow from the start: the first events arrive, then we cancel.
@@ -681,9 +685,8 @@ TEST_F(E2eTest, DataKeysNeverAppearInLogsOrAuditFiles) {
         DataKey(key.key_id(), {{"i", std::to_string(i)}}, &s);
     ASSERT_TRUE(s.ok());
     pb::DecryptResponse resp;
-    ASSERT_TRUE(Decrypt(dk.ciphertext_blob(), {{"i", std::to_string(i)}},
-                        &resp)
-                    .ok());
+    ASSERT_TRUE(
+        Decrypt(dk.ciphertext_blob(), {{"i", std::to_string(i)}}, &resp).ok());
     secrets.push_back(dk.plaintext());
   }
   pb::EncryptRequest enc;

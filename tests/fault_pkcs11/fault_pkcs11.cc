@@ -18,13 +18,13 @@
 // fewer than `times` times (0: no limit). Thread-safe.
 #include <sys/stat.h>
 
+#include <dlfcn.h>
 #include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <dlfcn.h>
 #include <fstream>
 #include <mutex>
 #include <sstream>
@@ -37,80 +37,80 @@
 namespace {
 
 #define CUSTOS_PKCS11_FUNCTIONS(X) \
-  X(C_Initialize) \
-  X(C_Finalize) \
-  X(C_GetInfo) \
-  X(C_GetFunctionList) \
-  X(C_GetSlotList) \
-  X(C_GetSlotInfo) \
-  X(C_GetTokenInfo) \
-  X(C_GetMechanismList) \
-  X(C_GetMechanismInfo) \
-  X(C_InitToken) \
-  X(C_InitPIN) \
-  X(C_SetPIN) \
-  X(C_OpenSession) \
-  X(C_CloseSession) \
-  X(C_CloseAllSessions) \
-  X(C_GetSessionInfo) \
-  X(C_GetOperationState) \
-  X(C_SetOperationState) \
-  X(C_Login) \
-  X(C_Logout) \
-  X(C_CreateObject) \
-  X(C_CopyObject) \
-  X(C_DestroyObject) \
-  X(C_GetObjectSize) \
-  X(C_GetAttributeValue) \
-  X(C_SetAttributeValue) \
-  X(C_FindObjectsInit) \
-  X(C_FindObjects) \
-  X(C_FindObjectsFinal) \
-  X(C_EncryptInit) \
-  X(C_Encrypt) \
-  X(C_EncryptUpdate) \
-  X(C_EncryptFinal) \
-  X(C_DecryptInit) \
-  X(C_Decrypt) \
-  X(C_DecryptUpdate) \
-  X(C_DecryptFinal) \
-  X(C_DigestInit) \
-  X(C_Digest) \
-  X(C_DigestUpdate) \
-  X(C_DigestKey) \
-  X(C_DigestFinal) \
-  X(C_SignInit) \
-  X(C_Sign) \
-  X(C_SignUpdate) \
-  X(C_SignFinal) \
-  X(C_SignRecoverInit) \
-  X(C_SignRecover) \
-  X(C_VerifyInit) \
-  X(C_Verify) \
-  X(C_VerifyUpdate) \
-  X(C_VerifyFinal) \
-  X(C_VerifyRecoverInit) \
-  X(C_VerifyRecover) \
-  X(C_DigestEncryptUpdate) \
-  X(C_DecryptDigestUpdate) \
-  X(C_SignEncryptUpdate) \
-  X(C_DecryptVerifyUpdate) \
-  X(C_GenerateKey) \
-  X(C_GenerateKeyPair) \
-  X(C_WrapKey) \
-  X(C_UnwrapKey) \
-  X(C_DeriveKey) \
-  X(C_SeedRandom) \
-  X(C_GenerateRandom) \
-  X(C_GetFunctionStatus) \
-  X(C_CancelFunction) \
-  X(C_WaitForSlotEvent) \
+  X(C_Initialize)                  \
+  X(C_Finalize)                    \
+  X(C_GetInfo)                     \
+  X(C_GetFunctionList)             \
+  X(C_GetSlotList)                 \
+  X(C_GetSlotInfo)                 \
+  X(C_GetTokenInfo)                \
+  X(C_GetMechanismList)            \
+  X(C_GetMechanismInfo)            \
+  X(C_InitToken)                   \
+  X(C_InitPIN)                     \
+  X(C_SetPIN)                      \
+  X(C_OpenSession)                 \
+  X(C_CloseSession)                \
+  X(C_CloseAllSessions)            \
+  X(C_GetSessionInfo)              \
+  X(C_GetOperationState)           \
+  X(C_SetOperationState)           \
+  X(C_Login)                       \
+  X(C_Logout)                      \
+  X(C_CreateObject)                \
+  X(C_CopyObject)                  \
+  X(C_DestroyObject)               \
+  X(C_GetObjectSize)               \
+  X(C_GetAttributeValue)           \
+  X(C_SetAttributeValue)           \
+  X(C_FindObjectsInit)             \
+  X(C_FindObjects)                 \
+  X(C_FindObjectsFinal)            \
+  X(C_EncryptInit)                 \
+  X(C_Encrypt)                     \
+  X(C_EncryptUpdate)               \
+  X(C_EncryptFinal)                \
+  X(C_DecryptInit)                 \
+  X(C_Decrypt)                     \
+  X(C_DecryptUpdate)               \
+  X(C_DecryptFinal)                \
+  X(C_DigestInit)                  \
+  X(C_Digest)                      \
+  X(C_DigestUpdate)                \
+  X(C_DigestKey)                   \
+  X(C_DigestFinal)                 \
+  X(C_SignInit)                    \
+  X(C_Sign)                        \
+  X(C_SignUpdate)                  \
+  X(C_SignFinal)                   \
+  X(C_SignRecoverInit)             \
+  X(C_SignRecover)                 \
+  X(C_VerifyInit)                  \
+  X(C_Verify)                      \
+  X(C_VerifyUpdate)                \
+  X(C_VerifyFinal)                 \
+  X(C_VerifyRecoverInit)           \
+  X(C_VerifyRecover)               \
+  X(C_DigestEncryptUpdate)         \
+  X(C_DecryptDigestUpdate)         \
+  X(C_SignEncryptUpdate)           \
+  X(C_DecryptVerifyUpdate)         \
+  X(C_GenerateKey)                 \
+  X(C_GenerateKeyPair)             \
+  X(C_WrapKey)                     \
+  X(C_UnwrapKey)                   \
+  X(C_DeriveKey)                   \
+  X(C_SeedRandom)                  \
+  X(C_GenerateRandom)              \
+  X(C_GetFunctionStatus)           \
+  X(C_CancelFunction)              \
+  X(C_WaitForSlotEvent)
 
 enum FunctionIndex : size_t {
 #define CUSTOS_ENUM(name) k##name,
   CUSTOS_PKCS11_FUNCTIONS(CUSTOS_ENUM)
 #undef CUSTOS_ENUM
-  kFunctionCount
+      kFunctionCount
 };
 
 constexpr const char* kFunctionNames[] = {

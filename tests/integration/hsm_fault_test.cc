@@ -64,11 +64,11 @@ class HsmFaultTest : public ::testing::Test {
   }
 
   static void SetFaults(const std::string& rules) {
-    ASSERT_TRUE(custos::testing::WriteFileAtomically(
-                    config_,
-                    absl::StrCat("module ", custos::testing::kSoftHsmModule,
-                                 "\n", rules))
-                    .ok());
+    ASSERT_TRUE(
+        custos::testing::WriteFileAtomically(
+            config_, absl::StrCat("module ", custos::testing::kSoftHsmModule,
+                                  "\n", rules))
+            .ok());
   }
 
   static custos::testing::TestToken* token_;
@@ -206,9 +206,9 @@ TEST_F(HsmFaultTest, KeyThatCannotBeVerifiedIsDestroyedNotKept) {
   // C_GenerateKey succeeds; the attribute check right after it fails, so
   // the new object must be destroyed rather than left behind.
   SetFaults("fail C_GetAttributeValue rv=CKR_FUNCTION_FAILED times=1\n");
-  EXPECT_THAT(hsm_->GenerateAesKey("never"),
-              StatusIs(absl::StatusCode::kInternal,
-                       HasSubstr("C_GetAttributeValue")));
+  EXPECT_THAT(
+      hsm_->GenerateAesKey("never"),
+      StatusIs(absl::StatusCode::kInternal, HasSubstr("C_GetAttributeValue")));
   SetFaults("");
   auto after = hsm_->ListKeyObjects();
   ASSERT_THAT(after, IsOk());

@@ -56,8 +56,7 @@ class HsmTest : public ::testing::Test {
     EXPECT_TRUE(slot.ok());
     auto session = Session::Open(module_->fn(), *slot);
     EXPECT_TRUE(session.ok());
-    EXPECT_TRUE(
-        session->Login(SecretBytes::CopyOf(token_->user_pin())).ok());
+    EXPECT_TRUE(session->Login(SecretBytes::CopyOf(token_->user_pin())).ok());
     return *std::move(session);
   }
   static CK_OBJECT_HANDLE Find(Session& s, const std::string& id,
@@ -125,8 +124,7 @@ TEST_F(HsmTest, CmkCannotBeWrappedUnderAnyKey) {
   CK_MECHANISM m = {CKM_AES_KEY_WRAP_PAD, nullptr, 0};
   unsigned char out[256];
   CK_ULONG out_len = sizeof(out);
-  EXPECT_EQ(s.fn()->C_WrapKey(s.handle(), &m, cmk, wrapping_key, out,
-                              &out_len),
+  EXPECT_EQ(s.fn()->C_WrapKey(s.handle(), &m, cmk, wrapping_key, out, &out_len),
             CKR_KEY_FUNCTION_NOT_PERMITTED);
 }
 
@@ -149,9 +147,8 @@ TEST_F(HsmTest, PkcsToolListsTheCmkWithItsFlags) {
                               hsm_->GenerateAesKey("pkcs11-tool-check"));
   auto result = custos::testing::RunCommand(absl::StrCat(
       "pkcs11-tool --module ", custos::testing::kSoftHsmModule,
-      " --token-label ", token_->label(), " --login --pin ",
-      token_->user_pin(), " --list-objects --type secrkey --id ",
-      absl::BytesToHexString(id)));
+      " --token-label ", token_->label(), " --login --pin ", token_->user_pin(),
+      " --list-objects --type secrkey --id ", absl::BytesToHexString(id)));
   ASSERT_EQ(result.exit_code, 0) << result.output;
   // pkcs11-tool lists every secret key; take the block of ours.
   size_t at = result.output.find("label:      pkcs11-tool-check");
@@ -163,9 +160,8 @@ TEST_F(HsmTest, PkcsToolListsTheCmkWithItsFlags) {
   EXPECT_THAT(block, HasSubstr(absl::StrCat("ID:         ",
                                             absl::BytesToHexString(id))));
   EXPECT_THAT(block, HasSubstr("Usage:      encrypt, decrypt\n"));
-  EXPECT_THAT(block,
-              HasSubstr("Access:     sensitive, always sensitive, never "
-                        "extractable, local"));
+  EXPECT_THAT(block, HasSubstr("Access:     sensitive, always sensitive, never "
+                               "extractable, local"));
 }
 
 // Keys made outside Custos with a weaker template must never be used.
@@ -219,9 +215,9 @@ TEST_P(WeakKeyTest, KeyWithWeakerTemplateIsRefused) {
   CUSTOS_ASSERT_OK_AND_ASSIGN(CK_OBJECT_HANDLE key,
                               s.GenerateKey(CKM_AES_KEY_GEN, clean));
   (void)key;
-  EXPECT_THAT(hsm_->VerifyAesKey(id),
-              StatusIs(absl::StatusCode::kFailedPrecondition,
-                       HasSubstr(c.expected)));
+  EXPECT_THAT(
+      hsm_->VerifyAesKey(id),
+      StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr(c.expected)));
   EXPECT_THAT(hsm_->EncryptAesGcm(id, "", "data"),
               StatusIs(absl::StatusCode::kFailedPrecondition));
 }
@@ -276,8 +272,8 @@ TEST_F(HsmTest, GcmRoundTripAndFreshIvs) {
   EXPECT_EQ(a.ciphertext.size(), 32 + kGcmTagSize);
   EXPECT_NE(a.iv, b.iv);
   EXPECT_NE(a.ciphertext, b.ciphertext);
-  CUSTOS_ASSERT_OK_AND_ASSIGN(SecretBytes opened,
-                              hsm_->DecryptAesGcm(id, a.iv, "aad", a.ciphertext));
+  CUSTOS_ASSERT_OK_AND_ASSIGN(
+      SecretBytes opened, hsm_->DecryptAesGcm(id, a.iv, "aad", a.ciphertext));
   EXPECT_TRUE(opened.Equals(data_key));
   // Empty AAD and empty plaintext work too.
   CUSTOS_ASSERT_OK_AND_ASSIGN(GcmSealed c, hsm_->EncryptAesGcm(id, "", ""));
@@ -328,12 +324,12 @@ TEST_F(HsmTest, EveryFlippedBitInCiphertextTagIvOrAadFails) {
               StatusIs(absl::StatusCode::kInvalidArgument,
                        "AES-GCM authentication failed"));
   // Truncated tag, wrong IV length, other key.
-  EXPECT_THAT(hsm_->DecryptAesGcm(id, sealed.iv, aad,
-                                  sealed.ciphertext.substr(0, 40)),
-              StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(hsm_->DecryptAesGcm(id, sealed.iv.substr(0, 8), aad,
-                                  sealed.ciphertext),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("IV")));
+  EXPECT_THAT(
+      hsm_->DecryptAesGcm(id, sealed.iv, aad, sealed.ciphertext.substr(0, 40)),
+      StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(
+      hsm_->DecryptAesGcm(id, sealed.iv.substr(0, 8), aad, sealed.ciphertext),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("IV")));
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::string other, hsm_->GenerateAesKey("other"));
   EXPECT_THAT(hsm_->DecryptAesGcm(other, sealed.iv, aad, sealed.ciphertext),
               StatusIs(absl::StatusCode::kInvalidArgument));
@@ -501,9 +497,9 @@ TEST(HsmOpenTest, WrongPinIsRefusedWithoutEchoingIt) {
   auto token = custos::testing::TestToken::Create("pin-token");
   ASSERT_TRUE(token.ok()) << token.status();
   std::string bad_pin_file = (*token)->dir() + "/bad.pin";
-  ASSERT_TRUE(custos::testing::WriteFileAtomically(bad_pin_file,
-                                                   "wrong-pin-9876", 0400)
-                  .ok());
+  ASSERT_TRUE(
+      custos::testing::WriteFileAtomically(bad_pin_file, "wrong-pin-9876", 0400)
+          .ok());
   auto module = Module::Load(custos::testing::kSoftHsmModule);
   ASSERT_TRUE(module.ok());
   Hsm::Options options;

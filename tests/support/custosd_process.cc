@@ -64,9 +64,9 @@ absl::StatusOr<std::unique_ptr<CustosdProcess>> CustosdProcess::Start(
   p->dir_ = *dir;
   const int port = FreePort();
   p->address_ = absl::StrCat("localhost:", port);
-  CommandResult env = RunCommand(absl::StrCat(
-      "CUSTOS_DEV_PORT=", port, " ", SourceDir(), "/scripts/dev-env ",
-      p->dir_, "/env --force"));
+  CommandResult env =
+      RunCommand(absl::StrCat("CUSTOS_DEV_PORT=", port, " ", SourceDir(),
+                              "/scripts/dev-env ", p->dir_, "/env --force"));
   if (env.exit_code != 0) {
     return absl::InternalError("scripts/dev-env failed: " + env.output);
   }
@@ -74,9 +74,9 @@ absl::StatusOr<std::unique_ptr<CustosdProcess>> CustosdProcess::Start(
   p->dir_ += "/env";
   std::string config = ReadAll(p->dir_ + "/custos.yaml");
   if (!p->options_.hsm_module.empty()) {
-    config = absl::StrReplaceAll(
-        config, {{"module: /usr/lib/softhsm/libsofthsm2.so",
-                  "module: " + p->options_.hsm_module}});
+    config =
+        absl::StrReplaceAll(config, {{"module: /usr/lib/softhsm/libsofthsm2.so",
+                                      "module: " + p->options_.hsm_module}});
   }
   config += "\n" + p->options_.extra_config + "\n";
   absl::Status written =

@@ -30,8 +30,7 @@ class CustosdProcess {
     std::vector<std::pair<std::string, std::string>> env;
   };
 
-  static absl::StatusOr<std::unique_ptr<CustosdProcess>> Start(
-      Options options);
+  static absl::StatusOr<std::unique_ptr<CustosdProcess>> Start(Options options);
   // Stops the server (SIGTERM) if it runs and removes the directory.
   ~CustosdProcess();
 

@@ -38,31 +38,30 @@ absl::Status InitToken(const std::string& label, const std::string& user_pin) {
   CK_FUNCTION_LIST* fn = module->fn();
   std::string padded = hsm::PadTokenLabel(label);
   CUSTOS_RETURN_IF_ERROR(hsm::CkStatus(
-      fn->C_InitToken(free_slot,
-                      reinterpret_cast<CK_UTF8CHAR_PTR>(
-                          const_cast<char*>(kSoPin)),
-                      std::strlen(kSoPin),
-                      reinterpret_cast<CK_UTF8CHAR_PTR>(padded.data())),
+      fn->C_InitToken(
+          free_slot,
+          reinterpret_cast<CK_UTF8CHAR_PTR>(const_cast<char*>(kSoPin)),
+          std::strlen(kSoPin),
+          reinterpret_cast<CK_UTF8CHAR_PTR>(padded.data())),
       "C_InitToken"));
   // SoftHSM moves the new token to another slot id: find it by label.
   CUSTOS_ASSIGN_OR_RETURN(CK_SLOT_ID slot, module->FindSlotByTokenLabel(label));
   CK_SESSION_HANDLE session;
-  CUSTOS_RETURN_IF_ERROR(hsm::CkStatus(
-      fn->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr,
-                        nullptr, &session),
-      "C_OpenSession"));
+  CUSTOS_RETURN_IF_ERROR(
+      hsm::CkStatus(fn->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                                      nullptr, nullptr, &session),
+                    "C_OpenSession"));
   absl::Status s = hsm::CkStatus(
       fn->C_Login(session, CKU_SO,
                   reinterpret_cast<CK_UTF8CHAR_PTR>(const_cast<char*>(kSoPin)),
                   std::strlen(kSoPin)),
       "C_Login(SO)");
   if (s.ok()) {
-    s = hsm::CkStatus(
-        fn->C_InitPIN(session,
-                      reinterpret_cast<CK_UTF8CHAR_PTR>(
-                          const_cast<char*>(user_pin.data())),
-                      user_pin.size()),
-        "C_InitPIN");
+    s = hsm::CkStatus(fn->C_InitPIN(session,
+                                    reinterpret_cast<CK_UTF8CHAR_PTR>(
+                                        const_cast<char*>(user_pin.data())),
+                                    user_pin.size()),
+                      "C_InitPIN");
   }
   fn->C_CloseSession(session);
   return s;
@@ -102,7 +101,8 @@ CommandResult RunCommand(const std::string& command) {
   if (pipe == nullptr) return result;
   char buf[4096];
   size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) result.output.append(buf, n);
+  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0)
+    result.output.append(buf, n);
   int status = pclose(pipe);
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return result;

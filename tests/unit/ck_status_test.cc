@@ -23,8 +23,8 @@ class CkStatusTest : public ::testing::TestWithParam<Case> {};
 TEST_P(CkStatusTest, MapsCodeNameAndRecoveryClass) {
   const Case& c = GetParam();
   absl::Status s = CkStatus(c.rv, "C_Encrypt");
-  EXPECT_THAT(s, StatusIs(c.code, HasSubstr(std::string("C_Encrypt: ") +
-                                            c.name)));
+  EXPECT_THAT(s,
+              StatusIs(c.code, HasSubstr(std::string("C_Encrypt: ") + c.name)));
   EXPECT_EQ(CkRvOf(s), c.rv);
   EXPECT_EQ(IsSessionBroken(s), c.session_broken);
   EXPECT_EQ(IsSessionBroken(c.rv), c.session_broken);
@@ -64,8 +64,8 @@ TEST(CkStatusTest, OkIsOk) { EXPECT_TRUE(CkStatus(CKR_OK, "C_Encrypt").ok()); }
 
 TEST(CkStatusTest, UnknownVendorCodeIsInternalWithHexName) {
   absl::Status s = CkStatus(0x80000042UL, "C_Sign");
-  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInternal,
-                          HasSubstr("CKR_0x80000042")));
+  EXPECT_THAT(
+      s, StatusIs(absl::StatusCode::kInternal, HasSubstr("CKR_0x80000042")));
   EXPECT_EQ(CkRvOf(s), 0x80000042UL);
 }
 
@@ -81,9 +81,9 @@ TEST(CkStatusTest, StaleHandlesAreRecognised) {
 }
 
 TEST(CkStatusTest, CkStatusAsKeepsTheRvUnderAChosenCode) {
-  absl::Status s = CkStatusAs(absl::StatusCode::kInvalidArgument,
-                              "AES-GCM authentication failed",
-                              CKR_GENERAL_ERROR);
+  absl::Status s =
+      CkStatusAs(absl::StatusCode::kInvalidArgument,
+                 "AES-GCM authentication failed", CKR_GENERAL_ERROR);
   EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument,
                           "AES-GCM authentication failed"));
   EXPECT_EQ(CkRvOf(s), CKR_GENERAL_ERROR);

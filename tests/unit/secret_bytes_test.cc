@@ -19,7 +19,8 @@ TEST(SecretBytesTest, CopyOfHoldsTheBytes) {
 TEST(SecretBytesTest, MoveLeavesTheSourceEmpty) {
   SecretBytes a = SecretBytes::CopyOf("secret");
   SecretBytes b = std::move(a);
-  EXPECT_TRUE(a.empty());  // NOLINT(bugprone-use-after-move): checked on purpose
+  EXPECT_TRUE(
+      a.empty());  // NOLINT(bugprone-use-after-move): checked on purpose
   EXPECT_EQ(a.data(), nullptr);
   EXPECT_EQ(b.view(), "secret");
   SecretBytes c = SecretBytes::CopyOf("x");
