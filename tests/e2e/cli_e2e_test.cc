@@ -768,3 +768,55 @@ TEST_F(CliTest, AuditVerify) {
 
 }  // namespace
 }  // namespace custos
+
+namespace custos {
+namespace {
+
+TEST_F(CliEnvelopeTest, FileEncryptedBeforeARotationDecryptsAfterIt) {
+  ASSERT_EQ(
+      Cli({"encrypt", "--key", key_, "-i", plain_, "-o", Path("old.custos")},
+          service_a_)
+          .code,
+      0);
+  CliResult r = Cli({"key", "rotate", key_});
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("primary_version  2"));
+  r = Cli({"decrypt", "-i", Path("old.custos"), "-o", Path("old.out")},
+          service_a_);
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_TRUE(ReadAll(Path("old.out")) == ReadAll(plain_));
+}
+
+TEST_F(CliTest, AuditListTailAndPublicKeyForAuditors) {
+  const std::string id = NewKey();
+  const RunAs auditor = {.identity = "auditor"};
+  CliResult r = Cli({"audit", "list", "--key", id, "--all"}, auditor);
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out,
+              AllOf(HasSubstr("SEQ"), HasSubstr("CreateKey"), HasSubstr(id)));
+  r = Cli({"--json", "audit", "list", "--operation", "CreateKey", "--key", id},
+          auditor);
+  ASSERT_EQ(r.code, 0) << r;
+  json j = ParseJson(r);
+  ASSERT_TRUE(j.contains("events")) << r;
+  EXPECT_EQ(j["events"].size(), 1u);
+  r = Cli({"audit", "list", "--since", "yesterday"}, auditor);
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("--since 'yesterday'"));
+  // Not an auditor: refused.
+  r = Cli({"audit", "list"});
+  EXPECT_CLI_ERROR(r, 3, HasSubstr("PERMISSION_DENIED"));
+  // Follow from the start, stop after 3 events.
+  r = Cli({"audit", "tail", "--from-seq", "1", "--limit", "3"}, auditor);
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("SEQ"));
+  // The checkpoint public key, and the server's own verification.
+  r = Cli({"audit", "public-key"}, auditor);
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("BEGIN PUBLIC KEY"));
+  r = Cli({"audit", "verify"}, auditor);
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("OK (verified by the server)"));
+}
+
+}  // namespace
+}  // namespace custos

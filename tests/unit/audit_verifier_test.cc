@@ -33,6 +33,7 @@
 #include "kms/audit/audit_log.h"
 #include "kms/audit/checkpoint.h"
 #include "nlohmann/json.hpp"
+#include "tests/support/memory_signer.h"
 #include "tests/support/test_token.h"
 
 namespace custos::kms {
@@ -44,47 +45,7 @@ using ::testing::HasSubstr;
 constexpr char kNode[] = "node-1";
 constexpr int kRecords = 100;
 
-// Signs checkpoints with an in-memory P-256 key.
-class MemorySigner : public AuditSigner {
- public:
-  MemorySigner() : key_(EVP_EC_gen("P-256")) {
-    BIO* bio = BIO_new(BIO_s_mem());
-    PEM_write_bio_PUBKEY(bio, key_);
-    char* data = nullptr;
-    long len = BIO_get_mem_data(bio, &data);
-    pem_.assign(data, len);
-    BIO_free(bio);
-    fingerprint_ = PublicKeyFingerprint(pem_);
-  }
-  ~MemorySigner() override { EVP_PKEY_free(key_); }
-  absl::StatusOr<std::string> Sign(absl::string_view message) override {
-    EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-    unsigned char der[128];
-    size_t der_len = sizeof(der);
-    bool ok =
-        EVP_DigestSignInit(ctx, nullptr, EVP_sha256(), nullptr, key_) == 1 &&
-        EVP_DigestSign(ctx, der, &der_len,
-                       reinterpret_cast<const unsigned char*>(message.data()),
-                       message.size()) == 1;
-    EVP_MD_CTX_free(ctx);
-    if (!ok) return absl::InternalError("sign failed");
-    const unsigned char* p = der;
-    ECDSA_SIG* sig = d2i_ECDSA_SIG(nullptr, &p, der_len);
-    if (sig == nullptr) return absl::InternalError("bad DER signature");
-    std::string raw(64, '\0');
-    auto* out = reinterpret_cast<unsigned char*>(raw.data());
-    BN_bn2binpad(ECDSA_SIG_get0_r(sig), out, 32);
-    BN_bn2binpad(ECDSA_SIG_get0_s(sig), out + 32, 32);
-    ECDSA_SIG_free(sig);
-    return raw;
-  }
-  const std::string& public_key_pem() const override { return pem_; }
-  const std::string& fingerprint() const override { return fingerprint_; }
-
- private:
-  EVP_PKEY* key_;
-  std::string pem_, fingerprint_;
-};
+using ::custos::testing::MemorySigner;
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
