@@ -16,7 +16,6 @@ namespace custos::kms {
 
 struct KeyService::Counter {
   absl::Mutex mu;
-  bool loaded ABSL_GUARDED_BY(mu) = false;
   uint64_t used ABSL_GUARDED_BY(mu) = 0;
   uint64_t reserved ABSL_GUARDED_BY(mu) = 0;
 };
@@ -44,18 +43,12 @@ absl::Status KeyService::TakeEncryption(const Key& key,
                                         const KeyVersion& version) {
   Counter& c = CounterFor(key.id, version.number);
   absl::MutexLock lock(&c.mu);
-  if (!c.loaded) {
-    // After a restart, assume every reserved encryption was used: the count
-    // may run high, never low (SECURITY.md, threat 9).
-    c.used = c.reserved = version.encryptions_reserved;
-    c.loaded = true;
-  }
-  if (c.used >= options_.encryption_limit) {
-    return absl::ResourceExhaustedError("version reached its encryption limit");
-  }
   if (c.used >= c.reserved) {
-    const uint64_t target = std::min(c.reserved + options_.counter_block,
-                                     options_.encryption_limit);
+    // Claim the next block from the durable count itself (not from a cached
+    // copy): this process then owns exactly [start, end), so several
+    // processes sharing a database never hand out the same range, and after
+    // a restart the count may run high, never low (SECURITY.md, threat 9).
+    uint64_t start = 0, end = 0;
     const uint32_t number = version.number;
     CUSTOS_RETURN_IF_ERROR(
         registry_
@@ -65,12 +58,19 @@ absl::Status KeyService::TakeEncryption(const Key& key,
                        if (v == nullptr) {
                          return absl::InternalError("version vanished");
                        }
-                       v->encryptions_reserved =
-                           std::max(v->encryptions_reserved, target);
+                       start = v->encryptions_reserved;
+                       if (start >= options_.encryption_limit) {
+                         return absl::ResourceExhaustedError(
+                             "version reached its encryption limit");
+                       }
+                       end = std::min(start + options_.counter_block,
+                                      options_.encryption_limit);
+                       v->encryptions_reserved = end;
                        return absl::OkStatus();
                      })
             .status());
-    c.reserved = target;
+    c.used = start;
+    c.reserved = end;
   }
   ++c.used;
   return absl::OkStatus();
@@ -133,11 +133,20 @@ absl::StatusOr<KeyService::SealedData> KeyService::Seal(
     }
     absl::Status taken = TakeEncryption(*key, *version);
     if (absl::IsResourceExhausted(taken)) {
-      // Recorded in this request's own audit record (its detail says so).
+      // Copy what is needed first: RotateFrom replaces the snapshot that
+      // `version` points into.
+      const uint32_t exhausted = version->number;
+      const std::string key_id = key->id;
+      // The rotation is the service's own act: it gets its own record,
+      // written before the new version commits.
+      Audit rotation(this, Caller{kSystemPrincipal, "", ""}, Rpc::kRotateKey);
+      rotation.SetKey(key_id, 0);
+      rotation.AddDetail(absl::StrCat("automatic: version ", exhausted,
+                                      " reached its encryption limit"));
       CUSTOS_ASSIGN_OR_RETURN(
-          key, RotateFrom(key->id, version->number, /*audit=*/nullptr));
-      audit.AddDetail(absl::StrCat("rotated automatically: version ",
-                                   version->number,
+          key, rotation.Run<std::shared_ptr<const Key>>(
+                   [&] { return RotateFrom(key_id, exhausted, &rotation); }));
+      audit.AddDetail(absl::StrCat("rotated automatically: version ", exhausted,
                                    " reached its encryption limit"));
       continue;
     }

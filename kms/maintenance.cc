@@ -41,8 +41,10 @@ absl::Status KeyService::DestroyKeyMaterial(const std::string& key_id,
   return registry_
       ->Update(key_id,
                [&](Key& k) -> absl::Status {
-                 if (k.state != KeyState::kPendingDeletion) {
-                   return absl::AbortedError("deletion was cancelled");
+                 if (k.state != KeyState::kPendingDeletion ||
+                     k.deletion_time > now) {
+                   return absl::AbortedError(
+                       "deletion was cancelled or rescheduled");
                  }
                  for (KeyVersion& v : k.versions) {
                    v.state = VersionState::kDestroyed;

@@ -6,6 +6,8 @@
 #include <openssl/crypto.h>
 #include <unistd.h>
 
+#include <ext/stdio_filebuf.h>
+
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -191,31 +193,51 @@ class Files {
       in_ = &file_in_;
     }
     if (output != "-") {
+      // A fresh, unpredictable name beside the target, created exclusively
+      // with mode 0600 (decrypted data must not be readable by others, and
+      // no one can plant a symlink there).
       final_ = output;
-      temp_ = output + ".custos-tmp";
-      file_out_.open(temp_, std::ios::binary | std::ios::trunc);
-      if (!file_out_) {
+      std::filesystem::path target(output);
+      std::string dir = target.has_parent_path() ? target.parent_path().string()
+                                                 : std::string(".");
+      temp_ = dir + "/." + target.filename().string() + ".custos-XXXXXX";
+      fd_ = mkstemp(temp_.data());
+      if (fd_ < 0) {
+        temp_.clear();
         return absl::UnavailableError(
-            absl::StrCat("cannot write '", temp_, "'"));
+            absl::StrCat("cannot create a file in '", dir, "'"));
       }
-      out_ = &file_out_;
+      out_buf_ = std::make_unique<__gnu_cxx::stdio_filebuf<char>>(
+          fd_, std::ios::out | std::ios::binary);
+      file_out_ = std::make_unique<std::ostream>(out_buf_.get());
+      out_ = file_out_.get();
     }
     return absl::OkStatus();
   }
   std::istream& in() { return *in_; }
   std::ostream& out() { return *out_; }
+  // Makes the output durable and gives it its name; until then only the
+  // temporary file exists, and it is removed if anything fails.
   absl::Status Commit() {
     out_->flush();
     if (!*out_) return absl::UnavailableError("write failed");
-    if (!final_.empty()) {
-      file_out_.close();
-      std::filesystem::rename(temp_, final_);
+    if (final_.empty()) return absl::OkStatus();
+    if (fsync(fd_) != 0) return absl::UnavailableError("fsync failed");
+    std::error_code ec;
+    std::filesystem::rename(temp_, final_, ec);
+    if (ec) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot rename to '", final_, "': ", ec.message()));
     }
+    temp_.clear();
     return absl::OkStatus();
   }
   ~Files() {
-    if (!final_.empty() && std::filesystem::exists(temp_)) {
-      std::filesystem::remove(temp_);
+    file_out_.reset();
+    out_buf_.reset();  // closes fd_
+    if (!temp_.empty()) {
+      std::error_code ec;
+      std::filesystem::remove(temp_, ec);
     }
   }
 
@@ -223,7 +245,9 @@ class Files {
   std::istream* in_ = &std::cin;
   std::ostream* out_ = &std::cout;
   std::ifstream file_in_;
-  std::ofstream file_out_;
+  int fd_ = -1;
+  std::unique_ptr<__gnu_cxx::stdio_filebuf<char>> out_buf_;
+  std::unique_ptr<std::ostream> file_out_;
   std::string final_, temp_;
 };
 

@@ -167,6 +167,7 @@ absl::Status FileAuditLog::Append(AuditRecord record) {
     return self->queue_.size() < self->options_.max_queue || self->stopping_;
   };
   mu_.Await(absl::Condition(+has_room, this));
+  if (stopping_) return absl::UnavailableError("audit log is shutting down");
   queue_.push_back(pending);
   auto done = [](Pending* p) { return p->done; };
   mu_.Await(absl::Condition(+done, pending.get()));

@@ -371,13 +371,19 @@ grpc::ServerUnaryReactor* CryptoHandler::ReEncrypt(
 grpc::ServerUnaryReactor* CryptoHandler::GenerateRandom(
     grpc::CallbackServerContext* ctx, const pb::GenerateRandomRequest* req,
     pb::GenerateRandomResponse* resp) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
-    absl::StatusOr<SecretBytes> random =
-        service_->GenerateRandom(caller, req->number_of_bytes());
-    if (!random.ok()) return random.status();
-    resp->set_random(random->data(), random->size());
-    return absl::OkStatus();
-  });
+  // Random bytes are often used as keys: cleanse them like data keys.
+  auto* reactor =
+      new CleansingReactor([resp] { CleanseBytes(resp->mutable_random()); });
+  return Serve(
+      ctx, callers_,
+      [&](const kms::Caller& caller) -> absl::Status {
+        absl::StatusOr<SecretBytes> random =
+            service_->GenerateRandom(caller, req->number_of_bytes());
+        if (!random.ok()) return random.status();
+        resp->set_random(random->data(), random->size());
+        return absl::OkStatus();
+      },
+      reactor);
 }
 
 }  // namespace custos::server
