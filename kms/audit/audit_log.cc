@@ -197,10 +197,23 @@ void FileAuditLog::WriterLoop() {
       } else {
         mu_.Await(has_work);
       }
+      // Under concurrency (the last batch held several records), wait a
+      // bounded moment for as many again: one fsync then covers more
+      // requests. A lone caller never waits.
+      if (options_.batch_window > absl::ZeroDuration() &&
+          last_batch_size_ > 1 && !stopping_ && !queue_.empty() &&
+          queue_.size() < last_batch_size_) {
+        const size_t want = last_batch_size_;
+        auto full = [this, want]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return queue_.size() >= want || stopping_;
+        };
+        mu_.AwaitWithTimeout(absl::Condition(&full), options_.batch_window);
+      }
       stopping = stopping_ && queue_.empty();
       batch.assign(queue_.begin(), queue_.end());
       queue_.clear();
     }
+    if (!batch.empty()) last_batch_size_ = batch.size();
     if (!batch.empty()) WriteRecords(batch);
     MaybeCheckpoint(/*force=*/stopping);
     if (stopping) return;

@@ -74,6 +74,9 @@ class FileAuditLog : public AuditLog {
     std::string node_id;
     size_t max_queue = 16384;  // callers wait beyond this
     bool sync = true;          // fdatasync each batch (off only to measure)
+    // Under concurrency, how long the writer may wait for a fuller batch
+    // before syncing (zero: never wait).
+    absl::Duration batch_window = absl::Microseconds(200);
     // Signs a checkpoint every `checkpoint_every` records or
     // `checkpoint_interval`, and at shutdown. Null: no checkpoints.
     AuditSigner* signer = nullptr;
@@ -143,6 +146,7 @@ class FileAuditLog : public AuditLog {
   uint64_t durable_size_ = 0;
   absl::Time segment_opened_ = absl::Now();
   uint64_t since_checkpoint_ = 0;
+  size_t last_batch_size_ = 0;  // writer thread only
   absl::Time last_checkpoint_ = absl::Now();
 
   mutable absl::Mutex mu_;
