@@ -49,38 +49,33 @@ absl::StatusOr<AuditPage> AuditApi::List(const Caller& caller,
   }
   CUSTOS_RETURN_IF_ERROR(
       Admit(caller, Rpc::kListAuditEvents, absl::StrCat("from_seq=", from)));
-  uint64_t next = from;
-  CUSTOS_ASSIGN_OR_RETURN(
-      std::vector<AuditEvent> events,
-      reader_->Read(from, filter, page_size == 0 ? kDefaultPageSize : page_size,
-                    &next));
-  AuditPage page;
   const size_t want = page_size == 0 ? kDefaultPageSize : page_size;
-  if (events.size() == want) page.next_page_token = absl::StrCat(next);
+  AuditPosition position;
+  position.next_seq = from;
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<AuditEvent> events,
+                          reader_->Read(position, filter, want));
+  AuditPage page;
+  if (events.size() == want) {
+    page.next_page_token = absl::StrCat(position.next_seq);
+  }
   page.events = std::move(events);
   return page;
 }
 
-absl::StatusOr<uint64_t> AuditApi::StartStream(const Caller& caller,
-                                               const AuditFilter& filter,
-                                               uint64_t from_seq) {
+absl::StatusOr<AuditPosition> AuditApi::StartStream(const Caller& caller,
+                                                    const AuditFilter& filter,
+                                                    uint64_t from_seq) {
   CUSTOS_RETURN_IF_ERROR(Admit(caller, Rpc::kStreamAuditEvents,
                                absl::StrCat("from_seq=", from_seq)));
-  if (from_seq != 0) return from_seq;
-  // Only events from now on: find where the log ends.
-  uint64_t next = 1;
-  while (true) {
-    uint64_t after = next;
-    CUSTOS_ASSIGN_OR_RETURN(std::vector<AuditEvent> ignored,
-                            reader_->Read(next, AuditFilter(), 10000, &after));
-    if (after == next) return next;
-    next = after;
-  }
+  if (from_seq == 0) return reader_->End();  // only events from now on
+  AuditPosition position;
+  position.next_seq = from_seq;
+  return position;
 }
 
 absl::StatusOr<std::vector<AuditEvent>> AuditApi::Poll(
-    uint64_t* next_seq, const AuditFilter& filter) {
-  return reader_->Read(*next_seq, filter, 1000, next_seq);
+    AuditPosition& position, const AuditFilter& filter) {
+  return reader_->Read(position, filter, 1000);
 }
 
 absl::StatusOr<std::string> AuditApi::PublicKeyPem(const Caller& caller) {

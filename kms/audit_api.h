@@ -38,14 +38,14 @@ class AuditApi {
   absl::StatusOr<AuditPage> List(const Caller& caller,
                                  const AuditFilter& filter, uint32_t page_size,
                                  const std::string& page_token);
-  // Authorizes and audits the start of a stream; returns the sequence number
-  // to start from (`from_seq`, or the next one to be written when 0).
-  absl::StatusOr<uint64_t> StartStream(const Caller& caller,
-                                       const AuditFilter& filter,
-                                       uint64_t from_seq);
+  // Authorizes and audits the start of a stream; returns where it starts
+  // (at `from_seq`, or at the end of the log when 0).
+  absl::StatusOr<AuditPosition> StartStream(const Caller& caller,
+                                            const AuditFilter& filter,
+                                            uint64_t from_seq);
   // The next events of a stream that StartStream allowed (not audited per
-  // poll).
-  absl::StatusOr<std::vector<AuditEvent>> Poll(uint64_t* next_seq,
+  // poll); reads only what was appended since the last poll.
+  absl::StatusOr<std::vector<AuditEvent>> Poll(AuditPosition& position,
                                                const AuditFilter& filter);
   absl::StatusOr<std::string> PublicKeyPem(const Caller& caller);
   absl::StatusOr<AuditVerifyReport> Verify(const Caller& caller);

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <fstream>
-#include <sstream>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -13,11 +12,6 @@
 
 namespace custos::kms {
 namespace {
-
-struct Segment {
-  uint64_t first_seq;
-  std::string path;
-};
 
 std::string Str(const nlohmann::json& j, const char* key) {
   auto it = j.find(key);
@@ -72,9 +66,8 @@ bool Matches(const AuditEvent& e, const AuditFilter& f) {
 
 }  // namespace
 
-absl::StatusOr<std::vector<AuditEvent>> AuditReader::Read(
-    uint64_t from_seq, const AuditFilter& filter, size_t limit,
-    uint64_t* next_seq) const {
+absl::StatusOr<std::vector<AuditReader::Segment>> AuditReader::Segments()
+    const {
   const std::string prefix = absl::StrCat("audit-", node_, "-");
   std::vector<Segment> segments;
   DIR* d = opendir(dir_.c_str());
@@ -96,31 +89,97 @@ absl::StatusOr<std::vector<AuditEvent>> AuditReader::Read(
             [](const Segment& a, const Segment& b) {
               return a.first_seq < b.first_seq;
             });
+  return segments;
+}
+
+absl::StatusOr<std::vector<AuditEvent>> AuditReader::Read(
+    AuditPosition& position, const AuditFilter& filter, size_t limit) const {
+  absl::StatusOr<std::vector<Segment>> segments = Segments();
+  if (!segments.ok()) return segments.status();
   std::vector<AuditEvent> out;
-  *next_seq = from_seq;
-  for (size_t i = 0; i < segments.size(); ++i) {
-    // Skip segments that end before from_seq.
-    if (i + 1 < segments.size() && segments[i + 1].first_seq <= from_seq) {
-      continue;
+  if (segments->empty()) return out;
+  // Where to start: the position's segment, or the one holding next_seq.
+  size_t i = 0;
+  uint64_t skip_below = 0;  // when locating by seq, records before it
+  if (position.segment == 0) {
+    skip_below = position.next_seq;
+    while (i + 1 < segments->size() &&
+           (*segments)[i + 1].first_seq <= position.next_seq) {
+      ++i;
     }
-    std::ifstream in(segments[i].path, std::ios::binary);
-    std::stringstream buffer;
-    buffer << in.rdbuf();
-    const std::string text = buffer.str();
-    size_t start = 0;
-    for (size_t nl; (nl = text.find('\n', start)) != std::string::npos;
-         start = nl + 1) {
-      AuditEvent e;
-      if (!Parse(text.substr(start, nl - start), &e) || e.seq < from_seq) {
-        continue;
-      }
-      *next_seq = e.seq + 1;
-      if (!Matches(e, filter)) continue;
-      out.push_back(std::move(e));
-      if (out.size() >= limit) return out;
+    position.segment = (*segments)[i].first_seq;
+    position.offset = 0;
+  } else {
+    while (i < segments->size() &&
+           (*segments)[i].first_seq != position.segment) {
+      ++i;
+    }
+    if (i == segments->size()) {
+      return absl::NotFoundError(
+          absl::StrCat("audit: the segment starting at seq ", position.segment,
+                       " is gone; start again from a sequence number"));
     }
   }
+  constexpr size_t kChunk = 1 << 20;
+  std::string buffer;
+  for (; i < segments->size(); ++i) {
+    const Segment& segment = (*segments)[i];
+    if (segment.first_seq != position.segment) {
+      position.segment = segment.first_seq;
+      position.offset = 0;
+    }
+    std::ifstream in(segment.path, std::ios::binary);
+    in.seekg(static_cast<std::streamoff>(position.offset));
+    buffer.clear();
+    for (;;) {
+      // Read on from the last complete line; keep a partial one for later.
+      const size_t kept = buffer.size();
+      buffer.resize(kept + kChunk);
+      in.read(buffer.data() + kept, kChunk);
+      buffer.resize(kept + static_cast<size_t>(in.gcount()));
+      size_t start = 0;
+      for (size_t nl; (nl = buffer.find('\n', start)) != std::string::npos;
+           start = nl + 1) {
+        position.offset += nl + 1 - start;
+        AuditEvent e;
+        if (!Parse(buffer.substr(start, nl - start), &e) ||
+            e.seq < skip_below) {
+          continue;
+        }
+        position.next_seq = e.seq + 1;
+        if (!Matches(e, filter)) continue;
+        out.push_back(std::move(e));
+        if (out.size() >= limit) return out;
+      }
+      buffer.erase(0, start);
+      if (!in) break;  // end of this segment (for now)
+    }
+  }
+  // Stay on the newest segment: a record being written continues there.
+  position.segment = segments->back().first_seq;
   return out;
+}
+
+absl::StatusOr<AuditPosition> AuditReader::End() const {
+  absl::StatusOr<std::vector<Segment>> segments = Segments();
+  if (!segments.ok()) return segments.status();
+  AuditPosition end;
+  if (segments->empty()) return end;
+  const Segment& newest = segments->back();
+  std::ifstream in(newest.path, std::ios::binary | std::ios::ate);
+  std::streamoff size = in.tellg();
+  // Only complete lines count: back up to the last newline.
+  std::string tail(static_cast<size_t>(std::min<std::streamoff>(size, 65536)),
+                   '\0');
+  in.seekg(size - static_cast<std::streamoff>(tail.size()));
+  in.read(tail.data(), static_cast<std::streamsize>(tail.size()));
+  size_t nl = tail.rfind('\n');
+  end.segment = newest.first_seq;
+  end.offset = nl == std::string::npos
+                   ? 0
+                   : static_cast<uint64_t>(size) - (tail.size() - nl - 1);
+  end.next_seq = 0;  // unknown until a record is read
+  return end;
 }
 
 }  // namespace custos::kms

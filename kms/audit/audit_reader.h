@@ -1,8 +1,9 @@
 // AuditReader: reads one node's audit segments for queries (ListAuditEvents,
 // StreamAuditEvents). Only complete lines are read, so a record being
-// written is never half-seen. Each call scans the segments from the one
-// holding `from_seq`; the segments are append-only, so readers need no lock
-// with the writer. Thread-safe.
+// written is never half-seen. A read resumes from an AuditPosition (segment
+// and byte offset), so following the log reads only what was appended since
+// the last poll. The segments are append-only, so readers need no lock with
+// the writer. Thread-safe.
 #ifndef CUSTOS_KMS_AUDIT_AUDIT_READER_H_
 #define CUSTOS_KMS_AUDIT_AUDIT_READER_H_
 
@@ -39,23 +40,36 @@ struct AuditEvent {
   std::string raw;  // the stored line
 };
 
+// Where a reader is in the log.
+struct AuditPosition {
+  uint64_t segment = 0;   // first seq of the segment; 0: find by next_seq
+  uint64_t offset = 0;    // bytes of that segment already read
+  uint64_t next_seq = 1;  // seq after the last record read (to locate)
+};
+
 class AuditReader {
  public:
   AuditReader(std::string dir, std::string node)
       : dir_(std::move(dir)), node_(std::move(node)) {}
 
-  // Matching events with seq >= from_seq, oldest first, at most `limit`.
-  // `*next_seq` is where to continue: after the last event returned when
-  // the limit was reached, else after the last record in the log.
-  absl::StatusOr<std::vector<AuditEvent>> Read(uint64_t from_seq,
+  // Matching events from `position` on, oldest first, at most `limit`;
+  // advances `position` past every record read (matching or not).
+  absl::StatusOr<std::vector<AuditEvent>> Read(AuditPosition& position,
                                                const AuditFilter& filter,
-                                               size_t limit,
-                                               uint64_t* next_seq) const;
+                                               size_t limit) const;
+  // The position just after the last complete record.
+  absl::StatusOr<AuditPosition> End() const;
 
   const std::string& dir() const { return dir_; }
   const std::string& node() const { return node_; }
 
  private:
+  struct Segment {
+    uint64_t first_seq;
+    std::string path;
+  };
+  absl::StatusOr<std::vector<Segment>> Segments() const;
+
   const std::string dir_;
   const std::string node_;
 };

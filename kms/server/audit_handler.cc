@@ -79,13 +79,12 @@ grpc::Status AuditHandler::StreamAuditEvents(
   if (!caller.ok()) return ToGrpc(caller.status());
   absl::StatusOr<kms::AuditFilter> filter = FromProto(req->filter());
   if (!filter.ok()) return ToGrpc(filter.status());
-  absl::StatusOr<uint64_t> next =
+  absl::StatusOr<kms::AuditPosition> position =
       api_->StartStream(*caller, *filter, req->from_seq());
-  if (!next.ok()) return ToGrpc(next.status());
-  uint64_t seq = *next;
+  if (!position.ok()) return ToGrpc(position.status());
   while (!ctx->IsCancelled() && !stopping_) {
     absl::StatusOr<std::vector<kms::AuditEvent>> events =
-        api_->Poll(&seq, *filter);
+        api_->Poll(*position, *filter);
     if (!events.ok()) return ToGrpc(events.status());
     for (const kms::AuditEvent& e : *events) {
       pb::AuditEvent out;

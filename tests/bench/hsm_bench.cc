@@ -8,6 +8,7 @@
 //                handle cache): what Custos's core pays per HSM call.
 #include <benchmark/benchmark.h>
 
+#include <atomic>
 #include <cstdio>
 #include <memory>
 
@@ -31,8 +32,13 @@ std::string g_key_id;
 const std::string kDataKey(32, '\x5a');
 const std::string kAad = "key=k-bench;version=1";
 
+// Any failed HSM call fails the run (the ctest smoke test relies on it).
+std::atomic<bool> g_failed{false};
+
 void Check(const absl::Status& s, benchmark::State& state) {
-  if (!s.ok()) state.SkipWithError(std::string(s.message()).c_str());
+  if (s.ok()) return;
+  g_failed = true;
+  state.SkipWithError(std::string(s.message()).c_str());
 }
 
 Session OpenRawSession(CK_OBJECT_HANDLE* key) {
@@ -142,11 +148,17 @@ int main(int argc, char** argv) {
     return 1;
   }
   g_hsm = *std::move(hsm);
-  g_key_id = *g_hsm->GenerateAesKey("bench");
+  auto key = g_hsm->GenerateAesKey("bench");
+  if (!key.ok()) {
+    std::fprintf(stderr, "key: %s\n", key.status().ToString().c_str());
+    return 1;
+  }
+  g_key_id = *key;
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   g_hsm.reset();
   g_module.reset();
   g_token.reset();
-  return 0;
+  if (g_failed) std::fprintf(stderr, "hsm_bench: HSM calls failed\n");
+  return g_failed ? 1 : 0;
 }
