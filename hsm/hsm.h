@@ -88,8 +88,6 @@ class Hsm {
   absl::StatusOr<std::vector<HsmObject>> ListKeyObjects();
 
   SessionPool::Stats pool_stats() const { return pool_->stats(); }
-  // Runs an operation of the caller's own on a pooled session.
-  absl::Status Run(SessionPool::Op op) { return pool_->Run(std::move(op)); }
 
  private:
   explicit Hsm(std::unique_ptr<SessionPool> pool) : pool_(std::move(pool)) {}

@@ -145,7 +145,6 @@ struct MaintenanceReport {
 class KeyService {
  public:
   struct Options {
-    std::string node_id = "custos";
     // Encryptions per version before automatic rotation (NIST SP 800-38D
     // keeps random 96-bit IVs far below 2^32 per key).
     uint64_t encryption_limit = uint64_t{1} << 30;

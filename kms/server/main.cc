@@ -153,7 +153,6 @@ absl::Status Run(const std::string& config_path) {
 
   kms::Authorizer authorizer(kms::Roles{config.admins, config.auditors});
   kms::KeyService::Options service_options;
-  service_options.node_id = config.node_id;
   service_options.encryption_limit = config.encryption_limit;
   service_options.deletion_day = config.testing.deletion_day;
   service_options.min_rotation_period = config.testing.min_rotation_period;

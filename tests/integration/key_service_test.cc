@@ -227,7 +227,6 @@ class KeyServiceTest : public ::testing::Test {
 
   KeyService::Options Options() {
     KeyService::Options options;
-    options.node_id = "custos-test";
     options.min_rotation_period = absl::Hours(1);
     options.now = [this] { return clock_.Now(); };
     return options;
