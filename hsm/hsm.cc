@@ -154,6 +154,75 @@ absl::StatusOr<GcmSealed> Hsm::EncryptAesGcm(absl::string_view id,
       });
 }
 
+absl::StatusOr<std::vector<GcmSealed>> Hsm::EncryptAesGcmMany(
+    absl::string_view id, absl::string_view aad,
+    const std::vector<absl::string_view>& plaintexts) {
+  // Copies: after a timeout the worker may outlive this call's arguments.
+  std::vector<SecretBytes> copies;
+  copies.reserve(plaintexts.size());
+  for (absl::string_view p : plaintexts)
+    copies.push_back(SecretBytes::CopyOf(p));
+  return Call<std::vector<GcmSealed>>(
+      *pool_,
+      [this, id = std::string(id), aad = std::string(aad),
+       copies = std::move(copies)](
+          Session& session) -> absl::StatusOr<std::vector<GcmSealed>> {
+        return WithObject<std::vector<GcmSealed>>(
+            session, id, CKO_SECRET_KEY,
+            [&](CK_OBJECT_HANDLE key)
+                -> absl::StatusOr<std::vector<GcmSealed>> {
+              std::vector<GcmSealed> out(copies.size());
+              CUSTOS_ASSIGN_OR_RETURN(
+                  SecretBytes ivs,
+                  session.GenerateRandom(kGcmIvSize * copies.size()));
+              for (size_t i = 0; i < copies.size(); ++i) {
+                out[i].iv =
+                    std::string(ivs.view().substr(i * kGcmIvSize, kGcmIvSize));
+                CUSTOS_ASSIGN_OR_RETURN(
+                    out[i].ciphertext,
+                    session.EncryptAesGcm(key, out[i].iv, aad,
+                                          copies[i].view()));
+              }
+              return out;
+            });
+      });
+}
+
+absl::StatusOr<std::vector<SealedSecret>> Hsm::GenerateAndSealAesGcm(
+    absl::string_view id, absl::string_view aad, size_t bytes, size_t count) {
+  if (bytes == 0 || count == 0) {
+    return absl::InvalidArgumentError("nothing to generate");
+  }
+  return Call<std::vector<SealedSecret>>(
+      *pool_,
+      [this, id = std::string(id), aad = std::string(aad), bytes,
+       count](Session& session) -> absl::StatusOr<std::vector<SealedSecret>> {
+        return WithObject<std::vector<SealedSecret>>(
+            session, id, CKO_SECRET_KEY,
+            [&](CK_OBJECT_HANDLE key)
+                -> absl::StatusOr<std::vector<SealedSecret>> {
+              // One RNG call for every secret and IV.
+              const size_t each = bytes + kGcmIvSize;
+              CUSTOS_ASSIGN_OR_RETURN(SecretBytes random,
+                                      session.GenerateRandom(each * count));
+              std::vector<SealedSecret> out;
+              out.reserve(count);
+              for (size_t i = 0; i < count; ++i) {
+                absl::string_view chunk = random.view().substr(i * each, each);
+                SealedSecret secret;
+                secret.plaintext = SecretBytes::CopyOf(chunk.substr(0, bytes));
+                secret.sealed.iv = std::string(chunk.substr(bytes));
+                CUSTOS_ASSIGN_OR_RETURN(
+                    secret.sealed.ciphertext,
+                    session.EncryptAesGcm(key, secret.sealed.iv, aad,
+                                          secret.plaintext.view()));
+                out.push_back(std::move(secret));
+              }
+              return out;
+            });
+      });
+}
+
 absl::StatusOr<SecretBytes> Hsm::DecryptAesGcm(absl::string_view id,
                                                absl::string_view iv,
                                                absl::string_view aad,

@@ -31,6 +31,12 @@ struct GcmSealed {
   std::string ciphertext;  // ciphertext || tag
 };
 
+// A secret made by the HSM's RNG, and its seal (see EncryptAesGcm).
+struct SealedSecret {
+  SecretBytes plaintext;
+  GcmSealed sealed;
+};
+
 // One Custos object on the token, for inventory and reconciliation.
 struct HsmObject {
   CK_OBJECT_CLASS object_class;
@@ -63,6 +69,15 @@ class Hsm {
   absl::StatusOr<GcmSealed> EncryptAesGcm(absl::string_view id,
                                           absl::string_view aad,
                                           absl::string_view plaintext);
+  // The same for several plaintexts, in one session (one pool hand-off),
+  // each with its own fresh IV.
+  absl::StatusOr<std::vector<GcmSealed>> EncryptAesGcmMany(
+      absl::string_view id, absl::string_view aad,
+      const std::vector<absl::string_view>& plaintexts);
+  // Makes `count` random secrets of `bytes` each with C_GenerateRandom and
+  // seals each under key `id`, all in one session: data keys.
+  absl::StatusOr<std::vector<SealedSecret>> GenerateAndSealAesGcm(
+      absl::string_view id, absl::string_view aad, size_t bytes, size_t count);
   // INVALID_ARGUMENT "AES-GCM authentication failed" when the tag does not
   // verify (wrong key, IV, AAD, or altered ciphertext).
   absl::StatusOr<SecretBytes> DecryptAesGcm(absl::string_view id,

@@ -42,16 +42,7 @@ class KeyService::Audit {
   // Writes the record for a call that ended with `outcome`. Returns the
   // append's status: when it fails, the caller must release nothing.
   absl::Status Record(const absl::Status& outcome) {
-    record_.code = outcome.code();
-    if (outcome.ok()) {
-      record_.outcome = AuditOutcome::kAllowed;
-    } else if (absl::IsPermissionDenied(outcome) ||
-               absl::IsUnauthenticated(outcome)) {
-      record_.outcome = AuditOutcome::kDenied;
-    } else {
-      record_.outcome = AuditOutcome::kFailed;
-      AddDetail(outcome.message());
-    }
+    SetOutcome(outcome);
     return service_->audit_->Append(std::move(record_));
   }
 
@@ -66,9 +57,7 @@ class KeyService::Audit {
     absl::Status s = service_->audit_->Append(std::move(copy));
     precommit_ = s.ok() ? Precommit::kWritten : Precommit::kFailed;
     if (s.ok()) return absl::OkStatus();
-    return absl::UnavailableError(
-        absl::StrCat("request refused because the audit log cannot record it: ",
-                     s.message()));
+    return RefusedUnrecorded(s);
   }
 
   // Runs `body`, records its outcome, and returns its result, unless the
@@ -76,7 +65,55 @@ class KeyService::Audit {
   // data key in it) is dropped and cleansed.
   template <typename T, typename F>
   absl::StatusOr<T> Run(F body) {
+    return Finish(body());
+  }
+
+  // Run's asynchronous form: runs `body` now, queues the record, and hands
+  // the result to `done` once the record is durable (UNAVAILABLE, and the
+  // result dropped and cleansed, if it cannot be written). Calls that
+  // changed state (RecordBeforeCommit) finish synchronously.
+  template <typename T, typename F>
+  void RunAsync(F body, KeyService::Done<T> done) {
     absl::StatusOr<T> result = body();
+    if (precommit_ != Precommit::kNone) {
+      std::move(done)(Finish(std::move(result)));
+      return;
+    }
+    SetOutcome(result.status());
+    service_->audit_->AppendAsync(
+        std::move(record_),
+        [result = std::move(result),
+         done = std::move(done)](absl::Status appended) mutable {
+          if (!appended.ok()) {
+            std::move(done)(RefusedUnrecorded(appended));
+            return;  // `result` is destroyed here, cleansing any data key
+          }
+          std::move(done)(std::move(result));
+        });
+  }
+
+ private:
+  static absl::Status RefusedUnrecorded(const absl::Status& appended) {
+    return absl::UnavailableError(
+        absl::StrCat("request refused because the audit log cannot record it: ",
+                     appended.message()));
+  }
+
+  void SetOutcome(const absl::Status& outcome) {
+    record_.code = outcome.code();
+    if (outcome.ok()) {
+      record_.outcome = AuditOutcome::kAllowed;
+    } else if (absl::IsPermissionDenied(outcome) ||
+               absl::IsUnauthenticated(outcome)) {
+      record_.outcome = AuditOutcome::kDenied;
+    } else {
+      record_.outcome = AuditOutcome::kFailed;
+      AddDetail(outcome.message());
+    }
+  }
+
+  template <typename T>
+  absl::StatusOr<T> Finish(absl::StatusOr<T> result) {
     if (precommit_ == Precommit::kFailed) return result;  // nothing applied
     if (precommit_ == Precommit::kWritten) {
       if (!result.ok()) {
@@ -89,16 +126,10 @@ class KeyService::Audit {
       return result;
     }
     absl::Status appended = Record(result.status());
-    if (!appended.ok()) {
-      return absl::UnavailableError(
-          absl::StrCat("request refused because the audit log cannot record "
-                       "it: ",
-                       appended.message()));
-    }
+    if (!appended.ok()) return RefusedUnrecorded(appended);
     return result;
   }
 
- private:
   enum class Precommit { kNone, kWritten, kFailed };
   KeyService* const service_;
   AuditRecord record_;

@@ -49,6 +49,8 @@ const char* RpcName(Rpc rpc) {
       return "GenerateDataKey";
     case Rpc::kGenerateDataKeyWithoutPlaintext:
       return "GenerateDataKeyWithoutPlaintext";
+    case Rpc::kGenerateDataKeys:
+      return "GenerateDataKeys";
     case Rpc::kEncrypt:
       return "Encrypt";
     case Rpc::kDecrypt:
@@ -73,6 +75,7 @@ RpcKind KindOf(Rpc rpc) {
   switch (rpc) {
     case Rpc::kGenerateDataKey:
     case Rpc::kGenerateDataKeyWithoutPlaintext:
+    case Rpc::kGenerateDataKeys:
     case Rpc::kEncrypt:
     case Rpc::kDecrypt:
     case Rpc::kReEncrypt:

@@ -40,6 +40,7 @@ enum class Rpc {
   kSetKeyPolicy,
   kGenerateDataKey,
   kGenerateDataKeyWithoutPlaintext,
+  kGenerateDataKeys,
   kEncrypt,
   kDecrypt,
   kReEncrypt,
@@ -58,10 +59,11 @@ inline constexpr Rpc kAllRpcs[] = {
     Rpc::kDeleteAlias,       Rpc::kListAliases,
     Rpc::kGetKeyPolicy,      Rpc::kSetKeyPolicy,
     Rpc::kGenerateDataKey,   Rpc::kGenerateDataKeyWithoutPlaintext,
-    Rpc::kEncrypt,           Rpc::kDecrypt,
-    Rpc::kReEncrypt,         Rpc::kGenerateRandom,
-    Rpc::kListAuditEvents,   Rpc::kStreamAuditEvents,
-    Rpc::kGetAuditPublicKey, Rpc::kVerifyAuditLog,
+    Rpc::kGenerateDataKeys,  Rpc::kEncrypt,
+    Rpc::kDecrypt,           Rpc::kReEncrypt,
+    Rpc::kGenerateRandom,    Rpc::kListAuditEvents,
+    Rpc::kStreamAuditEvents, Rpc::kGetAuditPublicKey,
+    Rpc::kVerifyAuditLog,
 };
 const char* RpcName(Rpc rpc);
 

@@ -4,9 +4,11 @@
 #include "kms/key_service.h"
 
 #include <algorithm>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
 #include "kms/audit_scope.h"
@@ -39,11 +41,12 @@ KeyService::Counter& KeyService::CounterFor(const std::string& key_id,
   return *c;
 }
 
-absl::Status KeyService::TakeEncryption(const Key& key,
-                                        const KeyVersion& version) {
+absl::Status KeyService::TakeEncryptions(const Key& key,
+                                         const KeyVersion& version,
+                                         uint64_t n) {
   Counter& c = CounterFor(key.id, version.number);
   absl::MutexLock lock(&c.mu);
-  if (c.used >= c.reserved) {
+  if (c.reserved - c.used < n) {
     // Claim the next block from the durable count itself (not from a cached
     // copy): this process then owns exactly [start, end), so several
     // processes sharing a database never hand out the same range, and after
@@ -59,20 +62,23 @@ absl::Status KeyService::TakeEncryption(const Key& key,
                          return absl::InternalError("version vanished");
                        }
                        start = v->encryptions_reserved;
-                       if (start >= options_.encryption_limit) {
+                       if (start >= options_.encryption_limit ||
+                           options_.encryption_limit - start < n) {
                          return absl::ResourceExhaustedError(
                              "version reached its encryption limit");
                        }
-                       end = std::min(start + options_.counter_block,
+                       end = std::min(start + std::max<uint64_t>(
+                                                  options_.counter_block, n),
                                       options_.encryption_limit);
                        v->encryptions_reserved = end;
                        return absl::OkStatus();
                      })
             .status());
+    // What was left of the previous block is skipped: over-counting is safe.
     c.used = start;
     c.reserved = end;
   }
-  ++c.used;
+  c.used += n;
   return absl::OkStatus();
 }
 
@@ -122,16 +128,24 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::RotateFrom(
   return updated;
 }
 
-absl::StatusOr<KeyService::SealedData> KeyService::Seal(
-    std::shared_ptr<const Key> key, absl::string_view plaintext,
+absl::StatusOr<KeyService::SealedBatch> KeyService::SealMany(
+    std::shared_ptr<const Key> key, const SealInput& input,
     const EncryptionContext& context, Audit& audit) {
+  const size_t n =
+      input.generate_count > 0 ? input.generate_count : input.plaintexts.size();
+  if (n > options_.encryption_limit) {
+    // No version could hold them: refuse rather than rotate in vain.
+    return absl::InvalidArgumentError(absl::StrCat(
+        "count: ", n, " is more than one key version may encrypt (",
+        options_.encryption_limit, ")"));
+  }
   for (int attempt = 0; attempt < 3; ++attempt) {
     const KeyVersion* version = key->FindVersion(key->primary_version);
     if (version == nullptr || version->state != VersionState::kEnabled) {
       return absl::InternalError(
           absl::StrCat("key ", key->id, " has no usable primary version"));
     }
-    absl::Status taken = TakeEncryption(*key, *version);
+    absl::Status taken = TakeEncryptions(*key, *version, n);
     if (absl::IsResourceExhausted(taken)) {
       // Copy what is needed first: RotateFrom replaces the snapshot that
       // `version` points into.
@@ -153,21 +167,61 @@ absl::StatusOr<KeyService::SealedData> KeyService::Seal(
     CUSTOS_RETURN_IF_ERROR(taken);
     CUSTOS_ASSIGN_OR_RETURN(std::string header,
                             EncodeBlobHeader({key->id, version->number}));
-    absl::StatusOr<hsm::GcmSealed> sealed = hsm_->EncryptAesGcm(
-        version->hsm_id, BlobAad(header, context), plaintext);
-    if (!sealed.ok()) {
-      if (absl::IsNotFound(sealed.status())) {
+    const std::string aad = BlobAad(header, context);
+    SealedBatch out;
+    std::vector<hsm::GcmSealed> sealed;
+    absl::Status hsm_status;
+    if (input.generate_count > 0) {
+      absl::StatusOr<std::vector<hsm::SealedSecret>> made =
+          hsm_->GenerateAndSealAesGcm(version->hsm_id, aad,
+                                      input.generate_bytes, n);
+      hsm_status = made.status();
+      if (made.ok()) {
+        for (hsm::SealedSecret& secret : *made) {
+          out.generated.push_back(std::move(secret.plaintext));
+          sealed.push_back(std::move(secret.sealed));
+        }
+      }
+    } else if (n == 1) {
+      absl::StatusOr<hsm::GcmSealed> one =
+          hsm_->EncryptAesGcm(version->hsm_id, aad, input.plaintexts[0]);
+      hsm_status = one.status();
+      if (one.ok()) sealed.push_back(*std::move(one));
+    } else {
+      absl::StatusOr<std::vector<hsm::GcmSealed>> many =
+          hsm_->EncryptAesGcmMany(version->hsm_id, aad, input.plaintexts);
+      hsm_status = many.status();
+      if (many.ok()) sealed = *std::move(many);
+    }
+    if (!hsm_status.ok()) {
+      if (absl::IsNotFound(hsm_status)) {
         return absl::InternalError(absl::StrCat("key material of ", key->id,
                                                 " version ", version->number,
                                                 " is missing from the HSM"));
       }
-      return sealed.status();
+      return hsm_status;
     }
     audit.SetKey(key->id, version->number);
-    return SealedData{key->id, version->number,
-                      AssembleBlob(header, sealed->iv, sealed->ciphertext)};
+    out.key_id = key->id;
+    out.version = version->number;
+    out.blobs.reserve(sealed.size());
+    for (const hsm::GcmSealed& s : sealed) {
+      out.blobs.push_back(AssembleBlob(header, s.iv, s.ciphertext));
+    }
+    return out;
   }
   return absl::UnavailableError("key rotation did not settle; retry");
+}
+
+absl::StatusOr<KeyService::SealedData> KeyService::Seal(
+    std::shared_ptr<const Key> key, absl::string_view plaintext,
+    const EncryptionContext& context, Audit& audit) {
+  SealInput input;
+  input.plaintexts.push_back(plaintext);
+  CUSTOS_ASSIGN_OR_RETURN(SealedBatch batch,
+                          SealMany(std::move(key), input, context, audit));
+  return SealedData{std::move(batch.key_id), batch.version,
+                    std::move(batch.blobs[0])};
 }
 
 absl::StatusOr<std::shared_ptr<const Key>> KeyService::AuthorizeKeyUse(
@@ -187,69 +241,159 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::AuthorizeKeyUse(
   return key;
 }
 
-absl::StatusOr<DataKeyResult> KeyService::GenerateDataKey(
-    const Caller& caller, const DataKeyParams& params) {
-  Audit audit(this, caller,
-              params.include_plaintext ? Rpc::kGenerateDataKey
-                                       : Rpc::kGenerateDataKeyWithoutPlaintext);
+namespace {
+
+// Waits for an asynchronous operation: the synchronous forms.
+template <typename T, typename Start>
+absl::StatusOr<T> AwaitResult(Start start) {
+  absl::Notification finished;
+  std::optional<absl::StatusOr<T>> out;
+  start([&](absl::StatusOr<T> result) {
+    out.emplace(std::move(result));
+    finished.Notify();
+  });
+  finished.WaitForNotification();
+  return *std::move(out);
+}
+
+Rpc DataKeyRpc(bool include_plaintext) {
+  return include_plaintext ? Rpc::kGenerateDataKey
+                           : Rpc::kGenerateDataKeyWithoutPlaintext;
+}
+
+KeyOperation DataKeyOperation(bool include_plaintext) {
+  return include_plaintext ? KeyOperation::kGenerateDataKey
+                           : KeyOperation::kGenerateDataKeyWithoutPlaintext;
+}
+
+}  // namespace
+
+absl::StatusOr<KeyService::SealedBatch> KeyService::MakeDataKeys(
+    const Caller& caller, Rpc rpc, const DataKeyParams& params, size_t count,
+    Audit& audit) {
+  if (params.bytes < 1 || params.bytes > kMaxDataKeyBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "number_of_bytes: ", params.bytes,
+        " is out of range; ask for 1 to 1024 bytes or a key_spec"));
+  }
+  CUSTOS_RETURN_IF_ERROR(ValidateEncryptionContext(params.context));
+  CUSTOS_ASSIGN_OR_RETURN(
+      std::shared_ptr<const Key> key,
+      AuthorizeKeyUse(caller, rpc, DataKeyOperation(params.include_plaintext),
+                      params.key, params.context, params.justification.get(),
+                      audit));
+  SealInput input;
+  input.generate_count = count;
+  input.generate_bytes = params.bytes;
+  return SealMany(std::move(key), input, params.context, audit);
+}
+
+void KeyService::GenerateDataKey(const Caller& caller,
+                                 const DataKeyParams& params,
+                                 Done<DataKeyResult> done) {
+  const Rpc rpc = DataKeyRpc(params.include_plaintext);
+  Audit audit(this, caller, rpc);
   audit.SetContext(params.context);
   audit.SetJustification(params.justification.get());
-  return audit.Run<DataKeyResult>([&]() -> absl::StatusOr<DataKeyResult> {
-    if (params.bytes < 1 || params.bytes > kMaxDataKeyBytes) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "number_of_bytes: ", params.bytes,
-          " is out of range; ask for 1 to 1024 bytes or a key_spec"));
-    }
-    CUSTOS_RETURN_IF_ERROR(ValidateEncryptionContext(params.context));
-    CUSTOS_ASSIGN_OR_RETURN(
-        std::shared_ptr<const Key> key,
-        AuthorizeKeyUse(
-            caller,
-            params.include_plaintext ? Rpc::kGenerateDataKey
-                                     : Rpc::kGenerateDataKeyWithoutPlaintext,
-            params.include_plaintext
-                ? KeyOperation::kGenerateDataKey
-                : KeyOperation::kGenerateDataKeyWithoutPlaintext,
-            params.key, params.context, params.justification.get(), audit));
-    CUSTOS_ASSIGN_OR_RETURN(SecretBytes data_key,
-                            hsm_->GenerateRandom(params.bytes));
-    CUSTOS_ASSIGN_OR_RETURN(
-        SealedData sealed,
-        Seal(std::move(key), data_key.view(), params.context, audit));
-    DataKeyResult result;
-    result.key_id = std::move(sealed.key_id);
-    result.version = sealed.version;
-    result.blob = std::move(sealed.blob);
-    if (params.include_plaintext) result.plaintext = std::move(data_key);
-    return result;
+  audit.RunAsync<DataKeyResult>(
+      [&]() -> absl::StatusOr<DataKeyResult> {
+        CUSTOS_ASSIGN_OR_RETURN(SealedBatch batch,
+                                MakeDataKeys(caller, rpc, params, 1, audit));
+        DataKeyResult result;
+        result.key_id = std::move(batch.key_id);
+        result.version = batch.version;
+        result.blob = std::move(batch.blobs[0]);
+        if (params.include_plaintext) {
+          result.plaintext = std::move(batch.generated[0]);
+        }
+        return result;
+      },
+      std::move(done));
+}
+
+absl::StatusOr<DataKeyResult> KeyService::GenerateDataKey(
+    const Caller& caller, const DataKeyParams& params) {
+  return AwaitResult<DataKeyResult>([&](Done<DataKeyResult> done) {
+    GenerateDataKey(caller, params, std::move(done));
+  });
+}
+
+void KeyService::GenerateDataKeys(const Caller& caller,
+                                  const DataKeysParams& params,
+                                  Done<DataKeysResult> done) {
+  Audit audit(this, caller, Rpc::kGenerateDataKeys);
+  audit.SetContext(params.data_key.context);
+  audit.SetJustification(params.data_key.justification.get());
+  audit.AddDetail(absl::StrCat(
+      "count=", params.count,
+      params.data_key.include_plaintext ? "" : " without plaintext"));
+  audit.RunAsync<DataKeysResult>(
+      [&]() -> absl::StatusOr<DataKeysResult> {
+        if (params.count < 1 || params.count > kMaxDataKeysPerCall) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "count: ", params.count, " is out of range; ask for 1 to ",
+              kMaxDataKeysPerCall, " data keys per call"));
+        }
+        CUSTOS_ASSIGN_OR_RETURN(
+            SealedBatch batch,
+            MakeDataKeys(caller, Rpc::kGenerateDataKeys, params.data_key,
+                         params.count, audit));
+        DataKeysResult result;
+        result.key_id = std::move(batch.key_id);
+        result.version = batch.version;
+        result.keys.resize(batch.blobs.size());
+        for (size_t i = 0; i < batch.blobs.size(); ++i) {
+          result.keys[i].blob = std::move(batch.blobs[i]);
+          if (params.data_key.include_plaintext) {
+            result.keys[i].plaintext = std::move(batch.generated[i]);
+          }
+        }
+        return result;
+      },
+      std::move(done));
+}
+
+absl::StatusOr<DataKeysResult> KeyService::GenerateDataKeys(
+    const Caller& caller, const DataKeysParams& params) {
+  return AwaitResult<DataKeysResult>([&](Done<DataKeysResult> done) {
+    GenerateDataKeys(caller, params, std::move(done));
   });
 }
 
 absl::StatusOr<EncryptResult> KeyService::Encrypt(const Caller& caller,
                                                   const EncryptParams& params) {
+  return AwaitResult<EncryptResult>([&](Done<EncryptResult> done) {
+    Encrypt(caller, params, std::move(done));
+  });
+}
+
+void KeyService::Encrypt(const Caller& caller, const EncryptParams& params,
+                         Done<EncryptResult> done) {
   Audit audit(this, caller, Rpc::kEncrypt);
   audit.SetContext(params.context);
   audit.SetJustification(params.justification.get());
-  return audit.Run<EncryptResult>([&]() -> absl::StatusOr<EncryptResult> {
-    if (params.plaintext.size() < 1 ||
-        params.plaintext.size() > kMaxBlobPlaintext) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "plaintext: ", params.plaintext.size(),
-          " bytes; Encrypt takes 1 to 4096 bytes (for larger data, encrypt "
-          "it locally with a key from GenerateDataKey)"));
-    }
-    CUSTOS_RETURN_IF_ERROR(ValidateEncryptionContext(params.context));
-    CUSTOS_ASSIGN_OR_RETURN(
-        std::shared_ptr<const Key> key,
-        AuthorizeKeyUse(caller, Rpc::kEncrypt, KeyOperation::kEncrypt,
-                        params.key, params.context, params.justification.get(),
-                        audit));
-    CUSTOS_ASSIGN_OR_RETURN(
-        SealedData sealed,
-        Seal(std::move(key), params.plaintext.view(), params.context, audit));
-    return EncryptResult{std::move(sealed.key_id), sealed.version,
-                         std::move(sealed.blob)};
-  });
+  audit.RunAsync<EncryptResult>(
+      [&]() -> absl::StatusOr<EncryptResult> {
+        if (params.plaintext.size() < 1 ||
+            params.plaintext.size() > kMaxBlobPlaintext) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "plaintext: ", params.plaintext.size(),
+              " bytes; Encrypt takes 1 to 4096 bytes (for larger data, encrypt "
+              "it locally with a key from GenerateDataKey)"));
+        }
+        CUSTOS_RETURN_IF_ERROR(ValidateEncryptionContext(params.context));
+        CUSTOS_ASSIGN_OR_RETURN(
+            std::shared_ptr<const Key> key,
+            AuthorizeKeyUse(caller, Rpc::kEncrypt, KeyOperation::kEncrypt,
+                            params.key, params.context,
+                            params.justification.get(), audit));
+        CUSTOS_ASSIGN_OR_RETURN(SealedData sealed,
+                                Seal(std::move(key), params.plaintext.view(),
+                                     params.context, audit));
+        return EncryptResult{std::move(sealed.key_id), sealed.version,
+                             std::move(sealed.blob)};
+      },
+      std::move(done));
 }
 
 absl::StatusOr<DecryptResult> KeyService::Open(
@@ -299,60 +443,89 @@ absl::StatusOr<DecryptResult> KeyService::Open(
 
 absl::StatusOr<DecryptResult> KeyService::Decrypt(const Caller& caller,
                                                   const DecryptParams& params) {
+  return AwaitResult<DecryptResult>([&](Done<DecryptResult> done) {
+    Decrypt(caller, params, std::move(done));
+  });
+}
+
+void KeyService::Decrypt(const Caller& caller, const DecryptParams& params,
+                         Done<DecryptResult> done) {
   Audit audit(this, caller, Rpc::kDecrypt);
   audit.SetContext(params.context);
   audit.SetJustification(params.justification.get());
-  return audit.Run<DecryptResult>([&] {
-    return Open(caller, Rpc::kDecrypt, KeyOperation::kDecrypt, params.blob,
-                params.context, params.expected_key, params.justification.get(),
-                audit);
-  });
+  audit.RunAsync<DecryptResult>(
+      [&] {
+        return Open(caller, Rpc::kDecrypt, KeyOperation::kDecrypt, params.blob,
+                    params.context, params.expected_key,
+                    params.justification.get(), audit);
+      },
+      std::move(done));
 }
 
 absl::StatusOr<ReEncryptResult> KeyService::ReEncrypt(
     const Caller& caller, const ReEncryptParams& params) {
+  return AwaitResult<ReEncryptResult>([&](Done<ReEncryptResult> done) {
+    ReEncrypt(caller, params, std::move(done));
+  });
+}
+
+void KeyService::ReEncrypt(const Caller& caller, const ReEncryptParams& params,
+                           Done<ReEncryptResult> done) {
   Audit audit(this, caller, Rpc::kReEncrypt);
   audit.SetContext(params.destination_context);
   audit.SetJustification(params.justification.get());
-  return audit.Run<ReEncryptResult>([&]() -> absl::StatusOr<ReEncryptResult> {
-    CUSTOS_RETURN_IF_ERROR(
-        ValidateEncryptionContext(params.destination_context));
-    CUSTOS_ASSIGN_OR_RETURN(
-        DecryptResult opened,
-        Open(caller, Rpc::kReEncrypt, KeyOperation::kReEncryptFrom, params.blob,
-             params.source_context, params.source_expected_key,
-             params.justification.get(), audit));
-    const std::string& destination =
-        params.destination_key.empty() ? opened.key_id : params.destination_key;
-    CUSTOS_ASSIGN_OR_RETURN(
-        std::shared_ptr<const Key> key,
-        AuthorizeKeyUse(caller, Rpc::kReEncrypt, KeyOperation::kReEncryptTo,
-                        destination, params.destination_context,
-                        params.justification.get(), audit));
-    audit.AddDetail(
-        absl::StrCat("source ", opened.key_id, " version ", opened.version));
-    CUSTOS_ASSIGN_OR_RETURN(SealedData sealed,
-                            Seal(std::move(key), opened.plaintext.view(),
-                                 params.destination_context, audit));
-    return ReEncryptResult{opened.key_id, opened.version,
-                           std::move(sealed.key_id), sealed.version,
-                           std::move(sealed.blob)};
-  });
+  audit.RunAsync<ReEncryptResult>(
+      [&]() -> absl::StatusOr<ReEncryptResult> {
+        CUSTOS_RETURN_IF_ERROR(
+            ValidateEncryptionContext(params.destination_context));
+        CUSTOS_ASSIGN_OR_RETURN(
+            DecryptResult opened,
+            Open(caller, Rpc::kReEncrypt, KeyOperation::kReEncryptFrom,
+                 params.blob, params.source_context, params.source_expected_key,
+                 params.justification.get(), audit));
+        const std::string& destination = params.destination_key.empty()
+                                             ? opened.key_id
+                                             : params.destination_key;
+        CUSTOS_ASSIGN_OR_RETURN(
+            std::shared_ptr<const Key> key,
+            AuthorizeKeyUse(caller, Rpc::kReEncrypt, KeyOperation::kReEncryptTo,
+                            destination, params.destination_context,
+                            params.justification.get(), audit));
+        audit.AddDetail(absl::StrCat("source ", opened.key_id, " version ",
+                                     opened.version));
+        CUSTOS_ASSIGN_OR_RETURN(SealedData sealed,
+                                Seal(std::move(key), opened.plaintext.view(),
+                                     params.destination_context, audit));
+        return ReEncryptResult{opened.key_id, opened.version,
+                               std::move(sealed.key_id), sealed.version,
+                               std::move(sealed.blob)};
+      },
+      std::move(done));
 }
 
 absl::StatusOr<SecretBytes> KeyService::GenerateRandom(const Caller& caller,
                                                        size_t bytes) {
-  Audit audit(this, caller, Rpc::kGenerateRandom);
-  return audit.Run<SecretBytes>([&]() -> absl::StatusOr<SecretBytes> {
-    CUSTOS_RETURN_IF_ERROR(authorizer_->Check(caller, Rpc::kGenerateRandom,
-                                              nullptr, KeyOperation{}, nullptr,
-                                              nullptr));
-    if (bytes < 1 || bytes > kMaxDataKeyBytes) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "number_of_bytes: ", bytes, " is out of range; ask for 1 to 1024"));
-    }
-    return hsm_->GenerateRandom(bytes);
+  return AwaitResult<SecretBytes>([&](Done<SecretBytes> done) {
+    GenerateRandom(caller, bytes, std::move(done));
   });
+}
+
+void KeyService::GenerateRandom(const Caller& caller, size_t bytes,
+                                Done<SecretBytes> done) {
+  Audit audit(this, caller, Rpc::kGenerateRandom);
+  audit.RunAsync<SecretBytes>(
+      [&]() -> absl::StatusOr<SecretBytes> {
+        CUSTOS_RETURN_IF_ERROR(authorizer_->Check(caller, Rpc::kGenerateRandom,
+                                                  nullptr, KeyOperation{},
+                                                  nullptr, nullptr));
+        if (bytes < 1 || bytes > kMaxDataKeyBytes) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("number_of_bytes: ", bytes,
+                           " is out of range; ask for 1 to 1024"));
+        }
+        return hsm_->GenerateRandom(bytes);
+      },
+      std::move(done));
 }
 
 }  // namespace custos::kms

@@ -7,6 +7,11 @@
 // nothing (fail closed). Data keys are returned in SecretBytes, which
 // cleanse themselves.
 //
+// The cryptographic operations also come in an asynchronous form: the work
+// runs on the calling thread, and `done` receives the result once the
+// call's audit record is durable, on the audit log's thread. A server thread
+// then never sleeps through an fsync, and one fsync releases many calls.
+//
 // Thread-safe.
 #ifndef CUSTOS_KMS_KEY_SERVICE_H_
 #define CUSTOS_KMS_KEY_SERVICE_H_
@@ -19,6 +24,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -87,6 +93,24 @@ struct DataKeyResult {
   uint32_t version = 0;
   SecretBytes plaintext;  // empty when include_plaintext was false
   std::string blob;
+};
+
+inline constexpr uint32_t kMaxDataKeysPerCall = 1000;
+
+// GenerateDataKeys: `count` data keys with the settings of `data_key`.
+struct DataKeysParams {
+  DataKeyParams data_key;
+  uint32_t count = 0;  // 1 to kMaxDataKeysPerCall
+};
+
+struct DataKeysResult {
+  std::string key_id;
+  uint32_t version = 0;
+  struct Entry {
+    SecretBytes plaintext;  // empty when include_plaintext was false
+    std::string blob;
+  };
+  std::vector<Entry> keys;
 };
 
 struct EncryptParams {
@@ -196,9 +220,17 @@ class KeyService {
                                          const KeyPolicy& policy,
                                          uint64_t expected_version);
 
+  // Receives an asynchronous operation's result (see the file comment).
+  template <typename T>
+  using Done = absl::AnyInvocable<void(absl::StatusOr<T>) &&>;
+
   // Cryptographic operations (services, as key policies allow).
   absl::StatusOr<DataKeyResult> GenerateDataKey(const Caller& caller,
                                                 const DataKeyParams& params);
+  // All data keys under one version, each with its own HSM IV; one
+  // authorization and one audit record (detail "count=N").
+  absl::StatusOr<DataKeysResult> GenerateDataKeys(const Caller& caller,
+                                                  const DataKeysParams& params);
   absl::StatusOr<EncryptResult> Encrypt(const Caller& caller,
                                         const EncryptParams& params);
   absl::StatusOr<DecryptResult> Decrypt(const Caller& caller,
@@ -207,6 +239,19 @@ class KeyService {
                                             const ReEncryptParams& params);
   absl::StatusOr<SecretBytes> GenerateRandom(const Caller& caller,
                                              size_t bytes);
+  // The asynchronous forms of the operations above.
+  void GenerateDataKey(const Caller& caller, const DataKeyParams& params,
+                       Done<DataKeyResult> done);
+  void GenerateDataKeys(const Caller& caller, const DataKeysParams& params,
+                        Done<DataKeysResult> done);
+  void Encrypt(const Caller& caller, const EncryptParams& params,
+               Done<EncryptResult> done);
+  void Decrypt(const Caller& caller, const DecryptParams& params,
+               Done<DecryptResult> done);
+  void ReEncrypt(const Caller& caller, const ReEncryptParams& params,
+                 Done<ReEncryptResult> done);
+  void GenerateRandom(const Caller& caller, size_t bytes,
+                      Done<SecretBytes> done);
 
   // Background work: scheduled rotations and deletions whose time has
   // come. Idempotent; safe to rerun after a crash at any step.
@@ -253,9 +298,34 @@ class KeyService {
                                      const std::string& expected_key,
                                      const Justification* justification,
                                      Audit& audit);
-  // Takes one encryption from the version's durable budget. Returns
-  // RESOURCE_EXHAUSTED when the version reached the encryption limit.
-  absl::Status TakeEncryption(const Key& key, const KeyVersion& version);
+  // What SealMany seals: the given plaintexts, or `generate_count` fresh
+  // random data keys of `generate_bytes` each, made by the HSM.
+  struct SealInput {
+    std::vector<absl::string_view> plaintexts;
+    size_t generate_count = 0;
+    size_t generate_bytes = 0;
+  };
+  struct SealedBatch {
+    std::string key_id;
+    uint32_t version = 0;
+    std::vector<std::string> blobs;
+    std::vector<SecretBytes> generated;  // the data keys, when generated
+  };
+  // Validates, authorizes and makes `count` sealed data keys for
+  // GenerateDataKey(s).
+  absl::StatusOr<SealedBatch> MakeDataKeys(const Caller& caller, Rpc rpc,
+                                           const DataKeyParams& params,
+                                           size_t count, Audit& audit);
+  // Seal for several plaintexts at once: one budget claim and one HSM
+  // session for all of them.
+  absl::StatusOr<SealedBatch> SealMany(std::shared_ptr<const Key> key,
+                                       const SealInput& input,
+                                       const EncryptionContext& context,
+                                       Audit& audit);
+  // Takes `n` encryptions from the version's durable budget. Returns
+  // RESOURCE_EXHAUSTED when the version has fewer than `n` left.
+  absl::Status TakeEncryptions(const Key& key, const KeyVersion& version,
+                               uint64_t n);
   // Adds a version generated in the HSM and makes it primary, unless the
   // primary is no longer `expected_primary` (someone else rotated).
   // `audit`, when given, records the rotation before it commits.

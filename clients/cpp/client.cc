@@ -145,6 +145,8 @@ CUSTOS_CLIENT_CALL(crypto_, GenerateDataKey, pb::GenerateDataKeyRequest,
 CUSTOS_CLIENT_CALL(crypto_, GenerateDataKeyWithoutPlaintext,
                    pb::GenerateDataKeyRequest, pb::GenerateDataKeyResponse,
                    true)
+CUSTOS_CLIENT_CALL(crypto_, GenerateDataKeys, pb::GenerateDataKeysRequest,
+                   pb::GenerateDataKeysResponse, true)
 CUSTOS_CLIENT_CALL(crypto_, Encrypt, pb::EncryptRequest, pb::EncryptResponse,
                    true)
 CUSTOS_CLIENT_CALL(crypto_, Decrypt, pb::DecryptRequest, pb::DecryptResponse,

@@ -70,6 +70,9 @@ class Client : public DataKeySource {
       const pb::GenerateDataKeyRequest& request);
   absl::StatusOr<pb::GenerateDataKeyResponse> GenerateDataKeyWithoutPlaintext(
       const pb::GenerateDataKeyRequest& request);
+  // Up to 1,000 data keys in one call (for services that pre-fetch keys).
+  absl::StatusOr<pb::GenerateDataKeysResponse> GenerateDataKeys(
+      const pb::GenerateDataKeysRequest& request);
   absl::StatusOr<pb::EncryptResponse> Encrypt(
       const pb::EncryptRequest& request);
   absl::StatusOr<pb::DecryptResponse> Decrypt(

@@ -14,6 +14,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/notification.h"
 #include "common/logging.h"
 #include "common/p256.h"
 #include "common/status_macros.h"
@@ -158,20 +159,32 @@ FileAuditLog::~FileAuditLog() {
   if (fd_ >= 0) close(fd_);
 }
 
-absl::Status FileAuditLog::Append(AuditRecord record) {
-  auto pending = std::make_shared<Pending>();
-  pending->record = std::move(record);
-  absl::MutexLock lock(&mu_);
-  if (stopping_) return absl::UnavailableError("audit log is shutting down");
-  auto has_room = [](FileAuditLog* self) ABSL_SHARED_LOCKS_REQUIRED(self->mu_) {
-    return self->queue_.size() < self->options_.max_queue || self->stopping_;
-  };
-  mu_.Await(absl::Condition(+has_room, this));
-  if (stopping_) return absl::UnavailableError("audit log is shutting down");
-  queue_.push_back(pending);
-  auto done = [](Pending* p) { return p->done; };
-  mu_.Await(absl::Condition(+done, pending.get()));
-  return pending->result;
+absl::Status AuditLog::Append(AuditRecord record) {
+  absl::Notification durable;
+  absl::Status result;
+  AppendAsync(std::move(record), [&](absl::Status s) {
+    result = std::move(s);
+    durable.Notify();
+  });
+  durable.WaitForNotification();
+  return result;
+}
+
+void FileAuditLog::AppendAsync(AuditRecord record, AppendDone done) {
+  {
+    absl::MutexLock lock(&mu_);
+    // Back-pressure: a full queue makes callers wait for room.
+    auto has_room = [](FileAuditLog* self) ABSL_SHARED_LOCKS_REQUIRED(
+                        self->mu_) {
+      return self->queue_.size() < self->options_.max_queue || self->stopping_;
+    };
+    mu_.Await(absl::Condition(+has_room, this));
+    if (!stopping_) {
+      queue_.push_back(Pending{std::move(record), std::move(done)});
+      return;
+    }
+  }
+  std::move(done)(absl::UnavailableError("audit log is shutting down"));
 }
 
 std::string FileAuditLog::SegmentPathFor(uint64_t first_seq) const {
@@ -186,7 +199,7 @@ std::string FileAuditLog::segment_path() const {
 
 void FileAuditLog::WriterLoop() {
   for (;;) {
-    std::vector<std::shared_ptr<Pending>> batch;
+    std::vector<Pending> batch;
     bool stopping = false;
     {
       absl::MutexLock lock(&mu_);
@@ -210,7 +223,8 @@ void FileAuditLog::WriterLoop() {
         mu_.AwaitWithTimeout(absl::Condition(&full), options_.batch_window);
       }
       stopping = stopping_ && queue_.empty();
-      batch.assign(queue_.begin(), queue_.end());
+      batch.assign(std::make_move_iterator(queue_.begin()),
+                   std::make_move_iterator(queue_.end()));
       queue_.clear();
     }
     if (!batch.empty()) last_batch_size_ = batch.size();
@@ -265,8 +279,7 @@ absl::Status FileAuditLog::MaybeRoll() {
   return absl::OkStatus();
 }
 
-void FileAuditLog::WriteRecords(
-    const std::vector<std::shared_ptr<Pending>>& batch) {
+void FileAuditLog::WriteRecords(std::vector<Pending>& batch) {
   absl::Status s = MaybeRoll();
   uint64_t seq;
   std::string prev;
@@ -278,27 +291,27 @@ void FileAuditLog::WriteRecords(
   if (s.ok()) {
     std::string bytes;
     for (const auto& p : batch) {
-      std::string line = Serialize(p->record, seq++, prev);
+      std::string line = Serialize(p.record, seq++, prev);
       prev = AuditLineHash(line);
       bytes.append(line).push_back('\n');
     }
     s = WriteBatch(bytes);
   }
   if (s.ok()) since_checkpoint_ += batch.size();
-  absl::MutexLock lock(&mu_);
-  if (s.ok()) {
-    next_seq_ = seq;
-    prev_hash_ = prev;
-    stats_.records += batch.size();
-    ++stats_.batches;
-  } else {
-    ++stats_.failures;
-    spdlog::error("{}", s.message());
+  {
+    absl::MutexLock lock(&mu_);
+    if (s.ok()) {
+      next_seq_ = seq;
+      prev_hash_ = prev;
+      stats_.records += batch.size();
+      ++stats_.batches;
+    } else {
+      ++stats_.failures;
+      spdlog::error("{}", s.message());
+    }
   }
-  for (const auto& p : batch) {
-    p->result = s;
-    p->done = true;
-  }
+  // Outside the lock: completions may finish gRPC calls.
+  for (Pending& p : batch) std::move(p.done)(s);
 }
 
 void FileAuditLog::MaybeCheckpoint(bool force) {

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -62,9 +63,18 @@ struct AuditRecord {
 // Where records go. The service depends on this interface only.
 class AuditLog {
  public:
+  // Receives the outcome of an append: OK once the record is durable,
+  // UNAVAILABLE if it cannot be made so.
+  using AppendDone = absl::AnyInvocable<void(absl::Status) &&>;
+
   virtual ~AuditLog() = default;
+  // Queues the record and returns; `done` runs exactly once, when the
+  // record is durable or has failed, on the log's own thread (or on the
+  // caller's, when the log refuses the record at once). `done` must be
+  // quick and must not append.
+  virtual void AppendAsync(AuditRecord record, AppendDone done) = 0;
   // Returns once the record is durable; UNAVAILABLE if it cannot be made so.
-  virtual absl::Status Append(AuditRecord record) = 0;
+  absl::Status Append(AuditRecord record);
 };
 
 class FileAuditLog : public AuditLog {
@@ -102,7 +112,7 @@ class FileAuditLog : public AuditLog {
   static absl::StatusOr<std::unique_ptr<FileAuditLog>> Open(Options options);
   ~FileAuditLog() override;
 
-  absl::Status Append(AuditRecord record) override;
+  void AppendAsync(AuditRecord record, AppendDone done) override;
   Stats stats() const;
   // The segment being appended to; changes when it rolls.
   std::string segment_path() const;
@@ -110,8 +120,7 @@ class FileAuditLog : public AuditLog {
  private:
   struct Pending {
     AuditRecord record;
-    absl::Status result;
-    bool done = false;
+    AppendDone done;
   };
 
   explicit FileAuditLog(Options options) : options_(std::move(options)) {}
@@ -121,9 +130,8 @@ class FileAuditLog : public AuditLog {
     return !queue_.empty() || stopping_;
   }
   // Rolls the segment if it is due, then serialises, chains, writes and
-  // syncs `batch`, and releases its callers with the outcome. Writer thread
-  // only.
-  void WriteRecords(const std::vector<std::shared_ptr<Pending>>& batch);
+  // syncs `batch`, and tells its callers the outcome. Writer thread only.
+  void WriteRecords(std::vector<Pending>& batch);
   // Rolls to a new segment if the current one is due (size or age). On
   // failure the batch fails and the roll is tried again before the next.
   // Writer thread only.
@@ -150,7 +158,7 @@ class FileAuditLog : public AuditLog {
   absl::Time last_checkpoint_ = absl::Now();
 
   mutable absl::Mutex mu_;
-  std::deque<std::shared_ptr<Pending>> queue_ ABSL_GUARDED_BY(mu_);
+  std::deque<Pending> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
   std::string prev_hash_ ABSL_GUARDED_BY(mu_);     // hex of the last line

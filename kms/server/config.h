@@ -38,7 +38,7 @@ struct Config {
   std::vector<std::string> admins;
   std::vector<std::string> auditors;
   struct Limits {
-    int max_message_bytes = 64 * 1024;
+    int max_message_bytes = 64 * 1024;  // largest request
     int max_concurrent_streams = 256;
   } limits;
   uint64_t encryption_limit = uint64_t{1} << 30;

@@ -21,6 +21,63 @@ grpc::ServerUnaryReactor* Serve(grpc::CallbackServerContext* ctx,
   return reactor;
 }
 
+// Serve's form for operations that complete asynchronously (once their audit
+// record is durable, on the audit log's thread): `start(caller, done)`
+// begins the operation and `fill(result)` writes the reply; the reactor
+// finishes from `done`. No gRPC thread waits for the audit log's fsync.
+template <typename T, typename Start, typename Fill>
+grpc::ServerUnaryReactor* ServeAsync(grpc::CallbackServerContext* ctx,
+                                     CallerResolver* callers,
+                                     grpc::ServerUnaryReactor* reactor,
+                                     Start start, Fill fill) {
+  absl::StatusOr<kms::Caller> caller = callers->Resolve(ctx);
+  if (!caller.ok()) {
+    reactor->Finish(ToGrpc(caller.status()));
+    return reactor;
+  }
+  start(*caller,
+        [reactor, fill = std::move(fill)](absl::StatusOr<T> result) mutable {
+          if (!result.ok()) {
+            reactor->Finish(ToGrpc(result.status()));
+            return;
+          }
+          fill(*result);
+          reactor->Finish(grpc::Status::OK);
+        });
+  return reactor;
+}
+
+// The data key settings shared by GenerateDataKey(s).
+absl::Status DataKeyFromProto(
+    pb::DataKeySpec spec, uint32_t number_of_bytes,
+    const google::protobuf::Map<std::string, std::string>& context,
+    const pb::AccessJustification& justification, bool has_justification,
+    kms::DataKeyParams& params) {
+  if (spec != pb::DATA_KEY_SPEC_UNSPECIFIED && number_of_bytes != 0) {
+    return absl::InvalidArgumentError(
+        "key_spec and number_of_bytes: set one, not both");
+  }
+  switch (spec) {
+    case pb::DATA_KEY_SPEC_UNSPECIFIED:
+      params.bytes = number_of_bytes == 0 ? 32 : number_of_bytes;
+      break;
+    case pb::AES_256:
+      params.bytes = 32;
+      break;
+    case pb::AES_128:
+      params.bytes = 16;
+      break;
+    default:
+      return absl::InvalidArgumentError("key_spec: unknown value");
+  }
+  params.context = FromProto(context);
+  absl::StatusOr<kms::JustificationParam> parsed =
+      FromProto(justification, has_justification);
+  if (!parsed.ok()) return parsed.status();
+  params.justification = *std::move(parsed);
+  return absl::OkStatus();
+}
+
 // Fills `resp` from a key result.
 absl::Status KeyReply(
     const absl::StatusOr<std::shared_ptr<const kms::Key>>& key, pb::Key* resp) {
@@ -229,49 +286,27 @@ grpc::ServerUnaryReactor* CryptoHandler::DataKey(
     pb::GenerateDataKeyResponse* resp, bool include_plaintext) {
   auto* reactor =
       new CleansingReactor([resp] { CleanseBytes(resp->mutable_plaintext()); });
-  return Serve(
-      ctx, callers_,
-      [&](const kms::Caller& caller) -> absl::Status {
+  return ServeAsync<kms::DataKeyResult>(
+      ctx, callers_, reactor,
+      [&](const kms::Caller& caller,
+          kms::KeyService::Done<kms::DataKeyResult> done) {
         kms::DataKeyParams params;
         params.key = req->key();
         params.include_plaintext = include_plaintext;
-        if (req->key_spec() != pb::DATA_KEY_SPEC_UNSPECIFIED &&
-            req->number_of_bytes() != 0) {
-          return absl::InvalidArgumentError(
-              "key_spec and number_of_bytes: set one, not both");
-        }
-        switch (req->key_spec()) {
-          case pb::DATA_KEY_SPEC_UNSPECIFIED:
-            params.bytes =
-                req->number_of_bytes() == 0 ? 32 : req->number_of_bytes();
-            break;
-          case pb::AES_256:
-            params.bytes = 32;
-            break;
-          case pb::AES_128:
-            params.bytes = 16;
-            break;
-          default:
-            return absl::InvalidArgumentError("key_spec: unknown value");
-        }
-        params.context = FromProto(req->encryption_context());
-        absl::StatusOr<kms::JustificationParam> justification =
-            FromProto(req->justification(), req->has_justification());
-        if (!justification.ok()) return justification.status();
-        params.justification = *std::move(justification);
-        absl::StatusOr<kms::DataKeyResult> result =
-            service_->GenerateDataKey(caller, params);
-        if (!result.ok()) return result.status();
-        resp->set_key_id(result->key_id);
-        resp->set_key_version(result->version);
-        if (include_plaintext) {
-          resp->set_plaintext(result->plaintext.data(),
-                              result->plaintext.size());
-        }
-        resp->set_ciphertext_blob(result->blob);
-        return absl::OkStatus();
+        absl::Status parsed = DataKeyFromProto(
+            req->key_spec(), req->number_of_bytes(), req->encryption_context(),
+            req->justification(), req->has_justification(), params);
+        if (!parsed.ok()) return std::move(done)(parsed);
+        service_->GenerateDataKey(caller, params, std::move(done));
       },
-      reactor);
+      [resp, include_plaintext](kms::DataKeyResult& result) {
+        resp->set_key_id(result.key_id);
+        resp->set_key_version(result.version);
+        if (include_plaintext) {
+          resp->set_plaintext(result.plaintext.data(), result.plaintext.size());
+        }
+        resp->set_ciphertext_blob(std::move(result.blob));
+      });
 }
 
 grpc::ServerUnaryReactor* CryptoHandler::GenerateDataKey(
@@ -286,32 +321,67 @@ grpc::ServerUnaryReactor* CryptoHandler::GenerateDataKeyWithoutPlaintext(
   return DataKey(ctx, req, resp, /*include_plaintext=*/false);
 }
 
+grpc::ServerUnaryReactor* CryptoHandler::GenerateDataKeys(
+    grpc::CallbackServerContext* ctx, const pb::GenerateDataKeysRequest* req,
+    pb::GenerateDataKeysResponse* resp) {
+  auto* reactor = new CleansingReactor([resp] {
+    for (pb::DataKey& key : *resp->mutable_data_keys()) {
+      CleanseBytes(key.mutable_plaintext());
+    }
+  });
+  return ServeAsync<kms::DataKeysResult>(
+      ctx, callers_, reactor,
+      [&](const kms::Caller& caller,
+          kms::KeyService::Done<kms::DataKeysResult> done) {
+        kms::DataKeysParams params;
+        params.data_key.key = req->key();
+        params.data_key.include_plaintext = !req->without_plaintext();
+        params.count = req->count();
+        absl::Status parsed = DataKeyFromProto(
+            req->key_spec(), req->number_of_bytes(), req->encryption_context(),
+            req->justification(), req->has_justification(), params.data_key);
+        if (!parsed.ok()) return std::move(done)(parsed);
+        service_->GenerateDataKeys(caller, params, std::move(done));
+      },
+      [resp](kms::DataKeysResult& result) {
+        resp->set_key_id(result.key_id);
+        resp->set_key_version(result.version);
+        resp->mutable_data_keys()->Reserve(result.keys.size());
+        for (kms::DataKeysResult::Entry& entry : result.keys) {
+          pb::DataKey* key = resp->add_data_keys();
+          if (!entry.plaintext.empty()) {
+            key->set_plaintext(entry.plaintext.data(), entry.plaintext.size());
+          }
+          key->set_ciphertext_blob(std::move(entry.blob));
+        }
+      });
+}
+
 grpc::ServerUnaryReactor* CryptoHandler::Encrypt(
     grpc::CallbackServerContext* ctx, const pb::EncryptRequest* req,
     pb::EncryptResponse* resp) {
   auto* reactor = new CleansingReactor([req] {
     CleanseBytes(const_cast<pb::EncryptRequest*>(req)->mutable_plaintext());
   });
-  return Serve(
-      ctx, callers_,
-      [&](const kms::Caller& caller) -> absl::Status {
+  return ServeAsync<kms::EncryptResult>(
+      ctx, callers_, reactor,
+      [&](const kms::Caller& caller,
+          kms::KeyService::Done<kms::EncryptResult> done) {
         kms::EncryptParams params;
         params.key = req->key();
         params.plaintext = SecretBytes::CopyOf(req->plaintext());
         params.context = FromProto(req->encryption_context());
         absl::StatusOr<kms::JustificationParam> justification =
             FromProto(req->justification(), req->has_justification());
-        if (!justification.ok()) return justification.status();
+        if (!justification.ok()) return std::move(done)(justification.status());
         params.justification = *std::move(justification);
-        absl::StatusOr<kms::EncryptResult> result =
-            service_->Encrypt(caller, params);
-        if (!result.ok()) return result.status();
-        resp->set_key_id(result->key_id);
-        resp->set_key_version(result->version);
-        resp->set_ciphertext_blob(result->blob);
-        return absl::OkStatus();
+        service_->Encrypt(caller, params, std::move(done));
       },
-      reactor);
+      [resp](kms::EncryptResult& result) {
+        resp->set_key_id(result.key_id);
+        resp->set_key_version(result.version);
+        resp->set_ciphertext_blob(std::move(result.blob));
+      });
 }
 
 grpc::ServerUnaryReactor* CryptoHandler::Decrypt(
@@ -319,53 +389,54 @@ grpc::ServerUnaryReactor* CryptoHandler::Decrypt(
     pb::DecryptResponse* resp) {
   auto* reactor =
       new CleansingReactor([resp] { CleanseBytes(resp->mutable_plaintext()); });
-  return Serve(
-      ctx, callers_,
-      [&](const kms::Caller& caller) -> absl::Status {
+  return ServeAsync<kms::DecryptResult>(
+      ctx, callers_, reactor,
+      [&](const kms::Caller& caller,
+          kms::KeyService::Done<kms::DecryptResult> done) {
         kms::DecryptParams params;
         params.blob = req->ciphertext_blob();
         params.context = FromProto(req->encryption_context());
         params.expected_key = req->expected_key();
         absl::StatusOr<kms::JustificationParam> justification =
             FromProto(req->justification(), req->has_justification());
-        if (!justification.ok()) return justification.status();
+        if (!justification.ok()) return std::move(done)(justification.status());
         params.justification = *std::move(justification);
-        absl::StatusOr<kms::DecryptResult> result =
-            service_->Decrypt(caller, params);
-        if (!result.ok()) return result.status();
-        resp->set_key_id(result->key_id);
-        resp->set_key_version(result->version);
-        resp->set_plaintext(result->plaintext.data(), result->plaintext.size());
-        return absl::OkStatus();
+        service_->Decrypt(caller, params, std::move(done));
       },
-      reactor);
+      [resp](kms::DecryptResult& result) {
+        resp->set_key_id(result.key_id);
+        resp->set_key_version(result.version);
+        resp->set_plaintext(result.plaintext.data(), result.plaintext.size());
+      });
 }
 
 grpc::ServerUnaryReactor* CryptoHandler::ReEncrypt(
     grpc::CallbackServerContext* ctx, const pb::ReEncryptRequest* req,
     pb::ReEncryptResponse* resp) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
-    kms::ReEncryptParams params;
-    params.blob = req->ciphertext_blob();
-    params.source_context = FromProto(req->source_encryption_context());
-    params.source_expected_key = req->source_expected_key();
-    params.destination_key = req->destination_key();
-    params.destination_context =
-        FromProto(req->destination_encryption_context());
-    absl::StatusOr<kms::JustificationParam> justification =
-        FromProto(req->justification(), req->has_justification());
-    if (!justification.ok()) return justification.status();
-    params.justification = *std::move(justification);
-    absl::StatusOr<kms::ReEncryptResult> result =
-        service_->ReEncrypt(caller, params);
-    if (!result.ok()) return result.status();
-    resp->set_source_key_id(result->source_key_id);
-    resp->set_source_key_version(result->source_version);
-    resp->set_key_id(result->key_id);
-    resp->set_key_version(result->version);
-    resp->set_ciphertext_blob(result->blob);
-    return absl::OkStatus();
-  });
+  return ServeAsync<kms::ReEncryptResult>(
+      ctx, callers_, ctx->DefaultReactor(),
+      [&](const kms::Caller& caller,
+          kms::KeyService::Done<kms::ReEncryptResult> done) {
+        kms::ReEncryptParams params;
+        params.blob = req->ciphertext_blob();
+        params.source_context = FromProto(req->source_encryption_context());
+        params.source_expected_key = req->source_expected_key();
+        params.destination_key = req->destination_key();
+        params.destination_context =
+            FromProto(req->destination_encryption_context());
+        absl::StatusOr<kms::JustificationParam> justification =
+            FromProto(req->justification(), req->has_justification());
+        if (!justification.ok()) return std::move(done)(justification.status());
+        params.justification = *std::move(justification);
+        service_->ReEncrypt(caller, params, std::move(done));
+      },
+      [resp](kms::ReEncryptResult& result) {
+        resp->set_source_key_id(result.source_key_id);
+        resp->set_source_key_version(result.source_version);
+        resp->set_key_id(result.key_id);
+        resp->set_key_version(result.version);
+        resp->set_ciphertext_blob(std::move(result.blob));
+      });
 }
 
 grpc::ServerUnaryReactor* CryptoHandler::GenerateRandom(
@@ -374,16 +445,15 @@ grpc::ServerUnaryReactor* CryptoHandler::GenerateRandom(
   // Random bytes are often used as keys: cleanse them like data keys.
   auto* reactor =
       new CleansingReactor([resp] { CleanseBytes(resp->mutable_random()); });
-  return Serve(
-      ctx, callers_,
-      [&](const kms::Caller& caller) -> absl::Status {
-        absl::StatusOr<SecretBytes> random =
-            service_->GenerateRandom(caller, req->number_of_bytes());
-        if (!random.ok()) return random.status();
-        resp->set_random(random->data(), random->size());
-        return absl::OkStatus();
+  return ServeAsync<SecretBytes>(
+      ctx, callers_, reactor,
+      [&](const kms::Caller& caller, kms::KeyService::Done<SecretBytes> done) {
+        service_->GenerateRandom(caller, req->number_of_bytes(),
+                                 std::move(done));
       },
-      reactor);
+      [resp](SecretBytes& random) {
+        resp->set_random(random.data(), random.size());
+      });
 }
 
 }  // namespace custos::server

@@ -75,6 +75,9 @@ class CryptoHandler final : public pb::CryptoService::CallbackService {
   grpc::ServerUnaryReactor* GenerateDataKeyWithoutPlaintext(
       grpc::CallbackServerContext* ctx, const pb::GenerateDataKeyRequest* req,
       pb::GenerateDataKeyResponse* resp) override;
+  grpc::ServerUnaryReactor* GenerateDataKeys(
+      grpc::CallbackServerContext* ctx, const pb::GenerateDataKeysRequest* req,
+      pb::GenerateDataKeysResponse* resp) override;
   grpc::ServerUnaryReactor* Encrypt(grpc::CallbackServerContext* ctx,
                                     const pb::EncryptRequest* req,
                                     pb::EncryptResponse* resp) override;

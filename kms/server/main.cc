@@ -17,7 +17,6 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
-#include <sstream>
 #include <thread>
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
@@ -42,22 +41,11 @@
 #include "kms/server/config.h"
 #include "kms/server/handlers.h"
 #include "kms/server/rpc_support.h"
+#include "kms/server/server_settings.h"
 #include "kms/store/store.h"
 
 namespace custos::server {
 namespace {
-
-absl::StatusOr<std::string> ReadFile(const std::string& path,
-                                     absl::string_view field) {
-  std::ifstream in(path);
-  if (!in) {
-    return absl::NotFoundError(
-        absl::StrCat("config: ", field, ": cannot read '", path, "'"));
-  }
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
 
 void ForbidCoreDumps() {
   // Key material passes through this process's memory (data keys): it must
@@ -95,12 +83,7 @@ absl::Status Run(const std::string& config_path) {
   ForbidCoreDumps();
   spdlog::info("starting node {} with config {}", config.node_id, config_path);
 
-  CUSTOS_ASSIGN_OR_RETURN(std::string server_cert,
-                          ReadFile(config.tls.cert, "tls.cert"));
-  CUSTOS_ASSIGN_OR_RETURN(std::string server_key,
-                          ReadFile(config.tls.key, "tls.key"));
-  CUSTOS_ASSIGN_OR_RETURN(std::string client_ca,
-                          ReadFile(config.tls.client_ca, "tls.client_ca"));
+  CUSTOS_ASSIGN_OR_RETURN(TlsMaterial tls, ReadTlsMaterial(config.tls));
 
   absl::StatusOr<std::unique_ptr<hsm::Module>> module =
       hsm::Module::Load(config.hsm.module);
@@ -177,22 +160,14 @@ absl::Status Run(const std::string& config_path) {
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::SslServerCredentialsOptions tls(
-      GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-  tls.pem_root_certs = client_ca;
-  tls.pem_key_cert_pairs.push_back({server_key, server_cert});
-
   grpc::ServerBuilder builder;
   int bound_port = 0;
-  builder.AddListeningPort(config.listen, grpc::SslServerCredentials(tls),
+  builder.AddListeningPort(config.listen, MutualTlsCredentials(tls),
                            &bound_port);
   builder.RegisterService(&kms_handler);
   builder.RegisterService(&crypto_handler);
   builder.RegisterService(&audit_handler);
-  builder.SetMaxReceiveMessageSize(config.limits.max_message_bytes);
-  builder.SetMaxSendMessageSize(config.limits.max_message_bytes);
-  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
-                             config.limits.max_concurrent_streams);
+  ApplyLimits(config.limits, &builder);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || bound_port == 0) {
     return absl::UnavailableError(
@@ -211,7 +186,7 @@ absl::Status Run(const std::string& config_path) {
                                  grpc::InsecureServerCredentials());
     dev_builder.RegisterService(&dev_kms_handler);
     dev_builder.RegisterService(&dev_crypto_handler);
-    dev_builder.SetMaxReceiveMessageSize(config.limits.max_message_bytes);
+    ApplyLimits(config.limits, &dev_builder);
     dev_server = dev_builder.BuildAndStart();
     if (dev_server == nullptr) {
       return absl::UnavailableError(

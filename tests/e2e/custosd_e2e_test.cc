@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -611,6 +612,53 @@ TEST_F(E2eTest, OversizedMessagesAreRefusedByTheTransport) {
   grpc::Status s = Crypto("service-a")->Encrypt(&ctx2, req, &resp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("plaintext"));
+}
+
+TEST_F(E2eTest, GenerateDataKeysReturnsAThousandKeysInOneReply) {
+  pb::Key key = NewKey();
+  pb::GenerateDataKeysRequest req;
+  req.set_key(key.key_id());
+  req.set_count(1000);
+  (*req.mutable_encryption_context())["tenant"] = "acme";
+  pb::GenerateDataKeysResponse resp;
+  grpc::ClientContext ctx;
+  grpc::Status s = Crypto("service-a")->GenerateDataKeys(&ctx, req, &resp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  // Larger than the 64 KiB request limit: replies are not held to it.
+  EXPECT_GT(resp.ByteSizeLong(), 64u * 1024);
+  EXPECT_EQ(resp.key_id(), key.key_id());
+  ASSERT_EQ(resp.data_keys_size(), 1000);
+  std::set<std::string> distinct;
+  for (int i : {0, 1, 499, 998, 999}) {
+    const pb::DataKey& dk = resp.data_keys(i);
+    ASSERT_EQ(dk.plaintext().size(), 32u);
+    pb::DecryptResponse opened;
+    ASSERT_TRUE(
+        Decrypt(dk.ciphertext_blob(), {{"tenant", "acme"}}, &opened).ok());
+    EXPECT_EQ(opened.plaintext(), dk.plaintext());
+  }
+  for (const pb::DataKey& dk : resp.data_keys())
+    distinct.insert(dk.plaintext());
+  EXPECT_EQ(distinct.size(), 1000u);
+
+  // The count is checked by the service and named in the error.
+  req.set_count(1001);
+  grpc::ClientContext ctx2;
+  s = Crypto("service-a")->GenerateDataKeys(&ctx2, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("count"));
+  // Without plaintext, and refused to a caller the policy does not name.
+  req.set_count(2);
+  req.set_without_plaintext(true);
+  grpc::ClientContext ctx3;
+  pb::GenerateDataKeysResponse wrapped;
+  ASSERT_TRUE(Crypto("service-a")->GenerateDataKeys(&ctx3, req, &wrapped).ok());
+  ASSERT_EQ(wrapped.data_keys_size(), 2);
+  EXPECT_TRUE(wrapped.data_keys(0).plaintext().empty());
+  grpc::ClientContext ctx4;
+  EXPECT_EQ(
+      Crypto("service-b")->GenerateDataKeys(&ctx4, req, &wrapped).error_code(),
+      grpc::StatusCode::PERMISSION_DENIED);
 }
 
 TEST_F(E2eTest, AuditServiceServesAuditorsOnly) {

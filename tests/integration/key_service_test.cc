@@ -25,6 +25,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -414,6 +415,13 @@ class KeyServiceAuthorizationTest : public KeyServiceTest {
         params.include_plaintext = rpc == Rpc::kGenerateDataKey;
         return s.GenerateDataKey(caller, params).status();
       }
+      case Rpc::kGenerateDataKeys: {
+        DataKeysParams params;
+        params.data_key.key = t.key;
+        params.data_key.context = kContext;
+        params.count = 3;
+        return s.GenerateDataKeys(caller, params).status();
+      }
       case Rpc::kEncrypt: {
         EncryptParams params;
         params.key = t.key;
@@ -707,6 +715,79 @@ TEST_F(KeyServiceBlobTest, DataKeyWithoutPlaintextReturnsOnlyTheBlob) {
   EXPECT_EQ(opened.plaintext.size(), 32u);
 }
 
+TEST_F(KeyServiceBlobTest, GenerateDataKeysMakesDistinctKeysThatEachOpen) {
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey());
+  const size_t lines_before = AuditLines().size();
+  DataKeysParams params;
+  params.data_key.key = key->id;
+  params.data_key.context = kContext;
+  params.count = 50;
+  CUSTOS_ASSERT_OK_AND_ASSIGN(DataKeysResult batch,
+                              service().GenerateDataKeys(As(kSvcA), params));
+  EXPECT_EQ(batch.key_id, key->id);
+  EXPECT_EQ(batch.version, 1u);
+  ASSERT_EQ(batch.keys.size(), 50u);
+  // One record for the whole call, naming the count.
+  std::vector<std::string> lines = AuditLines();
+  ASSERT_EQ(lines.size(), lines_before + 1);
+  nlohmann::json record = nlohmann::json::parse(lines.back());
+  EXPECT_EQ(record["operation"], "GenerateDataKeys");
+  EXPECT_EQ(record["outcome"], "ALLOWED");
+  EXPECT_EQ(record["key_version"], 1);
+  EXPECT_THAT(record.value("detail", std::string()),
+              ::testing::HasSubstr("count=50"));
+  std::set<std::string> plaintexts, ivs;
+  for (const DataKeysResult::Entry& entry : batch.keys) {
+    ASSERT_EQ(entry.plaintext.size(), 32u);
+    plaintexts.emplace(entry.plaintext.view());
+    CUSTOS_ASSERT_OK_AND_ASSIGN(ParsedBlob parsed, ParseBlob(entry.blob));
+    ivs.emplace(parsed.iv);
+    CUSTOS_ASSERT_OK_AND_ASSIGN(DecryptResult opened,
+                                Open(entry.blob, kContext));
+    EXPECT_TRUE(opened.plaintext.Equals(entry.plaintext.view()));
+  }
+  EXPECT_EQ(plaintexts.size(), 50u) << "every data key is fresh";
+  EXPECT_EQ(ivs.size(), 50u) << "every blob has its own IV";
+
+  params.data_key.include_plaintext = false;
+  params.data_key.bytes = 16;
+  params.count = 3;
+  CUSTOS_ASSERT_OK_AND_ASSIGN(DataKeysResult wrapped,
+                              service().GenerateDataKeys(As(kSvcA), params));
+  ASSERT_EQ(wrapped.keys.size(), 3u);
+  for (const DataKeysResult::Entry& entry : wrapped.keys) {
+    EXPECT_TRUE(entry.plaintext.empty());
+    CUSTOS_ASSERT_OK_AND_ASSIGN(DecryptResult opened,
+                                Open(entry.blob, kContext));
+    EXPECT_EQ(opened.plaintext.size(), 16u);
+  }
+}
+
+TEST_F(KeyServiceBlobTest, GenerateDataKeysCountOutside1To1000IsRefused) {
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey());
+  for (uint32_t count : {0u, 1001u, 4000000000u}) {
+    SCOPED_TRACE(count);
+    const size_t lines_before = AuditLines().size();
+    DataKeysParams params;
+    params.data_key.key = key->id;
+    params.count = count;
+    absl::StatusOr<DataKeysResult> refused =
+        service().GenerateDataKeys(As(kSvcA), params);
+    EXPECT_THAT(refused, StatusIs(Code::kInvalidArgument));
+    EXPECT_THAT(std::string(refused.status().message()),
+                ::testing::HasSubstr("count"));
+    // Refusals are audited too.
+    std::vector<std::string> lines = AuditLines();
+    ASSERT_EQ(lines.size(), lines_before + 1);
+    EXPECT_EQ(nlohmann::json::parse(lines.back())["outcome"], "FAILED");
+  }
+  // A caller the policy does not name gets nothing, whatever the count.
+  DataKeysParams params;
+  params.data_key.key = key->id;
+  params.count = 10;
+  EXPECT_THAT(service().GenerateDataKeys(As(kSvcB), params), StatusIs(kDenied));
+}
+
 TEST_F(KeyServiceBlobTest, AnyOtherContextGivesInvalidCiphertext) {
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey());
   CUSTOS_ASSERT_OK_AND_ASSIGN(DataKeyResult dk, DataKey(key->id, kContext));
@@ -973,6 +1054,51 @@ TEST_F(KeyServiceRotationTest, EncryptionLimitRotatesAutomatically) {
                                 s.Decrypt(As(kSvcA), params));
     EXPECT_TRUE(opened.plaintext.Equals(absl::StrCat("message ", i)));
   }
+}
+
+TEST_F(KeyServiceRotationTest, ABatchThatWouldPassTheLimitRotatesFirst) {
+  KeyService::Options options = Options();
+  options.encryption_limit = 100;
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Stack> limited,
+                              OpenStack(dir_ + "/batch-limit", options));
+  KeyService& s = *limited->service;
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key,
+                              s.CreateKey(As(kAdmin), KeyParams()));
+  DataKeysParams params;
+  params.data_key.key = key->id;
+  params.count = 60;
+  CUSTOS_ASSERT_OK_AND_ASSIGN(DataKeysResult first,
+                              s.GenerateDataKeys(As(kSvcA), params));
+  EXPECT_EQ(first.version, 1u);
+  // 60 more would make 120 under version 1: the batch moves to version 2
+  // whole, and no version ever exceeds its budget.
+  CUSTOS_ASSERT_OK_AND_ASSIGN(DataKeysResult second,
+                              s.GenerateDataKeys(As(kSvcA), params));
+  EXPECT_EQ(second.version, 2u);
+  params.count = 40;
+  CUSTOS_ASSERT_OK_AND_ASSIGN(DataKeysResult third,
+                              s.GenerateDataKeys(As(kSvcA), params));
+  EXPECT_EQ(third.version, 2u);
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> now,
+                              limited->registry->Find(key->id));
+  for (const KeyVersion& v : now->versions) {
+    EXPECT_LE(v.encryptions_reserved, 100u) << "version " << v.number;
+  }
+  for (const DataKeysResult* batch : {&first, &second, &third}) {
+    for (const DataKeysResult::Entry& entry : batch->keys) {
+      DecryptParams open;
+      open.blob = entry.blob;
+      CUSTOS_ASSERT_OK_AND_ASSIGN(DecryptResult opened,
+                                  s.Decrypt(As(kSvcA), open));
+      EXPECT_TRUE(opened.plaintext.Equals(entry.plaintext.view()));
+    }
+  }
+  // More than a version can ever hold is refused, not rotated forever.
+  params.count = 101;
+  EXPECT_THAT(s.GenerateDataKeys(As(kSvcA), params),
+              StatusIs(Code::kInvalidArgument));
+  CUSTOS_ASSERT_OK_AND_ASSIGN(now, limited->registry->Find(key->id));
+  EXPECT_EQ(now->versions.size(), 2u);
 }
 
 TEST_F(KeyServiceRotationTest, ConcurrentEncryptionsPastTheLimitRotateOnce) {
