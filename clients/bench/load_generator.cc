@@ -6,15 +6,14 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
-#include <fstream>
 #include <mutex>
 #include <random>
-#include <sstream>
 #include <thread>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "clients/bench/channel.h"
 #include "custos/bench/v1/echo.grpc.pb.h"
 #include "custos/v1/kms.grpc.pb.h"
 
@@ -26,18 +25,6 @@ namespace echo = ::custos::bench::v1;
 using Clock = std::chrono::steady_clock;
 
 constexpr int kOpCount = static_cast<int>(std::size(kAllOps));
-
-absl::StatusOr<std::string> ReadFile(const std::string& path,
-                                     absl::string_view what) {
-  std::ifstream in(path);
-  if (!in) {
-    return absl::NotFoundError(
-        absl::StrCat(what, ": cannot read '", path, "'"));
-  }
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 const char* CodeName(grpc::StatusCode code) {
   static const char* const kNames[] = {"OK",
@@ -352,34 +339,13 @@ absl::StatusOr<RunResult> RunLoad(const LoadOptions& o) {
   for (const auto& [op, weight] : o.mix)
     shared.weights.push_back(sum += weight);
 
-  grpc::SslCredentialsOptions tls;
-  absl::StatusOr<std::string> ca = ReadFile(o.ca_file, "--ca");
-  if (!ca.ok()) return ca.status();
-  absl::StatusOr<std::string> cert = ReadFile(o.cert_file, "--cert");
-  if (!cert.ok()) return cert.status();
-  absl::StatusOr<std::string> key = ReadFile(o.key_file, "--key-file");
-  if (!key.ok()) return key.status();
-  tls.pem_root_certs = *ca;
-  tls.pem_cert_chain = *cert;
-  tls.pem_private_key = *key;
-  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::SslCredentials(tls);
   const int channels = std::max(1, std::min(o.channels, o.concurrency));
   for (int i = 0; i < channels; ++i) {
-    grpc::ChannelArguments args;
-    // A distinct argument per channel: gRPC then gives each its own
-    // connection instead of sharing one subchannel.
-    args.SetInt("custos.bench.channel", i);
-    std::shared_ptr<grpc::Channel> channel =
-        grpc::CreateCustomChannel(o.address, creds, args);
-    if (!channel->WaitForConnected(std::chrono::system_clock::now() +
-                                   std::chrono::seconds(10))) {
-      return absl::UnavailableError(absl::StrCat(
-          "cannot connect to ", o.address,
-          " within 10 s (is the server running, and do --ca, --cert and "
-          "--key-file match its PKI?)"));
-    }
-    shared.crypto.push_back(pb::CryptoService::NewStub(channel));
-    shared.echo.push_back(echo::Echo::NewStub(channel));
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = ConnectChannel(
+        o.address, TlsFiles{o.ca_file, o.cert_file, o.key_file}, i);
+    if (!channel.ok()) return channel.status();
+    shared.crypto.push_back(pb::CryptoService::NewStub(*channel));
+    shared.echo.push_back(echo::Echo::NewStub(*channel));
   }
   if (MixUses(o.mix, Op::kDecrypt) || MixUses(o.mix, Op::kReEncrypt)) {
     absl::Status prepared = PrepareBlobs(shared);

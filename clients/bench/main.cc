@@ -3,6 +3,7 @@
 //   custos-bench run --key alias/bench --rpc generate-data-key -c 64 -d 10
 //   custos-bench run --mix generate-data-key=80,decrypt=20 --json
 //   custos-bench serve --config custos.yaml --mode hsm-echo --listen :7600
+//   custos-bench create-keys --count 10000 --principal spiffe://...
 //
 // `run` is a closed-loop load generator (gRPC callback API, N calls always
 // in flight); `serve` starts a baseline server with custosd's gRPC and TLS
@@ -14,8 +15,10 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "clients/bench/echo_server.h"
 #include "clients/bench/load_generator.h"
+#include "clients/bench/populate.h"
 #include "kms/server/config.h"
 
 namespace {
@@ -36,7 +39,7 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
   CLI::App app{
       "custos-bench: load generator for Custos and its baseline servers.\n"
-      "Run 'custos-bench run --help' or 'custos-bench serve --help'."};
+      "Run 'custos-bench SUBCOMMAND --help' for run, serve or create-keys."};
   app.require_subcommand(1);
 
   custos::bench::LoadOptions load;
@@ -110,7 +113,42 @@ int main(int argc, char** argv) {
   serve->add_option("--listen", listen,
                     "host:port (default: the config's listen address)");
 
+  custos::bench::PopulateOptions populate;
+  CLI::App* create = app.add_subcommand(
+      "create-keys",
+      "Create many keys (as an admin) whose policy lets --principal use "
+      "them: set-up for start-up and scale measurements.");
+  create->add_option("--address", populate.address,
+                     "host:port (default: $CUSTOS_ADDR)");
+  create->add_option("--ca", populate.ca_file,
+                     "server CA (default: $CUSTOS_CA)");
+  create->add_option("--cert", populate.cert_file,
+                     "an admin's certificate (default: $CUSTOS_CERT)");
+  create->add_option("--key-file", populate.key_file,
+                     "its private key (default: $CUSTOS_KEY)");
+  create->add_option("--count", populate.count, "keys to create")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 10000000));
+  create->add_option("--threads", populate.threads, "calls in parallel")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 256));
+  create
+      ->add_option("--principal", populate.principal,
+                   "who may use the keys (policy principal)")
+      ->required();
+
   CLI11_PARSE(app, argc, argv);
+
+  if (create->parsed()) {
+    if (populate.address.empty()) populate.address = Env("CUSTOS_ADDR");
+    if (populate.ca_file.empty()) populate.ca_file = Env("CUSTOS_CA");
+    if (populate.cert_file.empty()) populate.cert_file = Env("CUSTOS_CERT");
+    if (populate.key_file.empty()) populate.key_file = Env("CUSTOS_KEY");
+    absl::StatusOr<int> created = custos::bench::CreateKeys(populate);
+    if (!created.ok()) return Fail(created.status());
+    std::cout << "created " << *created << " keys\n";
+    return 0;
+  }
 
   if (serve->parsed()) {
     // Block the stop signals before gRPC starts threads; ServeEcho waits.
@@ -119,6 +157,8 @@ int main(int argc, char** argv) {
     sigaddset(&signals, SIGTERM);
     sigaddset(&signals, SIGINT);
     pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+    // As custosd does (see its main): no lock-order checks on every Mutex.
+    absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
     absl::StatusOr<custos::server::Config> config =
         custos::server::LoadConfig(config_path);
     if (!config.ok()) return Fail(config.status());

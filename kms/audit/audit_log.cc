@@ -171,6 +171,7 @@ absl::Status AuditLog::Append(AuditRecord record) {
 }
 
 void FileAuditLog::AppendAsync(AuditRecord record, AppendDone done) {
+  std::string fields = SerializeFields(record);
   {
     absl::MutexLock lock(&mu_);
     // Back-pressure: a full queue makes callers wait for room.
@@ -180,7 +181,7 @@ void FileAuditLog::AppendAsync(AuditRecord record, AppendDone done) {
     };
     mu_.Await(absl::Condition(+has_room, this));
     if (!stopping_) {
-      queue_.push_back(Pending{std::move(record), std::move(done)});
+      queue_.push_back(Pending{std::move(fields), std::move(done)});
       return;
     }
   }
@@ -291,7 +292,7 @@ void FileAuditLog::WriteRecords(std::vector<Pending>& batch) {
   if (s.ok()) {
     std::string bytes;
     for (const auto& p : batch) {
-      std::string line = Serialize(p.record, seq++, prev);
+      std::string line = Line(seq++, p.fields, prev);
       prev = AuditLineHash(line);
       bytes.append(line).push_back('\n');
     }
@@ -423,10 +424,8 @@ absl::Status FileAuditLog::WriteBatch(const std::string& bytes) {
                    "; requests are refused until it is writable"));
 }
 
-std::string FileAuditLog::Serialize(const AuditRecord& r, uint64_t seq,
-                                    const std::string& prev) const {
+std::string FileAuditLog::SerializeFields(const AuditRecord& r) const {
   OrderedJson j;
-  j["seq"] = seq;
   j["time"] =
       absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", r.time, absl::UTCTimeZone());
   j["node"] = options_.node_id;
@@ -445,8 +444,18 @@ std::string FileAuditLog::Serialize(const AuditRecord& r, uint64_t seq,
   if (!r.request_id.empty()) j["request_id"] = r.request_id;
   if (!r.peer.empty()) j["peer"] = r.peer;
   if (!r.detail.empty()) j["detail"] = r.detail;
-  j["prev"] = prev;
-  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  std::string object =
+      j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  // "{...}" -> "...": the writer adds seq before and prev after.
+  return object.substr(1, object.size() - 2);
+}
+
+std::string FileAuditLog::Line(uint64_t seq, const std::string& fields,
+                               const std::string& prev) {
+  // The same bytes nlohmann::json would write for the whole object (seq,
+  // then the fields, then prev): prev is lowercase hex, needing no escape.
+  return absl::StrCat("{\"seq\":", seq, ",", fields, ",\"prev\":\"", prev,
+                      "\"}");
 }
 
 FileAuditLog::Stats FileAuditLog::stats() const {

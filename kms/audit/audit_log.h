@@ -119,7 +119,7 @@ class FileAuditLog : public AuditLog {
 
  private:
   struct Pending {
-    AuditRecord record;
+    std::string fields;  // SerializeFields of the record
     AppendDone done;
   };
 
@@ -140,8 +140,12 @@ class FileAuditLog : public AuditLog {
   // directory after creating it, if needed); on failure, rolls the file back
   // to its last durable length.
   absl::Status WriteBatch(const std::string& bytes);
-  std::string Serialize(const AuditRecord& record, uint64_t seq,
-                        const std::string& prev) const;
+  // The record's JSON members between "seq" and "prev" (no braces), made
+  // on the caller's thread so that the writer only chains and writes.
+  std::string SerializeFields(const AuditRecord& record) const;
+  // One line: {"seq":N,<fields>,"prev":"<hex>"}.
+  static std::string Line(uint64_t seq, const std::string& fields,
+                          const std::string& prev);
   // Appends a signed checkpoint if one is due (or `force` and any record
   // came since the last). Writer thread only.
   void MaybeCheckpoint(bool force);

@@ -13,7 +13,7 @@ CUSTOS_PACKAGES=(
   libsqlite3-dev sqlite3 libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev libfmt-dev libcli11-dev libyaml-cpp-dev nlohmann-json3-dev
   clang-format
-  python3-grpcio python3-protobuf nodejs
+  python3-grpcio python3-protobuf python3-matplotlib nodejs
 )
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
