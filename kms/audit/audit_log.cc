@@ -146,6 +146,7 @@ absl::StatusOr<std::unique_ptr<FileAuditLog>> FileAuditLog::Open(
     log->segment_path_ = log->path_;
     log->stats_.segments = 1;
   }
+  log->completer_ = std::thread([raw = log.get()] { raw->CompleterLoop(); });
   log->writer_ = std::thread([raw = log.get()] { raw->WriterLoop(); });
   return log;
 }
@@ -156,6 +157,11 @@ FileAuditLog::~FileAuditLog() {
     stopping_ = true;
   }
   if (writer_.joinable()) writer_.join();  // not started if Open failed
+  {
+    absl::MutexLock lock(&completer_mu_);
+    writer_done_ = true;
+  }
+  if (completer_.joinable()) completer_.join();  // after every completion
   if (fd_ >= 0) close(fd_);
 }
 
@@ -311,8 +317,26 @@ void FileAuditLog::WriteRecords(std::vector<Pending>& batch) {
       spdlog::error("{}", s.message());
     }
   }
-  // Outside the lock: completions may finish gRPC calls.
-  for (Pending& p : batch) std::move(p.done)(s);
+  absl::MutexLock lock(&completer_mu_);
+  completed_.push_back(Completed{std::move(batch), std::move(s)});
+}
+
+void FileAuditLog::CompleterLoop() {
+  for (;;) {
+    std::deque<Completed> ready;
+    {
+      absl::MutexLock lock(&completer_mu_);
+      auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(completer_mu_) {
+        return !completed_.empty() || writer_done_;
+      };
+      completer_mu_.Await(absl::Condition(&has_work));
+      if (completed_.empty()) return;  // the writer is done and so are we
+      ready.swap(completed_);
+    }
+    for (Completed& c : ready) {
+      for (Pending& p : c.batch) std::move(p.done)(c.status);
+    }
+  }
 }
 
 void FileAuditLog::MaybeCheckpoint(bool force) {

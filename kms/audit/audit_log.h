@@ -129,9 +129,13 @@ class FileAuditLog : public AuditLog {
   bool HasWork() const ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     return !queue_.empty() || stopping_;
   }
-  // Rolls the segment if it is due, then serialises, chains, writes and
-  // syncs `batch`, and tells its callers the outcome. Writer thread only.
+  // Rolls the segment if it is due, then chains, writes and syncs `batch`,
+  // and hands it to the completer with the outcome. Writer thread only.
   void WriteRecords(std::vector<Pending>& batch);
+  // Tells callers their outcome, so that the writer can start the next
+  // batch's write and sync meanwhile (completions finish gRPC calls, which
+  // costs CPU). Completer thread only.
+  void CompleterLoop();
   // Rolls to a new segment if the current one is due (size or age). On
   // failure the batch fails and the roll is tried again before the next.
   // Writer thread only.
@@ -169,6 +173,15 @@ class FileAuditLog : public AuditLog {
   std::string segment_path_ ABSL_GUARDED_BY(mu_);  // = path_, for readers
   Stats stats_ ABSL_GUARDED_BY(mu_);
   std::thread writer_;
+
+  struct Completed {
+    std::vector<Pending> batch;
+    absl::Status status;
+  };
+  absl::Mutex completer_mu_;
+  std::deque<Completed> completed_ ABSL_GUARDED_BY(completer_mu_);
+  bool writer_done_ ABSL_GUARDED_BY(completer_mu_) = false;
+  std::thread completer_;
 };
 
 }  // namespace custos::kms

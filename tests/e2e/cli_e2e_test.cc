@@ -26,8 +26,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "tests/support/custosd_process.h"
-
-extern char** environ;
+#include "tests/support/subprocess.h"
 
 namespace custos {
 namespace {
@@ -52,16 +51,7 @@ void WriteAll(const std::string& path, const std::string& data) {
   ASSERT_TRUE(out.good()) << path;
 }
 
-struct CliResult {
-  int code = -1;
-  std::string out, err;
-};
-
-std::ostream& operator<<(std::ostream& os, const CliResult& r) {
-  return os << "exit " << r.code << "\n--- stdout:\n"
-            << r.out.substr(0, 2000) << "\n--- stderr:\n"
-            << r.err;
-}
+using CliResult = ::custos::testing::ProcessResult;
 
 // How to run the CLI: as which dev-env identity, against which address,
 // with what on stdin.
@@ -104,62 +94,20 @@ class CliTest : public ::testing::Test {
   static CliResult Cli(const std::vector<std::string>& args,
                        const RunAs& as = {}) {
     static int calls = 0;
-    const std::string out_path = Path(absl::StrCat("run-", ++calls, ".out"));
-    const std::string err_path =
-        out_path.substr(0, out_path.size() - 4) + ".err";
-    // Everything the child needs is prepared before fork: the test process
-    // has gRPC threads, so the child may only dup2 and exec.
-    const std::string binary = testing::BinDir() + "/custos";
-    std::vector<std::string> argv_s = {binary};
-    argv_s.insert(argv_s.end(), args.begin(), args.end());
-    std::vector<std::string> env_s;
-    for (char** e = environ; *e != nullptr; ++e) {
-      if (!absl::StartsWith(*e, "CUSTOS_")) env_s.push_back(*e);
-    }
+    std::vector<std::string> argv = {testing::BinDir() + "/custos"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    std::vector<std::string> env = testing::EnvironmentWithout("CUSTOS_");
     if (!as.no_connection_env) {
       const std::string pki = server_->dir() + "/pki/";
-      env_s.push_back("CUSTOS_ADDR=" +
-                      (as.address.empty() ? server_->address() : as.address));
-      env_s.push_back("CUSTOS_CA=" + pki + "ca.pem");
-      env_s.push_back("CUSTOS_CERT=" + pki + as.identity + ".pem");
-      env_s.push_back("CUSTOS_KEY=" + pki + as.identity + ".key");
+      env.push_back("CUSTOS_ADDR=" +
+                    (as.address.empty() ? server_->address() : as.address));
+      env.push_back("CUSTOS_CA=" + pki + "ca.pem");
+      env.push_back("CUSTOS_CERT=" + pki + as.identity + ".pem");
+      env.push_back("CUSTOS_KEY=" + pki + as.identity + ".key");
     }
-    std::vector<char*> argv, envp;
-    for (std::string& s : argv_s) argv.push_back(s.data());
-    argv.push_back(nullptr);
-    for (std::string& s : env_s) envp.push_back(s.data());
-    envp.push_back(nullptr);
-    const std::string in_path =
-        as.stdin_file.empty() ? "/dev/null" : as.stdin_file;
-    int in = open(in_path.c_str(), O_RDONLY | O_CLOEXEC);
-    int out =
-        open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    int err =
-        open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    CliResult r;
-    if (in < 0 || out < 0 || err < 0) {
-      r.err = "test harness: cannot open " + in_path;
-      return r;
-    }
-    pid_t pid = fork();
-    if (pid == 0) {
-      dup2(in, STDIN_FILENO);
-      dup2(out, STDOUT_FILENO);
-      dup2(err, STDERR_FILENO);
-      execve(argv[0], argv.data(), envp.data());
-      _exit(127);
-    }
-    close(in);
-    close(out);
-    close(err);
-    int status = 0;
-    waitpid(pid, &status, 0);
-    r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-    r.out = ReadAll(out_path);
-    r.err = ReadAll(err_path);
-    fs::remove(out_path);
-    fs::remove(err_path);
-    return r;
+    return testing::RunProcess(
+        argv, env, as.stdin_file.empty() ? "/dev/null" : as.stdin_file,
+        Path(absl::StrCat("run-", ++calls)));
   }
 
   static json ParseJson(const CliResult& r) {
