@@ -18,6 +18,7 @@
 #include "common/logging.h"
 #include "common/p256.h"
 #include "common/status_macros.h"
+#include "kms/audit/json_text.h"
 #include "nlohmann/json.hpp"
 
 namespace custos::kms {
@@ -449,29 +450,71 @@ absl::Status FileAuditLog::WriteBatch(const std::string& bytes) {
 }
 
 std::string FileAuditLog::SerializeFields(const AuditRecord& r) const {
-  OrderedJson j;
-  j["time"] =
-      absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", r.time, absl::UTCTimeZone());
-  j["node"] = options_.node_id;
-  j["principal"] = r.principal;
-  j["operation"] = r.operation;
-  if (!r.key_id.empty()) j["key_id"] = r.key_id;
-  if (r.key_version != 0) j["key_version"] = r.key_version;
-  if (!r.context.empty()) j["context"] = r.context;
-  if (r.has_justification) {
-    j["justification"] = {
-        {"reason", JustificationReasonName(r.justification.reason)},
-        {"detail", r.justification.detail}};
+  // Written by hand rather than through a JSON document: this runs once per
+  // request on the request's thread, and a document costs a few dozen
+  // allocations (measured with perf). The audit tests parse every line back.
+  std::string out;
+  out.reserve(256 + r.detail.size());
+  const auto member = [&out](absl::string_view name) {
+    if (!out.empty()) out.push_back(',');
+    AppendJsonString(&out, name);
+    out.push_back(':');
+  };
+  member("time");
+  AppendJsonString(&out, absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", r.time,
+                                          absl::UTCTimeZone()));
+  member("node");
+  AppendJsonString(&out, options_.node_id);
+  member("principal");
+  AppendJsonString(&out, r.principal);
+  member("operation");
+  AppendJsonString(&out, r.operation);
+  if (!r.key_id.empty()) {
+    member("key_id");
+    AppendJsonString(&out, r.key_id);
   }
-  j["outcome"] = AuditOutcomeName(r.outcome);
-  j["code"] = absl::StatusCodeToString(r.code);
-  if (!r.request_id.empty()) j["request_id"] = r.request_id;
-  if (!r.peer.empty()) j["peer"] = r.peer;
-  if (!r.detail.empty()) j["detail"] = r.detail;
-  std::string object =
-      j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-  // "{...}" -> "...": the writer adds seq before and prev after.
-  return object.substr(1, object.size() - 2);
+  if (r.key_version != 0) {
+    member("key_version");
+    absl::StrAppend(&out, r.key_version);
+  }
+  if (!r.context.empty()) {
+    member("context");
+    out.push_back('{');
+    bool first = true;
+    for (const auto& [k, v] : r.context) {  // sorted: a std::map
+      if (!first) out.push_back(',');
+      first = false;
+      AppendJsonString(&out, k);
+      out.push_back(':');
+      AppendJsonString(&out, v);
+    }
+    out.push_back('}');
+  }
+  if (r.has_justification) {
+    member("justification");
+    out.append("{\"reason\":");
+    AppendJsonString(&out, JustificationReasonName(r.justification.reason));
+    out.append(",\"detail\":");
+    AppendJsonString(&out, r.justification.detail);
+    out.push_back('}');
+  }
+  member("outcome");
+  AppendJsonString(&out, AuditOutcomeName(r.outcome));
+  member("code");
+  AppendJsonString(&out, absl::StatusCodeToString(r.code));
+  if (!r.request_id.empty()) {
+    member("request_id");
+    AppendJsonString(&out, r.request_id);
+  }
+  if (!r.peer.empty()) {
+    member("peer");
+    AppendJsonString(&out, r.peer);
+  }
+  if (!r.detail.empty()) {
+    member("detail");
+    AppendJsonString(&out, r.detail);
+  }
+  return out;
 }
 
 std::string FileAuditLog::Line(uint64_t seq, const std::string& fields,

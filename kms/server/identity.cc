@@ -90,16 +90,16 @@ absl::StatusOr<std::string> IdentityFromPem(const std::string& pem) {
   return identity;
 }
 
-absl::StatusOr<std::string> IdentityCache::Lookup(const std::string& pem) {
+absl::StatusOr<std::string> IdentityCache::Lookup(absl::string_view pem) {
   {
     absl::MutexLock lock(&mu_);
-    auto it = cache_.find(pem);
+    auto it = cache_.find(pem);  // no copy of the PEM on a hit
     if (it != cache_.end()) return it->second;
   }
-  absl::StatusOr<std::string> identity = IdentityFromPem(pem);
+  absl::StatusOr<std::string> identity = IdentityFromPem(std::string(pem));
   absl::MutexLock lock(&mu_);
   if (cache_.size() >= kMaxEntries) cache_.clear();
-  cache_.emplace(pem, identity);
+  cache_.emplace(std::string(pem), identity);
   return identity;
 }
 

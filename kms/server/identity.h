@@ -25,7 +25,7 @@ absl::StatusOr<std::string> IdentityFromPem(const std::string& pem);
 // same for every call on it.
 class IdentityCache {
  public:
-  absl::StatusOr<std::string> Lookup(const std::string& pem);
+  absl::StatusOr<std::string> Lookup(absl::string_view pem);
 
  private:
   static constexpr size_t kMaxEntries = 4096;

@@ -67,7 +67,7 @@ absl::StatusOr<kms::Caller> CallerResolver::Resolve(
     return absl::UnauthenticatedError("no client certificate presented");
   }
   absl::StatusOr<std::string> identity =
-      identities_.Lookup(std::string(pems[0].data(), pems[0].size()));
+      identities_.Lookup(absl::string_view(pems[0].data(), pems[0].size()));
   if (!identity.ok()) return identity.status();
   caller.principal = *std::move(identity);
   return caller;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -20,11 +21,14 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/testing/status_matchers.h"
+#include "kms/audit/json_text.h"
 #include "nlohmann/json.hpp"
 #include "tests/support/test_token.h"
 
@@ -477,6 +481,107 @@ TEST_F(AuditLogTest, ConcurrentAppendsAcrossRollsStayGapFree) {
   ExpectSegmentsNamedByFirstSeq(dir_);
 }
 
+// Asynchronous and synchronous callers share the log, and then the log is
+// destroyed while the asynchronous ones are still appending. Every `done`
+// runs exactly once: OK for a record that is on disk, UNAVAILABLE (on the
+// caller's own thread, before AppendAsync returns) for one refused because
+// the log is shutting down, nothing else. A call that starts after the
+// destructor has returned would be the caller's bug, so a completion holds
+// the destructor open (it joins the completer thread) until every
+// asynchronous caller has been refused and stopped.
+TEST_F(AuditLogTest, AsyncAndSyncAppendsRacingShutdownCompleteEachCallOnce) {
+  std::unique_ptr<FileAuditLog> log = Open();
+  ASSERT_NE(log, nullptr);
+  FileAuditLog* const raw = log.get();
+  struct Call {
+    std::atomic<int> runs{0};
+    std::atomic<int> code{-1};
+  };
+  constexpr int kAsyncThreads = 6;
+  constexpr int kSyncThreads = 4;
+  constexpr int kSyncAppends = 25;
+  constexpr int kUnavailable = static_cast<int>(absl::StatusCode::kUnavailable);
+  // Each asynchronous thread's calls in order. Only that thread adds to its
+  // deque, which never moves an element that a `done` may still touch.
+  std::vector<std::deque<Call>> calls(kAsyncThreads);
+  std::vector<int> refused(kAsyncThreads, 0);
+  std::atomic<int> async_running{kAsyncThreads};
+  std::vector<std::thread> async_threads;
+  for (int t = 0; t < kAsyncThreads; ++t) {
+    async_threads.emplace_back([&, raw, t] {
+      for (int i = 0;; ++i) {
+        Call& call = calls[t].emplace_back();
+        raw->AppendAsync(SimpleRecord(absl::StrCat("async-", t), i),
+                         [&call](absl::Status s) {
+                           call.code = static_cast<int>(s.code());
+                           ++call.runs;
+                         });
+        // Only a refusal can have said UNAVAILABLE by now (the log's own
+        // thread only completes OK here: no write fails).
+        if (call.code.load() == kUnavailable) {
+          ++refused[t];
+          break;
+        }
+        absl::SleepFor(absl::Microseconds(200));
+      }
+      --async_running;
+    });
+  }
+  std::vector<std::thread> sync_threads;
+  for (int t = 0; t < kSyncThreads; ++t) {
+    sync_threads.emplace_back([raw, t] {
+      for (int i = 0; i < kSyncAppends; ++i) {
+        EXPECT_THAT(raw->Append(SimpleRecord(absl::StrCat("sync-", t), i)),
+                    IsOk());
+      }
+    });
+  }
+  for (std::thread& th : sync_threads) th.join();
+  std::atomic<int> gate_runs{0};
+  raw->AppendAsync(SimpleRecord("gate", 0), [&](absl::Status s) {
+    EXPECT_THAT(s, IsOk());
+    ++gate_runs;
+    while (async_running.load() > 0) absl::SleepFor(absl::Milliseconds(1));
+  });
+  log.reset();  // from its first line on, new records are refused
+  for (std::thread& th : async_threads) th.join();
+
+  EXPECT_EQ(gate_runs.load(), 1);
+  std::set<std::string> acknowledged = {"gate/req-0"};
+  for (int t = 0; t < kSyncThreads; ++t) {
+    for (int i = 0; i < kSyncAppends; ++i) {
+      acknowledged.insert(absl::StrCat("sync-", t, "/req-", i));
+    }
+  }
+  for (int t = 0; t < kAsyncThreads; ++t) {
+    EXPECT_EQ(refused[t], 1) << "async-" << t;
+    int i = 0;
+    for (const Call& call : calls[t]) {
+      SCOPED_TRACE(absl::StrCat("async-", t, " call ", i));
+      EXPECT_EQ(call.runs.load(), 1);
+      if (call.code.load() == static_cast<int>(absl::StatusCode::kOk)) {
+        acknowledged.insert(absl::StrCat("async-", t, "/req-", i));
+      } else {
+        // Only each thread's last call, the one refused.
+        EXPECT_EQ(call.code.load(), kUnavailable);
+        EXPECT_EQ(i + 1, static_cast<int>(calls[t].size()));
+      }
+      ++i;
+    }
+  }
+  // What was acknowledged is exactly what is on disk, chained.
+  std::vector<std::string> lines = AllLines(dir_);
+  ExpectValidChain(lines);
+  std::set<std::string> on_disk;
+  for (const std::string& line : lines) {
+    nlohmann::json j = nlohmann::json::parse(line);
+    on_disk.insert(absl::StrCat(j["principal"].get<std::string>(), "/",
+                                j["request_id"].get<std::string>()));
+  }
+  EXPECT_EQ(on_disk.size(), lines.size()) << "a record was written twice";
+  EXPECT_EQ(on_disk, acknowledged);
+}
+
 TEST_F(AuditLogTest, RecordsCarryOnlyDocumentedFields) {
   std::unique_ptr<FileAuditLog> log = Open();
   ASSERT_NE(log, nullptr);
@@ -557,6 +662,40 @@ TEST_F(AuditLogTest, HostileStringsStayOnOneLine) {
   ExpectValidChain(lines);
   nlohmann::json j = nlohmann::json::parse(lines[0]);
   EXPECT_EQ(j["principal"], "evil\n{\"seq\":999}");
+}
+
+TEST(JsonTextTest, ValidStringsAreWrittenAsNlohmannWritesThem) {
+  std::vector<std::string> cases = {
+      "",
+      "plain",
+      "quote \" and \\ slash /",
+      "tab\tnl\ncr\rbs\bff\f",
+      "\x7f del",
+      "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x94\x91"};
+  std::string controls;
+  for (int c = 0; c < 0x20; ++c) controls.push_back(static_cast<char>(c));
+  cases.push_back(controls);
+  for (const std::string& value : cases) {
+    SCOPED_TRACE(value);
+    std::string ours;
+    AppendJsonString(&ours, value);
+    EXPECT_EQ(ours, nlohmann::json(value).dump());
+    EXPECT_EQ(nlohmann::json::parse(ours).get<std::string>(), value);
+  }
+}
+
+TEST(JsonTextTest, InvalidUtf8BecomesReplacementCharacters) {
+  for (const std::string& value :
+       {std::string("\xff"), std::string("a\xc3"), std::string("\xc0\xaf"),
+        std::string("\xed\xa0\x80"), std::string("\xf4\x90\x80\x80"),
+        std::string("ok\xe2\x82end")}) {
+    std::string ours;
+    AppendJsonString(&ours, value);
+    // Parses as JSON (the parser rejects invalid UTF-8) and holds U+FFFD.
+    nlohmann::json parsed = nlohmann::json::parse(ours, nullptr, false);
+    ASSERT_FALSE(parsed.is_discarded()) << absl::CHexEscape(ours);
+    EXPECT_THAT(parsed.get<std::string>(), HasSubstr("\xEF\xBF\xBD"));
+  }
 }
 
 }  // namespace
