@@ -32,6 +32,7 @@
 #include "custos/v1/kms.grpc.pb.h"
 #include "kms/audit/audit_verifier.h"
 #include "nlohmann/json.hpp"
+#include "tests/support/audit_records.h"
 #include "tests/support/custosd_process.h"
 #include "tests/support/test_token.h"
 
@@ -41,6 +42,8 @@ namespace {
 namespace fs = std::filesystem;
 namespace pb = ::custos::v1;
 using ::custos::testing::CustosdProcess;
+using ::custos::testing::ReadRecords;
+using ::custos::testing::SegmentFiles;
 using Json = nlohmann::json;
 
 std::string ReadAll(const std::string& path) {
@@ -48,39 +51,6 @@ std::string ReadAll(const std::string& path) {
   std::stringstream s;
   s << in.rdbuf();
   return s.str();
-}
-
-// The segment files of `dir`, in name order (= sequence order per node).
-std::vector<std::string> SegmentFiles(const std::string& dir) {
-  std::vector<std::string> files;
-  for (const auto& e : fs::directory_iterator(dir)) {
-    const std::string name = e.path().filename().string();
-    if (absl::StartsWith(name, "audit-") && absl::EndsWith(name, ".jsonl")) {
-      files.push_back(e.path().string());
-    }
-  }
-  std::sort(files.begin(), files.end());
-  return files;
-}
-
-// Every record in `dir`, in order. A line that does not parse (only
-// possible as the torn last line of a running or crashed server) is
-// counted in `unparsed`.
-std::vector<Json> ReadRecords(const std::string& dir, int* unparsed = nullptr) {
-  std::vector<Json> records;
-  for (const std::string& file : SegmentFiles(dir)) {
-    std::ifstream in(file, std::ios::binary);
-    std::string line;
-    while (std::getline(in, line)) {
-      Json j = Json::parse(line, nullptr, false);
-      if (j.is_discarded() || !j.is_object()) {
-        if (unparsed != nullptr) ++*unparsed;
-        continue;
-      }
-      records.push_back(std::move(j));
-    }
-  }
-  return records;
 }
 
 std::string Field(const Json& record, const char* name) {

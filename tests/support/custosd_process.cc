@@ -78,6 +78,10 @@ absl::StatusOr<std::unique_ptr<CustosdProcess>> CustosdProcess::Start(
         absl::StrReplaceAll(config, {{"module: /usr/lib/softhsm/libsofthsm2.so",
                                       "module: " + p->options_.hsm_module}});
   }
+  for (const std::string& setting : p->options_.hsm_settings) {
+    config = absl::StrReplaceAll(
+        config, {{"\n  pool_size:", "\n  " + setting + "\n  pool_size:"}});
+  }
   config += "\n" + p->options_.extra_config + "\n";
   absl::Status written =
       WriteFileAtomically(p->dir_ + "/custos.yaml", config, 0600);

@@ -26,6 +26,8 @@ class CustosdProcess {
     std::string extra_config;
     // Replaces hsm.module (e.g. the fault-injecting module).
     std::string hsm_module;
+    // More settings under `hsm:`, one "name: value" per line.
+    std::vector<std::string> hsm_settings;
     // Extra environment for the server process.
     std::vector<std::pair<std::string, std::string>> env;
   };
