@@ -13,6 +13,10 @@
 //   fail C_GenerateRandom rv=CKR_DEVICE_ERROR after=5 times=1
 //   hang C_Encrypt ms=3000 times=1              # sleep, then forward
 //
+// With CUSTOS_FAULT_STATS_FILE set, the number of open sessions and of
+// faults injected is written to that file whenever it changes (leak and
+// fault counts across processes).
+//
 // Calls are counted per function from the moment the rule was loaded; a rule
 // fires on call k when k > after, (k - after) % every == 0, and it has fired
 // fewer than `times` times (0: no limit). Thread-safe.
@@ -271,11 +275,35 @@ void Decide(size_t function, long* hang_ms, CK_RV* rv) {
 // custos_fault_open_sessions below).
 std::atomic<long> g_open_sessions{0};
 
+// Faults injected so far (failures and hangs).
+std::atomic<long> g_injected{0};
+
+// With CUSTOS_FAULT_STATS_FILE set, "open_sessions N" and "injected N" are
+// written to that file whenever either changes, so that a test can watch
+// another process.
+void PublishStats() {
+  static const char* path = std::getenv("CUSTOS_FAULT_STATS_FILE");
+  if (path == nullptr) return;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  const std::string tmp = std::string(path) + ".tmp";
+  if (FILE* f = std::fopen(tmp.c_str(), "w")) {
+    std::fprintf(f, "open_sessions %ld\ninjected %ld\n", g_open_sessions.load(),
+                 g_injected.load());
+    std::fclose(f);
+    std::rename(tmp.c_str(), path);
+  }
+}
+
 void CountSessions(size_t function, CK_RV rv) {
   if (rv != CKR_OK) return;
   if (function == kC_OpenSession) ++g_open_sessions;
   if (function == kC_CloseSession) --g_open_sessions;
   if (function == kC_CloseAllSessions) g_open_sessions = 0;
+  if (function == kC_OpenSession || function == kC_CloseSession ||
+      function == kC_CloseAllSessions) {
+    PublishStats();
+  }
 }
 
 template <size_t I, typename Fn>
@@ -287,6 +315,10 @@ struct Wrap<I, CK_RV (*)(Args...)> {
     long hang_ms = 0;
     CK_RV rv = CKR_OK;
     Decide(I, &hang_ms, &rv);
+    if (hang_ms > 0 || rv != CKR_OK) {
+      ++g_injected;
+      PublishStats();
+    }
     if (hang_ms > 0) {
       std::this_thread::sleep_for(std::chrono::milliseconds(hang_ms));
     }

@@ -43,6 +43,7 @@ class CustosdProcess {
   // SIGTERM, then waits; an error if it did not exit cleanly.
   absl::Status Stop();
   bool running() const { return pid_ > 0; }
+  pid_t pid() const { return pid_; }
 
   // A channel authenticated as one of the dev-env identities: "admin",
   // "auditor", "service-a", "service-b".
