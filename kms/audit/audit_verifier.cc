@@ -15,6 +15,8 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <set>
+#include <vector>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
@@ -23,6 +25,7 @@
 #include "absl/strings/str_format.h"
 #include "common/p256.h"
 #include "kms/audit/audit_chain.h"
+#include "kms/audit/json_line.h"
 #include "nlohmann/json.hpp"
 
 namespace custos::kms {
@@ -241,59 +244,119 @@ struct Record {
   uint64_t last_seq = 0;
   std::string head, key, signature;  // signature: raw bytes
   std::string prev_storage;
+  JsonObjectLine scan;  // the line's members (2 KiB: kept, not rebuilt)
+  std::string problem;  // why the line is not a record
 };
 
-// Fast path for the writer's own layout of an ordinary record:
-//   {"seq":N,...,"<a string field>":"...","prev":"<64 chars>"}
-// with no "checkpoint" anywhere. Reads seq and prev without parsing the rest
-// (which the hash chain covers). Anything else takes the full JSON parse.
-bool ReadFast(absl::string_view line, Record* out) {
-  constexpr absl::string_view kSeq = "{\"seq\":";
-  constexpr absl::string_view kPrev = "\",\"prev\":\"";
-  constexpr absl::string_view kEnd = "\"}";
-  if (line.size() <
-          kSeq.size() + 2 + kPrev.size() + kHexHashSize + kEnd.size() ||
-      !absl::StartsWith(line, kSeq) || !absl::EndsWith(line, kEnd)) {
+// A key for a message: escaped and cut short (it comes from the file).
+std::string PrintableKey(absl::string_view key) {
+  constexpr size_t kMax = 40;
+  std::string out = absl::CHexEscape(key.substr(0, kMax));
+  if (key.size() > kMax) out += "...";
+  return out;
+}
+
+// The fast path, for an ordinary record as the writer lays it out. The line
+// is valid JSON (ScanJsonObjectLine), no key in it holds an escape and none
+// repeats, so its raw keys are the keys any reader decodes; there is no
+// top-level "checkpoint"; "seq" is a plain integer and "prev" a string of 64
+// bytes, compared raw with the hash (64 lowercase hex digits) next: it
+// matches only if it holds no escape, so only if any reader decodes it to
+// the same, and a mismatch is reported as the full parse would. The rest of
+// the line is left to the hash chain. Anything else takes the full parse:
+// false.
+bool ReadFast(const JsonObjectLine& scan, Record* out) {
+  if (!scan.keys_checked || scan.repeated_key) return false;
+  absl::string_view seq, prev;
+  for (size_t i = 0; i < scan.member_count; ++i) {
+    const JsonObjectLine::Member& m = scan.members[i];
+    switch (m.key.size()) {
+      case 3:
+        if (m.key == "seq") seq = m.value;
+        break;
+      case 4:
+        if (m.key == "prev") prev = m.value;
+        break;
+      case 10:
+        if (m.key == "checkpoint") return false;
+        break;
+    }
+  }
+  // 1 to 19 digits, so no overflow (the scanner allows no leading zero).
+  if (seq.empty() || seq.size() > 19) return false;
+  uint64_t n = 0;
+  for (const char c : seq) {
+    if (c < '0' || c > '9') return false;
+    n = n * 10 + static_cast<uint64_t>(c - '0');
+  }
+  if (prev.size() != kHexHashSize + 2 || prev.front() != '"' ||
+      prev.back() != '"') {
     return false;
   }
-  const size_t prev_at = line.size() - kEnd.size() - kHexHashSize;
-  if (line.substr(prev_at - kPrev.size(), kPrev.size()) != kPrev) {
-    return false;
-  }
-  // seq: 1 to 19 digits without a leading zero (so no overflow), then ','.
-  uint64_t seq = 0;
-  size_t i = kSeq.size();
-  if (line[i] < '1' || line[i] > '9') return false;
-  for (; i < kSeq.size() + 19 && line[i] >= '0' && line[i] <= '9'; ++i) {
-    seq = seq * 10 + static_cast<uint64_t>(line[i] - '0');
-  }
-  if (line[i] != ',') return false;
-  constexpr absl::string_view kCheckpoint = "\"checkpoint\"";
-  if (memmem(line.data() + i, line.size() - i, kCheckpoint.data(),
-             kCheckpoint.size()) != nullptr) {
-    return false;
-  }
-  out->seq = seq;
-  out->prev = line.substr(prev_at, kHexHashSize);
+  out->seq = n;
+  out->prev = prev.substr(1, kHexHashSize);
   out->is_checkpoint = false;
   return true;
 }
 
-// Reads a record; false if the line is not one.
-bool ReadRecord(absl::string_view line, Record* out) {
-  if (ReadFast(line, out)) return true;
-  nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-  if (j.is_discarded() || !j.is_object() || !j.contains("seq") ||
-      !j["seq"].is_number_unsigned() || !j.contains("prev") ||
-      !j["prev"].is_string()) {
+// The full parse, for checkpoints and any line the fast path declines. Keys
+// are compared decoded, so "\u0063heckpoint" is "checkpoint"; a key that
+// repeats within an object makes the line no record, as readers disagree on
+// it (nlohmann keeps the last value, others the first or refuse the line).
+bool ReadFull(absl::string_view line, Record* out) {
+  std::vector<std::set<std::string>> open_objects;
+  std::string repeated;
+  bool has_repeated = false;
+  const nlohmann::json::parser_callback_t check_keys =
+      [&](int /*depth*/, nlohmann::json::parse_event_t event,
+          nlohmann::json& parsed) {
+        switch (event) {
+          case nlohmann::json::parse_event_t::object_start:
+            open_objects.emplace_back();
+            break;
+          case nlohmann::json::parse_event_t::object_end:
+            if (!open_objects.empty()) open_objects.pop_back();
+            break;
+          case nlohmann::json::parse_event_t::key:
+            if (!open_objects.empty() && !has_repeated &&
+                !open_objects.back().insert(parsed.get<std::string>()).second) {
+              has_repeated = true;
+              repeated = parsed.get<std::string>();
+            }
+            break;
+          default:
+            break;
+        }
+        return true;
+      };
+  const nlohmann::json j =
+      nlohmann::json::parse(line.begin(), line.end(), check_keys, false);
+  if (j.is_discarded() || !j.is_object()) {
+    out->problem = "not a JSON object";
     return false;
   }
-  out->seq = j["seq"].get<uint64_t>();
-  out->prev_storage = j["prev"].get<std::string>();
+  if (has_repeated) {
+    out->problem = absl::StrCat("key \"", PrintableKey(repeated),
+                                "\" appears twice in one object");
+    return false;
+  }
+  const auto seq = j.find("seq");
+  if (seq == j.end() || !seq->is_number_unsigned()) {
+    out->problem = "no \"seq\" that is a non-negative integer";
+    return false;
+  }
+  const auto prev = j.find("prev");
+  if (prev == j.end() || !prev->is_string()) {
+    out->problem = "no \"prev\" that is a string";
+    return false;
+  }
+  out->seq = seq->get<uint64_t>();
+  out->prev_storage = prev->get<std::string>();
   out->prev = out->prev_storage;
   out->is_checkpoint = false;
-  if (j.contains("checkpoint")) {
-    const nlohmann::json& c = j["checkpoint"];
+  const auto checkpoint = j.find("checkpoint");
+  if (checkpoint != j.end()) {
+    const nlohmann::json& c = *checkpoint;
     out->signature.clear();
     if (!c.is_object() || !c.contains("last_seq") ||
         !c["last_seq"].is_number_unsigned() || !c.contains("head") ||
@@ -301,6 +364,9 @@ bool ReadRecord(absl::string_view line, Record* out) {
         !c.contains("signature") || !c["signature"].is_string() ||
         !absl::Base64Unescape(c["signature"].get<std::string>(),
                               &out->signature)) {
+      out->problem =
+          "\"checkpoint\" is not an object with last_seq, head, key and a "
+          "base64 signature";
       return false;
     }
     out->is_checkpoint = true;
@@ -309,6 +375,25 @@ bool ReadRecord(absl::string_view line, Record* out) {
     out->key = c["key"].get<std::string>();
   }
   return true;
+}
+
+// Reads a record; false (and `out->problem`) if the line is not one. Every
+// line must first be valid JSON: both paths then read what any JSON reader
+// reads.
+bool ReadRecord(absl::string_view line, Record* out) {
+  if (!ScanJsonObjectLine(line, &out->scan)) {
+    out->problem =
+        absl::StrCat("not valid JSON at byte ", out->scan.error_offset + 1,
+                     ": ", out->scan.error);
+    return false;
+  }
+  if (out->scan.repeated_key) {
+    out->problem =
+        absl::StrCat("key \"", PrintableKey(out->scan.first_repeated_key),
+                     "\" appears twice in one object");
+    return false;
+  }
+  return ReadFast(out->scan, out) || ReadFull(line, out);
 }
 
 }  // namespace
@@ -394,7 +479,8 @@ absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
         ++line_no;
         if (!ReadRecord(line, &rec)) {
           close(fd);
-          return fail("not an audit record (edited or torn)");
+          return fail(absl::StrCat("not an audit record (edited or torn): ",
+                                   rec.problem));
         }
         const uint64_t seq = rec.seq;
         if (seq != expected) {

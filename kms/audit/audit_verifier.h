@@ -7,7 +7,11 @@
 // and every signed checkpoint: it must cover exactly the record before it,
 // and its ECDSA P-256 signature must verify with one of the public keys
 // given. Records after a node's last checkpoint are reported as its unsigned
-// tail: cutting them off could not be detected. Single-threaded and bound by
+// tail: cutting them off could not be detected. Every line must be one
+// valid JSON object (kms/audit/json_line.h: UTF-8, nesting at most 64 deep)
+// in which no object holds a key twice, so that the verifier and any JSON
+// reader read the same seq, prev and checkpoint from it; any other line is a
+// break ("not an audit record"). Single-threaded and bound by
 // SHA-256 (well over a million typical records a second on one core with
 // SHA extensions; tests/bench/audit_verify_bench.cc). Stateless and
 // thread-safe.

@@ -2,7 +2,10 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <cmath>
+#include <cstdint>
 #include <fstream>
+#include <limits>
 #include <set>
 #include <sstream>
 
@@ -61,13 +64,59 @@ absl::Status Get(const YAML::Node& node, const char* key,
   return absl::OkStatus();
 }
 
+// The range of every duration: from a millisecond to a year. yaml-cpp reads
+// .nan, .inf and 1e300 as doubles, and absl::Seconds() makes each of them an
+// infinite duration that passes a "positive" check (maintenance that never
+// runs, checkpoints never written); below a millisecond no interval makes
+// sense (and below a quarter nanosecond it is zero).
+constexpr int64_t kMaxSeconds = int64_t{365} * 24 * 3600;
+constexpr int64_t kMaxMilliseconds = kMaxSeconds * 1000;
+
+// A number of seconds from 0.001 to kMaxSeconds, left as is if absent.
 absl::Status GetSeconds(const YAML::Node& node, const char* key,
                         absl::string_view field, absl::Duration* out) {
-  double seconds = absl::ToDoubleSeconds(*out);
-  absl::Status s = Get(node, key, field, &seconds);
-  if (!s.ok()) return s;
-  if (seconds < 0) return FieldError(field, "must not be negative");
+  const YAML::Node v = node[key];
+  if (!v) return absl::OkStatus();
+  double seconds = 0;
+  bool read = true;
+  try {
+    seconds = v.as<double>();
+  } catch (const YAML::Exception&) {
+    read = false;
+  }
+  if (!read || !std::isfinite(seconds) || seconds < 0.001 ||
+      seconds > static_cast<double>(kMaxSeconds)) {
+    return FieldError(field,
+                      absl::StrCat("must be a number of seconds from 0.001 to ",
+                                   kMaxSeconds, " (a year)"));
+  }
   *out = absl::Seconds(seconds);
+  return absl::OkStatus();
+}
+
+// A whole number in [min, max], left as is if absent. (yaml-cpp refuses
+// .nan, fractions and a '-' for an unsigned type.)
+template <typename T>
+absl::Status GetWhole(const YAML::Node& node, const char* key,
+                      absl::string_view field, T min, T max,
+                      absl::string_view unit, T* out) {
+  const YAML::Node v = node[key];
+  if (!v) return absl::OkStatus();
+  T value{};
+  bool read = true;
+  try {
+    value = v.as<T>();
+  } catch (const YAML::Exception&) {
+    read = false;
+  }
+  if (!read || value < min || value > max) {
+    return FieldError(field, max == std::numeric_limits<T>::max()
+                                 ? absl::StrCat("must be a whole number", unit,
+                                                " of at least ", min)
+                                 : absl::StrCat("must be a whole number", unit,
+                                                " from ", min, " to ", max));
+  }
+  *out = value;
   return absl::OkStatus();
 }
 
@@ -105,10 +154,13 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
     CUSTOS_CFG(Get(root, "listen", "listen", &c.listen));
     CUSTOS_CFG(Get(root, "storage", "storage", &c.storage));
     CUSTOS_CFG(Get(root, "audit_dir", "audit_dir", &c.audit_dir));
-    CUSTOS_CFG(Get(root, "audit_checkpoint_every", "audit_checkpoint_every",
-                   &c.audit_checkpoint_every));
-    CUSTOS_CFG(Get(root, "audit_max_segment_bytes", "audit_max_segment_bytes",
-                   &c.audit_max_segment_bytes));
+    constexpr uint64_t kMaxU64 = std::numeric_limits<uint64_t>::max();
+    CUSTOS_CFG(GetWhole<uint64_t>(root, "audit_checkpoint_every",
+                                  "audit_checkpoint_every", 1, kMaxU64, "",
+                                  &c.audit_checkpoint_every));
+    CUSTOS_CFG(GetWhole<uint64_t>(root, "audit_max_segment_bytes",
+                                  "audit_max_segment_bytes", 4096, kMaxU64,
+                                  " of bytes", &c.audit_max_segment_bytes));
     CUSTOS_CFG(GetSeconds(root, "audit_max_segment_age_seconds",
                           "audit_max_segment_age_seconds",
                           &c.audit_max_segment_age));
@@ -117,8 +169,8 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
                           &c.audit_checkpoint_interval));
     CUSTOS_CFG(Get(root, "admins", "admins", &c.admins));
     CUSTOS_CFG(Get(root, "auditors", "auditors", &c.auditors));
-    CUSTOS_CFG(
-        Get(root, "encryption_limit", "encryption_limit", &c.encryption_limit));
+    CUSTOS_CFG(GetWhole<uint64_t>(root, "encryption_limit", "encryption_limit",
+                                  1, kMaxU64, "", &c.encryption_limit));
     CUSTOS_CFG(GetSeconds(root, "maintenance_interval_seconds",
                           "maintenance_interval_seconds",
                           &c.maintenance_interval));
@@ -137,27 +189,30 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
       CUSTOS_CFG(
           Get(hsm, "token_label", "hsm.token_label", &c.hsm.token_label));
       CUSTOS_CFG(Get(hsm, "pin_file", "hsm.pin_file", &c.hsm.pin_file));
-      CUSTOS_CFG(Get(hsm, "pool_size", "hsm.pool_size", &c.hsm.pool_size));
+      CUSTOS_CFG(GetWhole(hsm, "pool_size", "hsm.pool_size", 1, 64, "",
+                          &c.hsm.pool_size));
       int64_t call_ms = absl::ToInt64Milliseconds(c.hsm.call_timeout);
       int64_t lease_ms = absl::ToInt64Milliseconds(c.hsm.lease_timeout);
-      CUSTOS_CFG(Get(hsm, "call_timeout_ms", "hsm.call_timeout_ms", &call_ms));
-      CUSTOS_CFG(
-          Get(hsm, "lease_timeout_ms", "hsm.lease_timeout_ms", &lease_ms));
-      if (call_ms <= 0 || lease_ms <= 0) {
-        return FieldError("hsm.call_timeout_ms / hsm.lease_timeout_ms",
-                          "must be positive");
-      }
+      CUSTOS_CFG(GetWhole<int64_t>(hsm, "call_timeout_ms",
+                                   "hsm.call_timeout_ms", 1, kMaxMilliseconds,
+                                   " of milliseconds", &call_ms));
+      CUSTOS_CFG(GetWhole<int64_t>(hsm, "lease_timeout_ms",
+                                   "hsm.lease_timeout_ms", 1, kMaxMilliseconds,
+                                   " of milliseconds", &lease_ms));
       c.hsm.call_timeout = absl::Milliseconds(call_ms);
       c.hsm.lease_timeout = absl::Milliseconds(lease_ms);
     }
     if (YAML::Node limits = root["limits"]) {
       CUSTOS_CFG(OnlyKnown(limits, "limits",
                            {"max_message_bytes", "max_concurrent_streams"}));
-      CUSTOS_CFG(Get(limits, "max_message_bytes", "limits.max_message_bytes",
-                     &c.limits.max_message_bytes));
-      CUSTOS_CFG(Get(limits, "max_concurrent_streams",
-                     "limits.max_concurrent_streams",
-                     &c.limits.max_concurrent_streams));
+      // A request must hold a 4 KiB plaintext and its framing.
+      CUSTOS_CFG(GetWhole(
+          limits, "max_message_bytes", "limits.max_message_bytes", 4096 + 1024,
+          16 * 1024 * 1024, " of bytes", &c.limits.max_message_bytes));
+      CUSTOS_CFG(GetWhole(limits, "max_concurrent_streams",
+                          "limits.max_concurrent_streams", 1,
+                          std::numeric_limits<int>::max(), "",
+                          &c.limits.max_concurrent_streams));
     }
     if (YAML::Node dev = root["development"]) {
       CUSTOS_CFG(OnlyKnown(dev, "development",
@@ -208,27 +263,12 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
     return FieldError("hsm.pin_file",
                       "required: a file (mode 0400) holding the user PIN");
   }
-  if (c.hsm.pool_size < 1 || c.hsm.pool_size > 64) {
-    return FieldError("hsm.pool_size", "must be 1 to 64");
-  }
   if (c.storage.empty()) {
     return FieldError("storage",
                       "required, e.g. sqlite:///var/lib/custos/"
                       "custos.db");
   }
   if (c.audit_dir.empty()) return FieldError("audit_dir", "required");
-  if (c.audit_max_segment_bytes < 4096 ||
-      c.audit_max_segment_age <= absl::ZeroDuration()) {
-    return FieldError("audit_max_segment_bytes / audit_max_segment_age_seconds",
-                      "at least 4096 bytes and a positive age");
-  }
-  if (c.audit_checkpoint_every < 1 ||
-      c.audit_checkpoint_interval <= absl::ZeroDuration()) {
-    return FieldError(
-        "audit_checkpoint_every / "
-        "audit_checkpoint_interval_seconds",
-        "must be positive");
-  }
   if (c.admins.empty()) {
     return FieldError("admins",
                       "name at least one admin principal (a client "
@@ -241,29 +281,11 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
       return FieldError("node_id", "1-64 characters of [A-Za-z0-9._-]");
     }
   }
-  if (c.limits.max_message_bytes < 4096 + 1024 ||
-      c.limits.max_message_bytes > 16 * 1024 * 1024) {
-    return FieldError("limits.max_message_bytes",
-                      "must be between 5120 and 16777216");
-  }
-  if (c.limits.max_concurrent_streams < 1) {
-    return FieldError("limits.max_concurrent_streams", "must be positive");
-  }
-  if (c.encryption_limit < 1) {
-    return FieldError("encryption_limit", "must be positive");
-  }
-  if (c.maintenance_interval <= absl::ZeroDuration()) {
-    return FieldError("maintenance_interval_seconds", "must be positive");
-  }
   if (!c.development.insecure_listen.empty() &&
       c.development.insecure_principal.empty()) {
     return FieldError("development.insecure_principal",
                       "required with development.insecure_listen: the "
                       "identity every plaintext call acts as");
-  }
-  if (c.testing.deletion_day <= absl::ZeroDuration() ||
-      c.testing.min_rotation_period <= absl::ZeroDuration()) {
-    return FieldError("testing", "durations must be positive");
   }
   const std::set<std::string> levels = {"trace", "debug", "info",
                                         "warn",  "error", "critical"};

@@ -15,6 +15,10 @@
 //    seq and prev are the ones the verifier checked, and a checkpoint
 //    exactly when the verifier counted one (its fast path for the writer's
 //    own layout must not change the verdict);
+//  - the verifier's JSON scanner (kms/audit/json_line.h) accepts a line
+//    exactly when nlohmann::json reads it as an object (but for a byte order
+//    mark and nesting past its limit, which it refuses), and the members it
+//    returns are the object's, raw, when it vouches for their keys;
 //  - a log that verifies still verifies, with the same figures, when split
 //    at a line into two segments named as the writer names them, and breaks
 //    when the second segment is misnamed (records "missing").
@@ -38,6 +42,7 @@
 #include "absl/strings/string_view.h"
 #include "kms/audit/audit_chain.h"
 #include "kms/audit/audit_verifier.h"
+#include "kms/audit/json_line.h"
 #include "nlohmann/json.hpp"
 #include "tests/fuzz/fuzz_check.h"
 
@@ -193,6 +198,43 @@ void CheckLinesAreRecords(absl::string_view input,
                     "JSON holds");
 }
 
+// The scanner and nlohmann::json agree on every line of the input.
+void CheckScannerAgrees(absl::string_view input) {
+  static JsonObjectLine* const scan = new JsonObjectLine;
+  while (!input.empty()) {
+    const size_t nl = input.find('\n');
+    const absl::string_view line = input.substr(0, nl);
+    input = nl == absl::string_view::npos ? absl::string_view()
+                                          : input.substr(nl + 1);
+    const bool scanned = ScanJsonObjectLine(line, scan);
+    CUSTOS_FUZZ_CHECK(scanned == (scan->error == nullptr),
+                      "the scanner's verdict and its error disagree");
+    CUSTOS_FUZZ_CHECK(scanned || scan->error_offset <= line.size(),
+                      "the scanner's error is past the line");
+    if (!scanned && (absl::StartsWith(line, "\xef\xbb\xbf") ||
+                     absl::string_view(scan->error) == "nested too deeply")) {
+      continue;  // nlohmann skips a byte order mark and has no depth limit
+    }
+    const nlohmann::json j =
+        nlohmann::json::parse(line.begin(), line.end(), nullptr, false);
+    CUSTOS_FUZZ_CHECK(scanned == (!j.is_discarded() && j.is_object()),
+                      "the JSON scanner and nlohmann disagree on a line");
+    if (!scanned || !scan->keys_checked) continue;
+    if (scan->repeated_key) continue;  // readers differ: the verifier refuses
+    CUSTOS_FUZZ_CHECK(j.size() == scan->member_count,
+                      "the scanner's members are not nlohmann's");
+    for (size_t i = 0; i < scan->member_count; ++i) {
+      const JsonObjectLine::Member& m = scan->members[i];
+      const auto it = j.find(std::string(m.key));
+      CUSTOS_FUZZ_CHECK(it != j.end(), "a scanned key is not nlohmann's");
+      const nlohmann::json value =
+          nlohmann::json::parse(m.value.begin(), m.value.end(), nullptr, false);
+      CUSTOS_FUZZ_CHECK(!value.is_discarded() && value == *it,
+                        "a scanned member's value is not nlohmann's");
+    }
+  }
+}
+
 // Splits a log that verified (`whole`) into two segments at a line, as the
 // writer rolls, then puts the one segment back.
 void CheckSplit(absl::string_view input, const AuditVerifyReport& whole,
@@ -221,6 +263,7 @@ void CheckSplit(absl::string_view input, const AuditVerifyReport& whole,
 }
 
 void FuzzOne(absl::string_view input) {
+  CheckScannerAgrees(input);
   WriteFile(Dir().SegmentPath(1), input);
   const AuditVerifyReport signed_report = Verify(/*with_key=*/true);
   CheckReport(signed_report, 1);

@@ -4,7 +4,8 @@
 //    refuses with INVALID_ARGUMENT and a "config: " message;
 //  - a configuration it accepts has every field in the range the parser
 //    promises (required fields present, sizes, counts and durations in
-//    range, node_id's alphabet, a known log level);
+//    range — durations finite, from a millisecond to a year —, node_id's
+//    alphabet, a known log level);
 //  - relative paths are resolved against the base directory and nothing
 //    else depends on it: parsing with no base directory gives the same
 //    configuration with the paths as written;
@@ -138,6 +139,15 @@ void CheckRanges(const Config& c) {
   CUSTOS_FUZZ_CHECK(c.testing.deletion_day > absl::ZeroDuration() &&
                         c.testing.min_rotation_period > absl::ZeroDuration(),
                     "testing durations");
+  // Every duration finite and from a millisecond to a year: .nan, .inf or
+  // 1e300 seconds would be infinite and pass any "positive" check.
+  for (const absl::Duration d :
+       {c.hsm.call_timeout, c.hsm.lease_timeout, c.audit_max_segment_age,
+        c.audit_checkpoint_interval, c.maintenance_interval,
+        c.testing.deletion_day, c.testing.min_rotation_period}) {
+    CUSTOS_FUZZ_CHECK(d >= absl::Milliseconds(1) && d <= absl::Hours(24 * 365),
+                      "a duration is infinite or out of range");
+  }
   static const std::set<std::string>* const kLevels = new std::set<std::string>{
       "trace", "debug", "info", "warn", "error", "critical"};
   CUSTOS_FUZZ_CHECK(kLevels->count(c.log_level) == 1, "log_level");

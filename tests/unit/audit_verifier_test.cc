@@ -157,6 +157,17 @@ std::string ValueOf(const std::string& line, const std::string& field) {
   return line.substr(at, line.find('"', at) - at);
 }
 
+// `line` with `members` (ending in ',') inserted after its seq.
+std::string WithMembers(const std::string& line, const std::string& members) {
+  const size_t at = line.find(',') + 1;
+  return absl::StrCat(line.substr(0, at), members, line.substr(at));
+}
+// The spot and message of a line that is not valid JSON.
+std::string NotJsonAt(const std::string& dir, uint64_t seq) {
+  return SpotOf(dir, seq) +
+         "not an audit record (edited or torn): not valid JSON at byte ";
+}
+
 enum class Keys { kRight, kWrong, kNone };
 
 struct Case {
@@ -224,6 +235,92 @@ std::vector<Case> Cases() {
          const uint64_t seq = PlainRecordIn(2);
          ReplaceLine(dir, seq, "{\"seq\":" + Line(seq).substr(1, 40));
          return SpotOf(dir, seq) + "not an audit record";
+       }},
+      // Lines that are not valid JSON, or that JSON readers read otherwise
+      // than the verifier would by their bytes, break the chain where they
+      // are (the fast path once let each of them through, so that only the
+      // next line's prev, if anything, showed the edit).
+      {"TextThatIsNotJsonInsideARecord",
+       [](const std::string& dir) {
+         const uint64_t seq = PlainRecordIn(0);
+         ReplaceLine(dir, seq,
+                     WithMembers(Line(seq), "\"note\":\"not\" JSON\","));
+         return NotJsonAt(dir, seq);
+       }},
+      {"SeqGivenTwice",
+       [](const std::string& dir) {
+         // The verifier would read the first, nlohmann the last.
+         const uint64_t seq = PlainRecordIn(1);
+         ReplaceLine(
+             dir, seq,
+             WithMembers(Line(seq), absl::StrCat("\"seq\":", seq + 7, ",")));
+         return SpotOf(dir, seq) +
+                "not an audit record (edited or torn): key \"seq\" appears "
+                "twice in one object";
+       }},
+      {"AKeyGivenTwiceInANestedObject",
+       [](const std::string& dir) {
+         const uint64_t seq = PlainRecordIn(2);
+         ReplaceLine(
+             dir, seq,
+             WithMembers(Line(seq), "\"context\":{\"t\":\"a\",\"t\":\"b\"},"));
+         return SpotOf(dir, seq) +
+                "not an audit record (edited or torn): key \"t\" appears "
+                "twice in one object";
+       }},
+      {"ACheckpointWhoseKeyIsWrittenWithAnEscape",
+       [](const std::string& dir) {
+         // "\u0063heckpoint" is "checkpoint" to every JSON reader: a forged
+         // checkpoint, which must be checked like any other.
+         const uint64_t seq = PlainRecordIn(1);
+         const std::string prev = ValueOf(Line(seq), "prev");
+         ReplaceLine(
+             dir, seq,
+             WithMembers(Line(seq),
+                         absl::StrCat("\"\\u0063heckpoint\":{\"last_seq\":",
+                                      seq - 1, ",\"head\":\"", prev,
+                                      "\",\"key\":\"", g_signer->fingerprint(),
+                                      "\",\"signature\":\"AAAA\"},")));
+         return SpotOf(dir, seq) + "checkpoint signature does not verify";
+       }},
+      {"TruncatedJson",
+       [](const std::string& dir) {
+         const uint64_t seq = PlainRecordIn(0);
+         ReplaceLine(dir, seq, Line(seq).substr(0, Line(seq).size() - 1));
+         return NotJsonAt(dir, seq) + absl::StrCat(Line(seq).size(),
+                                                   ": the object is not "
+                                                   "closed");
+       }},
+      {"GarbageAfterTheObject",
+       [](const std::string& dir) {
+         // Ends the way the writer ends a line, with another prev.
+         const uint64_t seq = PlainRecordIn(1);
+         ReplaceLine(dir, seq,
+                     absl::StrCat(Line(seq), " x\",\"prev\":\"",
+                                  ValueOf(Line(seq), "prev"), "\"}"));
+         return NotJsonAt(dir, seq) +
+                absl::StrCat(Line(seq).size() + 2, ": more after the object");
+       }},
+      {"InvalidUtf8InAString",
+       [](const std::string& dir) {
+         const uint64_t seq = PlainRecordIn(2);
+         ReplaceLine(dir, seq,
+                     WithValue(Line(seq), "principal", "al\xe2\x93\x9d\x8f"));
+         return NotJsonAt(dir, seq);
+       }},
+      {"ALoneSurrogateEscape",
+       [](const std::string& dir) {
+         const uint64_t seq = PlainRecordIn(0);
+         ReplaceLine(dir, seq, WithValue(Line(seq), "principal", "\\ud800"));
+         return NotJsonAt(dir, seq);
+       }},
+      {"NestingDepthBomb",
+       [](const std::string& dir) {
+         const uint64_t seq = PlainRecordIn(1);
+         ReplaceLine(dir, seq,
+                     WithMembers(Line(seq), "\"x\":" + std::string(5000, '[') +
+                                                std::string(5000, ']') + ","));
+         return NotJsonAt(dir, seq);
        }},
       {"TruncateAtALineBeforeTheLastCheckpointOfASegment",
        [](const std::string& dir) {
@@ -471,6 +568,204 @@ TEST_F(AuditVerifierTest, ABadPublicKeyIsAnError) {
 
 TEST_F(AuditVerifierTest, AnUnreadableDirectoryIsAnError) {
   EXPECT_FALSE(VerifyAuditDirectory(*g_root + "/nowhere", {}).ok());
+}
+
+// The public half of the key that signed the fuzz seeds' checkpoints
+// (tests/fuzz/audit_verifier_fuzz.cc); fingerprint 43a6b553fb35d690.
+constexpr char kFuzzCheckpointPublicKey[] =
+    "-----BEGIN PUBLIC KEY-----\n"
+    "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE6HHMmKhrmYmJA05bJdGZ5BNbxEq/\n"
+    "UWHc4gYuWiU2b28vsE1d/RQruHllmhWCl4XhHiC1XXsOSq+sz41vmTU2HQ==\n"
+    "-----END PUBLIC KEY-----\n";
+
+// `text` as node n1's only segment, verified in a directory of its own.
+struct HandWritten {
+  std::string segment;  // its path, as breaks name it
+  AuditVerifyReport report;
+};
+HandWritten VerifyText(const std::string& text,
+                       const std::vector<std::string>& keys) {
+  absl::StatusOr<std::string> dir =
+      ::custos::testing::MakeTempDir("custos-audit-verify-text");
+  EXPECT_THAT(dir, IsOk());
+  if (!dir.ok()) return {};
+  HandWritten out;
+  out.segment = *dir + "/audit-n1-00000000000000000001.jsonl";
+  WriteFile(out.segment, text);
+  absl::StatusOr<AuditVerifyReport> report = VerifyAuditDirectory(*dir, keys);
+  EXPECT_THAT(report, IsOk());
+  if (report.ok()) out.report = *std::move(report);
+  std::filesystem::remove_all(*dir);
+  return out;
+}
+
+// The inputs of tests/fuzz/regressions/audit_verifier_fuzz/, byte for byte:
+// each once verified, though a JSON reader reads it otherwise or not at all.
+TEST(AuditVerifierFuzzRegressionTest, EachIsABreakAtItsLine) {
+  const std::string genesis = kAuditGenesisHash;
+  struct Regression {
+    const char* name;
+    std::string text;
+    std::string problem;  // after "FILE:1: seq 1: "
+  };
+  const Regression cases[] = {
+      {"fast_path_accepts_line_that_is_not_json.jsonl",
+       R"({"seq":1,"note":"not" JSON","prev":")" + genesis + "\"}\n",
+       "not an audit record (edited or torn): not valid JSON at byte 23: "
+       "expected ',' or '}'"},
+      {"fast_path_seq_differs_from_json_seq.jsonl",
+       R"({"seq":1,"seq":7,"operation":"Decrypt","prev":")" + genesis + "\"}\n",
+       "not an audit record (edited or torn): key \"seq\" appears twice in "
+       "one object"},
+      {"fast_path_misses_escaped_checkpoint_key.jsonl",
+       R"({"seq":1,"\u0063heckpoint":{"last_seq":0,"head":")" + genesis +
+           R"(","key":"43a6b553fb35d690","signature":"AAAA"},)"
+           R"("operation":"Checkpoint","prev":")" +
+           genesis + "\"}\n",
+       "checkpoint signature does not verify"},
+      {"crash-35afb141bd21318ca2bd492efb81cf0925b4b45b",
+       R"({"seq":1,"time":"2023-11-14T22:13:20.000000Z","node":"IIIIIIIIIIIIIIIIIIn1)"
+       "\xe2\xd3\xdd\x8f"
+       R"(rincipal":"spiffe://custos.test/photos/uploader","operation":)"
+       R"("GenerateDataKey","key_id":"k-abcdefghijklmnopqrstuvwxyz",)"
+       R"("key_version":1,"outcome":"ALLOWED","code":"OK",)"
+       R"("request_id":"req-0","peer":"ipv4:127.0.0.1:50000","prev":")" +
+           genesis + "\"}\n",
+       "not an audit record (edited or torn): not valid JSON at byte 75: "
+       "invalid UTF-8 in a string"},
+  };
+  for (const Regression& c : cases) {
+    const HandWritten v = VerifyText(c.text, {kFuzzCheckpointPublicKey});
+    EXPECT_FALSE(v.report.ok) << c.name;
+    EXPECT_EQ(v.report.first_break,
+              absl::StrCat(v.segment, ":1: seq 1: ", c.problem))
+        << c.name;
+    EXPECT_EQ(v.report.records, 0u) << c.name;
+  }
+}
+
+TEST(AuditVerifierFuzzRegressionTest, AnEscapedCheckpointKeyCountsAsOne) {
+  // Without a key the chain alone is checked: the record is a checkpoint,
+  // as it is to any JSON reader, and covers the record before it.
+  const std::string genesis = kAuditGenesisHash;
+  const HandWritten v = VerifyText(
+      R"({"seq":1,"\u0063heckpoint":{"last_seq":0,"head":")" + genesis +
+          R"(","key":"43a6b553fb35d690","signature":"AAAA"},"prev":")" +
+          genesis + "\"}\n",
+      {});
+  EXPECT_TRUE(v.report.ok) << v.report.first_break;
+  ASSERT_EQ(v.report.nodes.size(), 1u);
+  EXPECT_EQ(v.report.nodes[0].checkpoints, 1u);
+  EXPECT_EQ(v.report.nodes[0].unsigned_tail, 0u);
+}
+
+TEST(AuditVerifierTextTest, ValidJsonInAnotherLayoutVerifies) {
+  // Not the writer's layout, but JSON that reads as a chained record: the
+  // verifier reads what any JSON reader reads.
+  std::vector<std::string> lines;
+  std::string prev = kAuditGenesisHash;
+  auto add = [&](const std::string& line) {
+    lines.push_back(line);
+    prev = AuditLineHash(line);
+  };
+  add(R"({"seq":1,"prev":")" + prev + "\"}");
+  add(R"( { "prev" : ")" + prev + R"(" , "seq" : 2 } )");
+  add(R"({"\u0073eq":3,"context":{"k\"":"v"},"prev":")" + prev + "\"}");
+  add(R"({"seq":4,"detail":"caf\u00e9 )"
+      "\xe2\x98\x95 \xf0\x9d\x84\x9e"
+      R"( \ud834\udd1e","n":-1.5e+3,"a":[true,false,null,{}],"o":{},)"
+      R"("prev":")" +
+      prev + "\"}\r");
+  std::string text;
+  for (const std::string& line : lines) absl::StrAppend(&text, line, "\n");
+  const HandWritten v = VerifyText(text, {});
+  EXPECT_TRUE(v.report.ok) << v.report.first_break;
+  EXPECT_EQ(v.report.records, 4u);
+}
+
+TEST(AuditVerifierTextTest, WhateverTheWriterWritesVerifies) {
+  // Strings that need escaping or replacing, in every field and in context
+  // keys: the writer's lines must never read as a break (some take the full
+  // parse, as a context key with an escape does).
+  absl::StatusOr<std::string> dir =
+      ::custos::testing::MakeTempDir("custos-audit-verify-writer");
+  ASSERT_THAT(dir, IsOk());
+  MemorySigner signer;
+  const std::vector<std::string> nasty = {
+      "plain",
+      "quote \" backslash \\ slash /",
+      std::string("nul \0 and \x01\x1f\x7f", 13),
+      "tab\tnewline\ncr\r",
+      "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 \xef\xbf\xbf",
+      "invalid \xff \xc0\xaf \xed\xa0\x80 \xf4\x90\x80\x80 \xe2\x82",
+      "\\u0063heckpoint",
+      "",
+  };
+  {
+    FileAuditLog::Options options;
+    options.dir = *dir;
+    options.node_id = "n1";
+    options.sync = false;
+    options.signer = &signer;
+    options.checkpoint_every = 3;
+    absl::StatusOr<std::unique_ptr<FileAuditLog>> log =
+        FileAuditLog::Open(options);
+    ASSERT_THAT(log, IsOk());
+    for (size_t i = 0; i < nasty.size(); ++i) {
+      const std::string& s = nasty[i];
+      AuditRecord r;
+      r.time = absl::FromUnixMicros(1700000000000000 + i);
+      r.principal = s;
+      r.operation = s;
+      r.key_id = s;
+      r.key_version = static_cast<uint32_t>(i);
+      r.context = {{s, s}, {absl::StrCat("k", i, s), "v"}};
+      r.has_justification = true;
+      r.justification.detail = s;
+      r.request_id = s;
+      r.peer = s;
+      r.detail = s;
+      ASSERT_THAT((*log)->Append(std::move(r)), IsOk()) << i;
+    }
+  }
+  absl::StatusOr<AuditVerifyReport> report =
+      VerifyAuditDirectory(*dir, {signer.public_key_pem()});
+  ASSERT_THAT(report, IsOk());
+  EXPECT_TRUE(report->ok) << report->first_break;
+  ASSERT_EQ(report->nodes.size(), 1u);
+  EXPECT_GT(report->nodes[0].checkpoints, 2u);
+  EXPECT_EQ(report->nodes[0].unsigned_tail, 0u);
+  std::filesystem::remove_all(*dir);
+}
+
+TEST(AuditVerifierTextTest, AnUnusualLineThatIsNoRecordIsNamed) {
+  const std::string genesis = kAuditGenesisHash;
+  struct Unusual {
+    std::string line;
+    std::string problem;
+  };
+  const Unusual cases[] = {
+      {R"({"seq":"1","prev":")" + genesis + "\"}",
+       "no \"seq\" that is a non-negative integer"},
+      {R"({"seq":1.0,"prev":")" + genesis + "\"}",
+       "no \"seq\" that is a non-negative integer"},
+      {R"({"prev":")" + genesis + "\"}",
+       "no \"seq\" that is a non-negative integer"},
+      {R"({"seq":1,"prev":null})", "no \"prev\" that is a string"},
+      {R"({"seq":1,"\u0073eq":1,"prev":")" + genesis + "\"}",
+       "key \"seq\" appears twice in one object"},
+      {R"({"seq":1,"checkpoint":{"last_seq":0},"prev":")" + genesis + "\"}",
+       "\"checkpoint\" is not an object with last_seq, head, key and a base64 "
+       "signature"},
+  };
+  for (const Unusual& c : cases) {
+    const HandWritten v = VerifyText(c.line + "\n", {});
+    EXPECT_EQ(v.report.first_break,
+              absl::StrCat(v.segment,
+                           ":1: seq 1: not an audit record (edited or torn): ",
+                           c.problem))
+        << c.line;
+  }
 }
 
 }  // namespace

@@ -10,7 +10,9 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "absl/time/time.h"
 #include "common/testing/status_matchers.h"
 
 namespace custos::server {
@@ -323,6 +325,117 @@ TEST(ParseConfigTest, OtherRangesRefused) {
         ParseConfig(std::string(kMinimal) + c.extra, kBase),
         StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(c.field)))
         << c.extra;
+  }
+}
+
+// kMinimal with `field` ("name" or "section.name") set to `value`.
+std::string With(const std::string& field, const std::string& value) {
+  const size_t dot = field.find('.');
+  if (dot == std::string::npos) {
+    return absl::StrCat(kMinimal, field, ": ", value, "\n");
+  }
+  const std::string section = field.substr(0, dot);
+  const std::string name = field.substr(dot + 1);
+  if (section == "hsm") {
+    return Replace("  pin_file: hsm.pin",
+                   absl::StrCat("  pin_file: hsm.pin\n  ", name, ": ", value));
+  }
+  return absl::StrCat(kMinimal, section, ": {", name, ": ", value, "}\n");
+}
+
+constexpr const char* kSecondsFields[] = {
+    "audit_checkpoint_interval_seconds",   "audit_max_segment_age_seconds",
+    "maintenance_interval_seconds",        "testing.deletion_day_seconds",
+    "testing.min_rotation_period_seconds",
+};
+
+TEST(ParseConfigTest, DurationsMustBeFiniteAndInRange) {
+  // yaml-cpp reads .nan and .inf as doubles; absl::Seconds() would make them
+  // (and 1e300) an infinite duration that passes a "positive" check.
+  for (const char* field : kSecondsFields) {
+    for (const char* value :
+         {".nan", ".NaN", ".NAN", ".inf", ".Inf", "+.inf", "-.inf", "1e300",
+          "31536000.5", "0", "-0", "0.0009", "1e-300", "-5", "often", "[1]",
+          "\"\""}) {
+      EXPECT_THAT(ParseConfig(With(field, value), kBase),
+                  StatusIs(absl::StatusCode::kInvalidArgument,
+                           HasSubstr(absl::StrCat(
+                               field,
+                               ": must be a number of seconds from 0.001 to "
+                               "31536000 (a year)"))))
+          << field << ": " << value;
+    }
+  }
+}
+
+TEST(ParseConfigTest, DurationsAtTheEndsOfTheRangeAreAccepted) {
+  for (const char* field : kSecondsFields) {
+    for (const char* value : {"0.001", "1", "31536000", "3.1536e7"}) {
+      EXPECT_THAT(ParseConfig(With(field, value), kBase), IsOk())
+          << field << ": " << value;
+    }
+  }
+  absl::StatusOr<Config> c =
+      ParseConfig(With("maintenance_interval_seconds", "0.001"), kBase);
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(c->maintenance_interval, absl::Milliseconds(1));
+  c = ParseConfig(With("audit_max_segment_age_seconds", "31536000"), kBase);
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(c->audit_max_segment_age, absl::Hours(24 * 365));
+}
+
+TEST(ParseConfigTest, WholeNumbersMustBeInRange) {
+  struct Case {
+    const char* field;
+    const char* range;  // as the message states it
+    std::vector<const char*> refused;
+    std::vector<const char*> accepted;
+  };
+  const Case cases[] = {
+      {"audit_checkpoint_every",
+       "must be a whole number of at least 1",
+       {"0", "-1", ".nan", ".inf", "1.5", "1e3", "18446744073709551616"},
+       {"1", "18446744073709551615"}},
+      {"audit_max_segment_bytes",
+       "must be a whole number of bytes of at least 4096",
+       {"4095", "-4096", ".nan", ".inf", "4096.5"},
+       {"4096"}},
+      {"encryption_limit",
+       "must be a whole number of at least 1",
+       {"0", "-1", ".nan", "-.inf", "2.5"},
+       {"1"}},
+      {"hsm.pool_size",
+       "must be a whole number from 1 to 64",
+       {"0", "65", "-1", ".nan", ".inf", "2.0"},
+       {"1", "64"}},
+      {"hsm.call_timeout_ms",
+       "must be a whole number of milliseconds from 1 to 31536000000",
+       {"0", "-1", "31536000001", ".nan", ".inf", "0.5", "9223372036854775808"},
+       {"1", "31536000000"}},
+      {"hsm.lease_timeout_ms",
+       "must be a whole number of milliseconds from 1 to 31536000000",
+       {"0", ".nan", "-.inf"},
+       {"1", "31536000000"}},
+      {"limits.max_message_bytes",
+       "must be a whole number of bytes from 5120 to 16777216",
+       {"5119", "16777217", ".nan", ".inf"},
+       {"5120", "16777216"}},
+      {"limits.max_concurrent_streams",
+       "must be a whole number of at least 1",
+       {"0", "-1", ".nan", ".inf", "2147483648"},
+       {"1", "2147483647"}},
+  };
+  for (const Case& c : cases) {
+    for (const char* value : c.refused) {
+      EXPECT_THAT(ParseConfig(With(c.field, value), kBase),
+                  StatusIs(absl::StatusCode::kInvalidArgument,
+                           HasSubstr(absl::StrCat(c.field, ": ", c.range))))
+          << c.field << ": " << value;
+    }
+    for (const char* value : c.accepted) {
+      EXPECT_THAT(ParseConfig(With(c.field, value), kBase), IsOk())
+          << c.field << ": " << value;
+    }
   }
 }
 
