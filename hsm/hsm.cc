@@ -331,15 +331,36 @@ absl::StatusOr<std::vector<HsmObject>> Hsm::ListKeyObjects() {
           CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
                                   session.FindObjects(query, 1 << 20));
           for (CK_OBJECT_HANDLE object : found) {
-            HsmObject o{cls, "", ""};
-            CUSTOS_ASSIGN_OR_RETURN(o.id,
-                                    session.GetBytesAttribute(object, CKA_ID));
+            // One call per object, not four: this reads the whole token.
             CUSTOS_ASSIGN_OR_RETURN(
-                o.label, session.GetBytesAttribute(object, CKA_LABEL));
-            objects.push_back(std::move(o));
+                std::vector<std::string> values,
+                session.GetBytesAttributes(object, {CKA_ID, CKA_LABEL}));
+            objects.push_back(
+                HsmObject{cls, std::move(values[0]), std::move(values[1])});
           }
         }
         return objects;
+      });
+}
+
+absl::StatusOr<std::vector<std::string>> Hsm::FindKeyIdsByLabel(
+    CK_OBJECT_CLASS cls, absl::string_view label) {
+  return Call<std::vector<std::string>>(
+      *pool_,
+      [cls, label = std::string(label)](
+          Session& session) -> absl::StatusOr<std::vector<std::string>> {
+        AttributeTemplate query;
+        query.Ulong(CKA_CLASS, cls).Bytes(CKA_LABEL, label);
+        CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
+                                session.FindObjects(query, 1 << 20));
+        std::vector<std::string> ids;
+        ids.reserve(found.size());
+        for (CK_OBJECT_HANDLE object : found) {
+          CUSTOS_ASSIGN_OR_RETURN(std::string id,
+                                  session.GetBytesAttribute(object, CKA_ID));
+          ids.push_back(std::move(id));
+        }
+        return ids;
       });
 }
 

@@ -163,6 +163,47 @@ absl::StatusOr<std::string> Session::GetBytesAttribute(CK_OBJECT_HANDLE object,
   return value;
 }
 
+absl::StatusOr<std::vector<std::string>> Session::GetBytesAttributes(
+    CK_OBJECT_HANDLE object, const std::vector<CK_ATTRIBUTE_TYPE>& types) {
+  constexpr size_t kFirstGuess = 256;
+  std::vector<std::string> values(types.size(), std::string(kFirstGuess, '\0'));
+  std::vector<CK_ATTRIBUTE> attrs(types.size());
+  for (size_t i = 0; i < types.size(); ++i) {
+    attrs[i] = {types[i], values[i].data(), kFirstGuess};
+  }
+  CK_RV rv =
+      fn_->C_GetAttributeValue(handle_, object, attrs.data(), attrs.size());
+  if (rv == CKR_BUFFER_TOO_SMALL) {
+    // A value is longer than the guess: ask every size, then read them all.
+    for (CK_ATTRIBUTE& attr : attrs) {
+      attr.pValue = nullptr;
+      attr.ulValueLen = 0;
+    }
+    absl::Status s = CkStatus(
+        fn_->C_GetAttributeValue(handle_, object, attrs.data(), attrs.size()),
+        "C_GetAttributeValue");
+    if (!s.ok()) return s;
+    for (size_t i = 0; i < attrs.size(); ++i) {
+      if (attrs[i].ulValueLen == CK_UNAVAILABLE_INFORMATION) {
+        return absl::NotFoundError(
+            "C_GetAttributeValue: attribute unavailable");
+      }
+      values[i].assign(attrs[i].ulValueLen, '\0');
+      attrs[i].pValue = values[i].data();
+    }
+    rv = fn_->C_GetAttributeValue(handle_, object, attrs.data(), attrs.size());
+  }
+  absl::Status s = CkStatus(rv, "C_GetAttributeValue");
+  if (!s.ok()) return s;
+  for (size_t i = 0; i < attrs.size(); ++i) {
+    if (attrs[i].ulValueLen == CK_UNAVAILABLE_INFORMATION) {
+      return absl::NotFoundError("C_GetAttributeValue: attribute unavailable");
+    }
+    values[i].resize(attrs[i].ulValueLen);
+  }
+  return values;
+}
+
 absl::Status Session::GetAttributes(CK_OBJECT_HANDLE object,
                                     std::vector<CK_ATTRIBUTE>& attrs) {
   CK_RV rv =

@@ -67,6 +67,13 @@ class Session {
   // Reads one variable-length attribute (CKA_ID, CKA_LABEL, CKA_EC_POINT).
   absl::StatusOr<std::string> GetBytesAttribute(CK_OBJECT_HANDLE object,
                                                 CK_ATTRIBUTE_TYPE type);
+  // Reads several variable-length attributes, in one C_GetAttributeValue
+  // when each value fits in 256 bytes (CKA_ID and CKA_LABEL of Custos
+  // objects do), else with the size-then-value calls of PKCS#11 v2.40
+  // section 5.7. SoftHSM re-checks the token's and the object's files on
+  // every call, so a scan of the token pays per call, not per byte.
+  absl::StatusOr<std::vector<std::string>> GetBytesAttributes(
+      CK_OBJECT_HANDLE object, const std::vector<CK_ATTRIBUTE_TYPE>& types);
   // Reads fixed-size attributes in place (CK_BBOOL, CK_ULONG values). A type
   // the token does not know leaves ulValueLen as CK_UNAVAILABLE_INFORMATION.
   absl::Status GetAttributes(CK_OBJECT_HANDLE object,

@@ -125,6 +125,9 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::CreateKey(
         key.policy = params.policy;
         key.policy.version = 1;
         if (!params.alias.empty()) key.aliases.push_back(params.alias);
+        // Until the row commits (or the object is destroyed again), a
+        // concurrent Reconcile must not take the new object for an orphan.
+        absl::ReaderMutexLock material(&material_mu_);
         CUSTOS_ASSIGN_OR_RETURN(std::string hsm_id,
                                 hsm_->GenerateAesKey(HsmLabel(key.id, 1)));
         KeyVersion v1;

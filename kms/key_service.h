@@ -256,10 +256,13 @@ class KeyService {
   // Background work: scheduled rotations and deletions whose time has
   // come. Idempotent; safe to rerun after a crash at any step.
   MaintenanceReport RunScheduledWork();
-  // Start-up reconciliation of the HSM with the database: destroys HSM
-  // objects that no version row owns (left by a crash between generating a
-  // key and committing its row) and objects of destroyed versions; reports
-  // version rows whose object is missing. Logs what it did.
+  // Reconciliation of the HSM with the database, once after start-up:
+  // destroys HSM objects that no version row owns (left by a crash between
+  // generating a key and committing its row) and objects of destroyed
+  // versions; reports version rows whose object is missing. Logs what it
+  // did. Safe while calls are served: an object that a CreateKey or a
+  // rotation is about to commit is never taken for an orphan (see
+  // material_mu_).
   absl::StatusOr<MaintenanceReport> Reconcile();
 
   const Options& options() const { return options_; }
@@ -347,6 +350,15 @@ class KeyService {
   const Authorizer* const authorizer_;
 
   absl::Mutex rotate_mu_;  // one rotation at a time
+  // Orders the making of key material against Reconcile. CreateKey and
+  // RotateFrom hold it shared from generating a version's HSM object until
+  // its row is committed (and the registry updated) or the object is
+  // destroyed again. Reconcile lists the HSM without it, then holds it
+  // exclusively while it re-checks each object no version owned and
+  // destroys the orphans: by then every object it listed is either owned by
+  // a committed row or gone. Lock order: rotate_mu_, material_mu_,
+  // lifecycle_mu_.
+  absl::Mutex material_mu_;
   // Held by the deletion executor while it destroys a key, and by
   // CancelKeyDeletion: a cancel never races the destruction.
   absl::Mutex lifecycle_mu_;

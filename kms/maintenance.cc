@@ -1,5 +1,5 @@
 // KeyService: background work (scheduled rotation, the deletion executor)
-// and start-up reconciliation of the HSM with the database.
+// and the reconciliation of the HSM with the database after start-up.
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -13,6 +13,25 @@ namespace custos::kms {
 namespace {
 
 Caller SystemCaller() { return Caller{kSystemPrincipal, "", ""}; }
+
+// The CKA_IDs of the versions in a registry snapshot: those whose material
+// must exist, and those whose material must be gone.
+struct VersionIds {
+  std::set<std::string> live;
+  std::set<std::string> dead;
+};
+
+VersionIds LiveAndDeadIds(const std::vector<std::shared_ptr<const Key>>& keys) {
+  VersionIds ids;
+  for (const std::shared_ptr<const Key>& key : keys) {
+    for (const KeyVersion& v : key->versions) {
+      bool destroyed = v.state == VersionState::kDestroyed ||
+                       key->state == KeyState::kDestroyed;
+      (destroyed ? ids.dead : ids.live).insert(v.hsm_id);
+    }
+  }
+  return ids;
+}
 
 }  // namespace
 
@@ -109,45 +128,61 @@ MaintenanceReport KeyService::RunScheduledWork() {
 
 absl::StatusOr<MaintenanceReport> KeyService::Reconcile() {
   MaintenanceReport report;
+  // The versions committed before the listing. Each one's object was made
+  // before its row committed, so the listing holds it unless it was
+  // destroyed since.
+  const VersionIds before = LiveAndDeadIds(registry_->All());
+  // The slow part (it reads every object on the token) runs unlocked,
+  // while calls are served and keys are created.
   CUSTOS_ASSIGN_OR_RETURN(std::vector<hsm::HsmObject> objects,
                           hsm_->ListKeyObjects());
-  // Which CKA_IDs the database knows, and which must be gone.
-  std::set<std::string> live, dead;
-  for (const std::shared_ptr<const Key>& key : registry_->All()) {
-    for (const KeyVersion& v : key->versions) {
-      bool destroyed = v.state == VersionState::kDestroyed ||
-                       key->state == KeyState::kDestroyed;
-      (destroyed ? dead : live).insert(v.hsm_id);
-    }
-  }
   std::set<std::string> present;
+  std::vector<const hsm::HsmObject*> candidates;
   for (const hsm::HsmObject& o : objects) {
     if (o.object_class != CKO_SECRET_KEY) continue;
     present.insert(o.id);
     const bool ours = o.label.rfind(kHsmLabelPrefix, 0) == 0;
     if (!ours) continue;  // not a Custos object: leave it alone
-    if (live.count(o.id) != 0) continue;
+    if (before.live.count(o.id) == 0) candidates.push_back(&o);
+  }
+
+  // A candidate may belong to a CreateKey or rotation that generated it
+  // before the listing and has not committed yet. Those hold material_mu_
+  // shared until they commit or destroy the object: once this lock is ours,
+  // every listed object is either owned by a committed row, seen in the
+  // registry now, or already gone. Objects made after the listing were
+  // never candidates. lifecycle_mu_ keeps the deletion executor from being
+  // half way (objects destroyed, row not yet) while missing objects are
+  // counted.
+  absl::WriterMutexLock material(&material_mu_);
+  absl::MutexLock lifecycle(&lifecycle_mu_);
+  const VersionIds now = LiveAndDeadIds(registry_->All());
+  for (const hsm::HsmObject* o : candidates) {
+    if (now.live.count(o->id) != 0) continue;  // committed meanwhile
     // Either a version that was destroyed in the database but not yet in
     // the HSM, or an object generated just before a crash whose row was
     // never committed (so no blob was ever issued under it).
-    absl::StatusOr<int> n = hsm_->DestroyObjects(o.id);
+    absl::StatusOr<int> n = hsm_->DestroyObjects(o->id);
     if (!n.ok()) {
       ++report.failures;
       spdlog::error("reconcile: could not destroy HSM object {} ({}): {}",
-                    hsm::ObjectIdHex(o.id), o.label, n.status().message());
+                    hsm::ObjectIdHex(o->id), o->label, n.status().message());
       continue;
     }
+    if (*n == 0) continue;  // its creator destroyed it after a failed commit
     report.destroyed_objects += *n;
-    if (dead.count(o.id) == 0) ++report.orphans_destroyed;
+    const bool dead = now.dead.count(o->id) != 0;
+    if (!dead) ++report.orphans_destroyed;
     spdlog::warn("reconcile: destroyed HSM object {} ({}): {}",
-                 hsm::ObjectIdHex(o.id), o.label,
-                 dead.count(o.id)
-                     ? "its version is destroyed in the database"
-                     : "no key version owns it (left by an interrupted "
-                       "create or rotate)");
+                 hsm::ObjectIdHex(o->id), o->label,
+                 dead ? "its version is destroyed in the database"
+                      : "no key version owns it (left by an interrupted "
+                        "create or rotate)");
   }
-  for (const std::string& id : live) {
-    if (present.count(id) == 0) {
+  // Missing: live before the listing and still live now. A version
+  // committed after the listing may be absent from it without being lost.
+  for (const std::string& id : before.live) {
+    if (present.count(id) == 0 && now.live.count(id) != 0) {
       ++report.missing_objects;
       spdlog::error(
           "reconcile: HSM object {} of an enabled key version is missing: "
@@ -158,7 +193,7 @@ absl::StatusOr<MaintenanceReport> KeyService::Reconcile() {
   spdlog::info(
       "reconcile: {} HSM objects, {} live versions; destroyed {} orphans and "
       "{} objects in all; {} missing",
-      objects.size(), live.size(), report.orphans_destroyed,
+      objects.size(), now.live.size(), report.orphans_destroyed,
       report.destroyed_objects, report.missing_objects);
   return report;
 }

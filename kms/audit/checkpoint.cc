@@ -12,18 +12,14 @@ namespace custos::kms {
 absl::StatusOr<std::unique_ptr<HsmAuditSigner>> HsmAuditSigner::Create(
     hsm::Hsm* hsm, const std::string& node_id) {
   const std::string label = absl::StrCat("custos:audit:", node_id);
-  CUSTOS_ASSIGN_OR_RETURN(std::vector<hsm::HsmObject> objects,
-                          hsm->ListKeyObjects());
-  std::string key_id;
-  for (const hsm::HsmObject& o : objects) {
-    if (o.object_class != CKO_PRIVATE_KEY || o.label != label) continue;
-    if (!key_id.empty()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("audit: several HSM signing keys are labelled '", label,
-                       "'; remove the extra ones"));
-    }
-    key_id = o.id;
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> ids,
+                          hsm->FindKeyIdsByLabel(CKO_PRIVATE_KEY, label));
+  if (ids.size() > 1) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("audit: several HSM signing keys are labelled '", label,
+                     "'; remove the extra ones"));
   }
+  std::string key_id = ids.empty() ? std::string() : std::move(ids[0]);
   if (key_id.empty()) {
     CUSTOS_ASSIGN_OR_RETURN(key_id, hsm->GenerateSigningKey(label));
   }

@@ -373,6 +373,55 @@ TEST_F(HsmTest, ListKeyObjectsShowsGeneratedKeys) {
   EXPECT_TRUE(seen);
 }
 
+// ListKeyObjects reads CKA_ID and CKA_LABEL in one call with a first guess
+// of their sizes; a longer label takes the size-then-value path.
+TEST_F(HsmTest, ListKeyObjectsReadsLabelsLongerThanItsFirstGuess) {
+  const std::string long_label(300, 'L');
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::string id, hsm_->GenerateAesKey(long_label));
+  CUSTOS_ASSERT_OK_AND_ASSIGN(auto objects, hsm_->ListKeyObjects());
+  int seen = 0;
+  for (const auto& o : objects) {
+    if (o.id != id) continue;
+    ++seen;
+    EXPECT_EQ(o.label, long_label);
+    EXPECT_EQ(o.object_class, CKO_SECRET_KEY);
+  }
+  EXPECT_EQ(seen, 1);
+  CUSTOS_EXPECT_OK(hsm_->DestroyObjects(id));
+}
+
+TEST_F(HsmTest, FindKeyIdsByLabelMatchesClassAndExactLabelOnly) {
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::string signer,
+                              hsm_->GenerateSigningKey("find:signer"));
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::string twin1,
+                              hsm_->GenerateAesKey("find:twin"));
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::string twin2,
+                              hsm_->GenerateAesKey("find:twin"));
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::string longer,
+                              hsm_->GenerateAesKey("find:twin:longer"));
+
+  EXPECT_THAT(hsm_->FindKeyIdsByLabel(CKO_PRIVATE_KEY, "find:signer"),
+              ::custos::testing::IsOkAndHolds(::testing::ElementsAre(signer)));
+  // The public half has the same label but another class.
+  EXPECT_THAT(hsm_->FindKeyIdsByLabel(CKO_SECRET_KEY, "find:signer"),
+              ::custos::testing::IsOkAndHolds(::testing::IsEmpty()));
+  // Every object with the label, and no object whose label only starts so.
+  EXPECT_THAT(hsm_->FindKeyIdsByLabel(CKO_SECRET_KEY, "find:twin"),
+              ::custos::testing::IsOkAndHolds(
+                  ::testing::UnorderedElementsAre(twin1, twin2)));
+  EXPECT_THAT(hsm_->FindKeyIdsByLabel(CKO_SECRET_KEY, "find"),
+              ::custos::testing::IsOkAndHolds(::testing::IsEmpty()));
+  EXPECT_THAT(hsm_->FindKeyIdsByLabel(CKO_PRIVATE_KEY, "find:nobody"),
+              ::custos::testing::IsOkAndHolds(::testing::IsEmpty()));
+  // Destroyed objects are no longer found.
+  CUSTOS_ASSERT_OK(hsm_->DestroyObjects(twin1));
+  EXPECT_THAT(hsm_->FindKeyIdsByLabel(CKO_SECRET_KEY, "find:twin"),
+              ::custos::testing::IsOkAndHolds(::testing::ElementsAre(twin2)));
+  for (const std::string& id : {signer, twin2, longer}) {
+    CUSTOS_EXPECT_OK(hsm_->DestroyObjects(id));
+  }
+}
+
 TEST_F(HsmTest, SigningKeySignsAndItsPemVerifies) {
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::string id,
                               hsm_->GenerateSigningKey("audit-signing"));

@@ -36,6 +36,8 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/status_macros.h"
 #include "common/testing/status_matchers.h"
@@ -1194,6 +1196,111 @@ TEST_F(KeyServiceRotationTest, EncryptionCounterSurvivesARestart) {
   EXPECT_GE(after->versions[1].encryptions_reserved, 1u);
 }
 
+// The asynchronous forms, called from several threads while an admin
+// rotates the key: every `done` runs exactly once (on the audit log's
+// thread), with a result that opens to what it says. GenerateDataKey(s) go
+// through Hsm::GenerateAndSealAesGcm, Encrypt through the durable counter,
+// and RotateKey races both. (scripts/test runs this under ThreadSanitizer.)
+class KeyServiceAsyncTest : public KeyServiceTest {};
+
+TEST_F(KeyServiceAsyncTest, CallsRacingRotationsEachCompleteOnceAndOpen) {
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey());
+  constexpr int kThreads = 4;
+  constexpr int kRounds = 12;
+  constexpr int kCallsPerRound = 3;
+  constexpr int kRotations = 4;
+  constexpr int kCalls = kThreads * kRounds * kCallsPerRound;
+  struct Sealed {
+    std::string blob;
+    std::string plaintext;
+    uint32_t version;
+  };
+  absl::Mutex mu;
+  std::map<int, int> runs;  // call number -> times its `done` ran
+  std::vector<Sealed> sealed;
+  std::vector<std::string> errors;
+  // Each `done` reports here; quick, as the audit log asks.
+  auto finish = [&](int call, const absl::Status& status,
+                    std::vector<Sealed> out) {
+    absl::MutexLock lock(&mu);
+    ++runs[call];
+    if (!status.ok()) errors.push_back(status.ToString());
+    for (Sealed& s : out) sealed.push_back(std::move(s));
+  };
+  std::atomic<int> next_call{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kRounds; ++i) {
+        DataKeyParams one;
+        one.key = key->id;
+        one.context = kContext;
+        const int a = next_call++;
+        service().GenerateDataKey(
+            As(kSvcA), one, [&, a](absl::StatusOr<DataKeyResult> r) {
+              if (!r.ok()) return finish(a, r.status(), {});
+              finish(a, absl::OkStatus(),
+                     {{r->blob, std::string(r->plaintext.view()), r->version}});
+            });
+        DataKeysParams many;
+        many.data_key = one;
+        many.count = 3;
+        const int b = next_call++;
+        service().GenerateDataKeys(
+            As(kSvcA), many, [&, b](absl::StatusOr<DataKeysResult> r) {
+              if (!r.ok()) return finish(b, r.status(), {});
+              std::vector<Sealed> out;
+              for (const DataKeysResult::Entry& e : r->keys) {
+                out.push_back(
+                    {e.blob, std::string(e.plaintext.view()), r->version});
+              }
+              finish(b, absl::OkStatus(), std::move(out));
+            });
+        EncryptParams enc;
+        enc.key = key->id;
+        enc.context = kContext;
+        const std::string text = absl::StrCat("thread ", t, " round ", i);
+        enc.plaintext = SecretBytes::CopyOf(text);
+        const int c = next_call++;
+        service().Encrypt(
+            As(kSvcA), enc, [&, c, text](absl::StatusOr<EncryptResult> r) {
+              if (!r.ok()) return finish(c, r.status(), {});
+              finish(c, absl::OkStatus(), {{r->blob, text, r->version}});
+            });
+      }
+    });
+  }
+  std::thread rotator([&] {
+    for (int i = 0; i < kRotations; ++i) {
+      CUSTOS_EXPECT_OK(service().RotateKey(As(kAdmin), key->id));
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+  });
+  for (std::thread& th : threads) th.join();
+  rotator.join();
+  {
+    absl::MutexLock lock(&mu);
+    auto all_done = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+      return runs.size() == static_cast<size_t>(kCalls);
+    };
+    ASSERT_TRUE(
+        mu.AwaitWithTimeout(absl::Condition(&all_done), absl::Seconds(60)))
+        << runs.size() << " of " << kCalls << " calls completed";
+  }
+  // Nothing runs a `done` now: every call has completed once.
+  for (const auto& [call, n] : runs) EXPECT_EQ(n, 1) << "call " << call;
+  EXPECT_THAT(errors, ::testing::IsEmpty());
+  EXPECT_EQ(sealed.size(), static_cast<size_t>(kThreads * kRounds * 5));
+  for (const Sealed& s : sealed) {
+    CUSTOS_ASSERT_OK_AND_ASSIGN(DecryptResult opened, Open(s.blob, kContext));
+    EXPECT_EQ(opened.version, s.version);
+    EXPECT_TRUE(opened.plaintext.Equals(s.plaintext));
+  }
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> after,
+                              service().GetKey(As(kAdmin), key->id));
+  EXPECT_EQ(after->primary_version, 1u + kRotations);
+}
+
 // ---------------------------------------------------------------------------
 // 6 and 7. Scheduled work: deletion and rotation.
 
@@ -1371,6 +1478,119 @@ TEST_F(KeyServiceMaintenanceTest, ScheduledRotationRunsOncePerPeriod) {
 // 8. Reconcile.
 
 class KeyServiceReconcileTest : public KeyServiceTest {};
+
+// Runs KeyService::Reconcile on a thread of its own, started on
+// construction and joined on destruction.
+class BackgroundReconcile {
+ public:
+  explicit BackgroundReconcile(KeyService* service)
+      : thread_([this, service] {
+          result_ = service->Reconcile();
+          done_.Notify();
+        }) {}
+  ~BackgroundReconcile() { thread_.join(); }
+
+  bool FinishesWithin(absl::Duration timeout) {
+    return done_.WaitForNotificationWithTimeout(timeout);
+  }
+  absl::StatusOr<MaintenanceReport> Result() {
+    done_.WaitForNotification();
+    return result_;
+  }
+
+ private:
+  absl::Notification done_;
+  absl::StatusOr<MaintenanceReport> result_ =
+      absl::UnknownError("reconcile never ran");
+  std::thread thread_;  // last: it uses the members above
+};
+
+// Passes records on to another log, and runs a hook (once) on the thread
+// of the first call that appends a given operation's success record
+// before committing, e.g. CreateKey's: after it generated its HSM object,
+// before its row commits.
+class HookedAuditLog : public AuditLog {
+ public:
+  HookedAuditLog(AuditLog* next, std::string operation,
+                 std::function<void()> hook)
+      : next_(next), operation_(std::move(operation)), hook_(std::move(hook)) {}
+
+  void AppendAsync(AuditRecord record, AppendDone done) override {
+    if (hook_ && record.operation == operation_ &&
+        record.outcome == AuditOutcome::kAllowed) {
+      std::exchange(hook_, {})();
+    }
+    next_->AppendAsync(std::move(record), std::move(done));
+  }
+
+ private:
+  AuditLog* const next_;
+  const std::string operation_;
+  std::function<void()> hook_;
+};
+
+// How long a reconcile that does not wait for a creation in progress needs
+// to list this token and destroy what it takes for an orphan (a few ms).
+constexpr absl::Duration kReconcileRunsFreely = absl::Seconds(1);
+
+TEST_F(KeyServiceReconcileTest, KeyCreatedDuringAReconcileKeepsItsMaterial) {
+  CUSTOS_ASSERT_OK(service().Reconcile());  // other tests' objects
+  // A service whose CreateKey starts a reconcile after generating the new
+  // key's object and before committing its row, and gives that reconcile
+  // every chance to finish first.
+  std::unique_ptr<BackgroundReconcile> reconcile;
+  bool finished_before_commit = false;
+  KeyService* hooked_service = nullptr;
+  HookedAuditLog hooked_log(stack_->audit.get(), "CreateKey", [&] {
+    reconcile = std::make_unique<BackgroundReconcile>(hooked_service);
+    finished_before_commit = reconcile->FinishesWithin(kReconcileRunsFreely);
+  });
+  KeyService hooked(Options(), hsm_, stack_->registry.get(), &hooked_log,
+                    &authorizer_);
+  hooked_service = &hooked;
+
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key,
+                              hooked.CreateKey(As(kAdmin), KeyParams()));
+  ASSERT_NE(reconcile, nullptr) << "the hook never ran";
+  CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport report, reconcile->Result());
+  EXPECT_FALSE(finished_before_commit)
+      << "the reconcile did not wait for the key's row to commit";
+  EXPECT_EQ(report.orphans_destroyed, 0);
+  EXPECT_EQ(report.destroyed_objects, 0);
+  EXPECT_EQ(report.missing_objects, 0);
+  CUSTOS_ASSERT_OK_AND_ASSIGN(DataKeyResult dk, DataKey(key->id, kContext));
+  CUSTOS_EXPECT_OK(Open(dk.blob, kContext));
+}
+
+TEST_F(KeyServiceReconcileTest,
+       VersionRotatedDuringAReconcileKeepsItsMaterial) {
+  CUSTOS_ASSERT_OK(service().Reconcile());  // other tests' objects
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey());
+  CUSTOS_ASSERT_OK_AND_ASSIGN(DataKeyResult v1, DataKey(key->id, kContext));
+  // RotateKey reads the clock when its audit record starts, then in
+  // RotateFrom after generating the new version's object and before
+  // committing its row: the reconcile starts there.
+  std::unique_ptr<BackgroundReconcile> reconcile;
+  bool finished_before_commit = false;
+  clock_.RunInsideCall(2, [&] {
+    reconcile = std::make_unique<BackgroundReconcile>(&service());
+    finished_before_commit = reconcile->FinishesWithin(kReconcileRunsFreely);
+  });
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> rotated,
+                              service().RotateKey(As(kAdmin), key->id));
+  ASSERT_NE(reconcile, nullptr) << "the hook never ran";
+  CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport report, reconcile->Result());
+  EXPECT_FALSE(finished_before_commit)
+      << "the reconcile did not wait for the version's row to commit";
+  EXPECT_EQ(report.orphans_destroyed, 0);
+  EXPECT_EQ(report.destroyed_objects, 0);
+  EXPECT_EQ(report.missing_objects, 0);
+  ASSERT_EQ(rotated->primary_version, 2u);
+  CUSTOS_ASSERT_OK_AND_ASSIGN(DataKeyResult v2, DataKey(key->id, kContext));
+  EXPECT_EQ(v2.version, 2u);
+  CUSTOS_EXPECT_OK(Open(v2.blob, kContext));
+  CUSTOS_EXPECT_OK(Open(v1.blob, kContext));
+}
 
 TEST_F(KeyServiceReconcileTest, DestroysOrphansAndLeavesForeignObjects) {
   // Objects other tests of this suite left behind belong to no row here.

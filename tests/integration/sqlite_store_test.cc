@@ -7,6 +7,7 @@
 #include <sqlite3.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -285,6 +286,51 @@ TEST_F(SqliteStoreTest, LoadAllKeysReturnsEveryKeyInCreationOrder) {
   ASSERT_EQ(all->size(), 2u);
   ExpectSameKey((*all)[0], earlier);
   ExpectSameKey((*all)[1], later);
+}
+
+// LoadAllKeys reads every table once and joins in memory: each key must get
+// exactly its own versions (in order) and aliases, whatever order the ids,
+// creation times and rows come in.
+TEST_F(SqliteStoreTest, LoadAllKeysJoinsEachKeyWithItsOwnRows) {
+  std::unique_ptr<Store> store = Open();
+  ASSERT_NE(store, nullptr);
+  std::vector<Key> want;
+  for (int i = 0; i < 40; ++i) {
+    // Ids in the opposite order of creation for half of them, and pairs of
+    // keys created at the same instant (ordered by id).
+    Key key = SampleKey(absl::StrCat("k-", i % 2 ? "z" : "a", 99 - i),
+                        absl::StrCat("h", i, "-"));
+    key.create_time = kT0 + absl::Seconds(i / 2);
+    key.versions.resize(i % 4);  // 0 to 3 versions
+    for (size_t v = 0; v < key.versions.size(); ++v) {
+      key.versions[v] = SampleKey("", "").versions[v % 2];
+      key.versions[v].number = static_cast<uint32_t>(v + 1);
+      key.versions[v].hsm_id = absl::StrCat("h", i, "-v", v);
+    }
+    key.aliases.clear();
+    for (int a = 0; a < i % 3; ++a) {
+      key.aliases.push_back(absl::StrCat("alias/", i, "-", a));
+    }
+    want.push_back(key);
+  }
+  // Inserted in neither id nor creation order.
+  for (size_t i = 0; i < want.size(); ++i) {
+    ASSERT_THAT(store->InsertKey(want[(i * 7) % want.size()]), IsOk());
+  }
+  std::sort(want.begin(), want.end(), [](const Key& a, const Key& b) {
+    if (a.create_time != b.create_time) return a.create_time < b.create_time;
+    return a.id < b.id;
+  });
+  absl::StatusOr<std::vector<Key>> all = store->LoadAllKeys();
+  ASSERT_THAT(all, IsOk());
+  ASSERT_EQ(all->size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    SCOPED_TRACE(want[i].id);
+    ExpectSameKey((*all)[i], want[i]);
+    absl::StatusOr<Key> one = store->LoadKey(want[i].id);
+    ASSERT_THAT(one, IsOk());
+    ExpectSameKey(*one, want[i]);
+  }
 }
 
 TEST_F(SqliteStoreTest, EmptyStoreLoadsNothing) {
@@ -625,6 +671,73 @@ TEST_F(SqliteStoreTest, GapInVersionNumbersIsDataLoss) {
   RawExec("DELETE FROM key_versions WHERE key_id = 'k-gap' AND number = 1");
   EXPECT_THAT(store->LoadKey("k-gap"),
               StatusIs(absl::StatusCode::kDataLoss, HasSubstr("gap")));
+}
+
+// LoadKey and LoadAllKeys share their row checks: a row one refuses, the
+// other refuses too, even with sound keys around it.
+TEST_F(SqliteStoreTest, EveryRowCheckRefusesLoadAllKeysAsLoadKey) {
+  struct Case {
+    const char* what;
+    const char* sql;  // corrupts key 'k-bad'
+    const char* message;
+  };
+  const Case cases[] = {
+      {"unknown key state", "UPDATE keys SET state = 7 WHERE id = 'k-bad'",
+       "state"},
+      {"unknown purpose", "UPDATE keys SET purpose = 77 WHERE id = 'k-bad'",
+       "purpose"},
+      {"unreadable labels",
+       "UPDATE keys SET labels = '[1,2]' WHERE id = 'k-bad'", "labels"},
+      {"unreadable policy",
+       "UPDATE keys SET policy = '{\"bindings\":7}' WHERE id = 'k-bad'",
+       "policy"},
+      {"unknown version state",
+       "UPDATE key_versions SET state = 9 WHERE key_id = 'k-bad' AND "
+       "number = 2",
+       "version 2 has unknown stored state"},
+      {"first version missing",
+       "DELETE FROM key_versions WHERE key_id = 'k-bad' AND number = 1", "gap"},
+      {"middle version missing",
+       "INSERT INTO key_versions (key_id, number, state, hsm_id, create_us) "
+       "VALUES ('k-bad', 4, 1, x'0401', 0)",
+       "gap"},
+  };
+  std::unique_ptr<Store> store = Open();
+  ASSERT_NE(store, nullptr);
+  // Sound keys sorting before and after 'k-bad' by id and by creation time.
+  Key before = SampleKey("k-a-sound", "a");
+  Key after = SampleKey("k-c-sound", "c");
+  after.create_time = kT0 + absl::Hours(1);
+  after.aliases = {"alias/c"};
+  ASSERT_THAT(store->InsertKey(before), IsOk());
+  ASSERT_THAT(store->InsertKey(after), IsOk());
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    Key bad = SampleKey("k-bad", "b");
+    bad.create_time = kT0 + absl::Minutes(1);
+    bad.aliases = {"alias/bad"};
+    ASSERT_THAT(store->InsertKey(bad), IsOk());
+    ASSERT_THAT(store->LoadAllKeys(), IsOk());
+    RawExec(c.sql);
+    EXPECT_THAT(store->LoadKey("k-bad"),
+                StatusIs(absl::StatusCode::kDataLoss, HasSubstr(c.message)));
+    EXPECT_THAT(store->LoadAllKeys(),
+                StatusIs(absl::StatusCode::kDataLoss, HasSubstr(c.message)));
+    RawExec(
+        "DELETE FROM aliases WHERE key_id = 'k-bad'; "
+        "DELETE FROM key_versions WHERE key_id = 'k-bad'; "
+        "DELETE FROM keys WHERE id = 'k-bad'");
+  }
+  // The failed loads left no transaction open: the store still reads and
+  // writes.
+  absl::StatusOr<std::vector<Key>> all = store->LoadAllKeys();
+  ASSERT_THAT(all, IsOk());
+  ASSERT_EQ(all->size(), 2u);
+  ExpectSameKey((*all)[0], before);
+  ExpectSameKey((*all)[1], after);
+  Key fresh = SampleKey("k-d-new", "d");
+  fresh.aliases.clear();
+  EXPECT_THAT(store->InsertKey(fresh), IsOk());
 }
 
 // ---- Durability ----
