@@ -278,6 +278,8 @@ KeyOperation DataKeyOperation(bool include_plaintext) {
 absl::StatusOr<KeyService::SealedBatch> KeyService::MakeDataKeys(
     const Caller& caller, Rpc rpc, const DataKeyParams& params, size_t count,
     Audit& audit) {
+  CUSTOS_RETURN_IF_ERROR(params.request_error);
+  CUSTOS_RETURN_IF_ERROR(params.justification.error);
   if (params.bytes < 1 || params.bytes > kMaxDataKeyBytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         "number_of_bytes: ", params.bytes,
@@ -461,7 +463,8 @@ void KeyService::Decrypt(const Caller& caller, const DecryptParams& params,
   audit.SetContext(params.context);
   audit.SetJustification(params.justification.get());
   audit.RunAsync<DecryptResult>(
-      [&] {
+      [&]() -> absl::StatusOr<DecryptResult> {
+        CUSTOS_RETURN_IF_ERROR(params.justification.error);
         return Open(caller, Rpc::kDecrypt, KeyOperation::kDecrypt, params.blob,
                     params.context, params.expected_key,
                     params.justification.get(), audit);

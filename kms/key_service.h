@@ -77,11 +77,17 @@ struct UpdateKeyParams {
 struct JustificationParam {
   bool present = false;
   Justification value;
+  // Set when the request's justification could not be read: the call then
+  // fails with it, audited like any other refusal.
+  absl::Status error;
   const Justification* get() const { return present ? &value : nullptr; }
 };
 
 struct DataKeyParams {
   std::string key;
+  // Set when the adapter could not read the request's key spec: the call
+  // then fails with it, audited.
+  absl::Status request_error;
   size_t bytes = 32;
   EncryptionContext context;
   JustificationParam justification;

@@ -78,6 +78,18 @@ absl::Status DataKeyFromProto(
   return absl::OkStatus();
 }
 
+// The request's justification, or its parse error for the core to refuse
+// the call with (audited).
+kms::JustificationParam JustificationOrError(
+    const pb::AccessJustification& justification, bool present) {
+  absl::StatusOr<kms::JustificationParam> parsed =
+      FromProto(justification, present);
+  if (parsed.ok()) return *std::move(parsed);
+  kms::JustificationParam param;
+  param.error = parsed.status();
+  return param;
+}
+
 // Fills `resp` from a key result.
 absl::Status KeyReply(
     const absl::StatusOr<std::shared_ptr<const kms::Key>>& key, pb::Key* resp) {
@@ -293,10 +305,10 @@ grpc::ServerUnaryReactor* CryptoHandler::DataKey(
         kms::DataKeyParams params;
         params.key = req->key();
         params.include_plaintext = include_plaintext;
-        absl::Status parsed = DataKeyFromProto(
+        // A malformed request is refused by the core, so it is audited.
+        params.request_error = DataKeyFromProto(
             req->key_spec(), req->number_of_bytes(), req->encryption_context(),
             req->justification(), req->has_justification(), params);
-        if (!parsed.ok()) return std::move(done)(parsed);
         service_->GenerateDataKey(caller, params, std::move(done));
       },
       [resp, include_plaintext](kms::DataKeyResult& result) {
@@ -337,10 +349,9 @@ grpc::ServerUnaryReactor* CryptoHandler::GenerateDataKeys(
         params.data_key.key = req->key();
         params.data_key.include_plaintext = !req->without_plaintext();
         params.count = req->count();
-        absl::Status parsed = DataKeyFromProto(
+        params.data_key.request_error = DataKeyFromProto(
             req->key_spec(), req->number_of_bytes(), req->encryption_context(),
             req->justification(), req->has_justification(), params.data_key);
-        if (!parsed.ok()) return std::move(done)(parsed);
         service_->GenerateDataKeys(caller, params, std::move(done));
       },
       [resp](kms::DataKeysResult& result) {
@@ -371,10 +382,8 @@ grpc::ServerUnaryReactor* CryptoHandler::Encrypt(
         params.key = req->key();
         params.plaintext = SecretBytes::CopyOf(req->plaintext());
         params.context = FromProto(req->encryption_context());
-        absl::StatusOr<kms::JustificationParam> justification =
-            FromProto(req->justification(), req->has_justification());
-        if (!justification.ok()) return std::move(done)(justification.status());
-        params.justification = *std::move(justification);
+        params.justification = JustificationOrError(req->justification(),
+                                                    req->has_justification());
         service_->Encrypt(caller, params, std::move(done));
       },
       [resp](kms::EncryptResult& result) {
@@ -397,10 +406,8 @@ grpc::ServerUnaryReactor* CryptoHandler::Decrypt(
         params.blob = req->ciphertext_blob();
         params.context = FromProto(req->encryption_context());
         params.expected_key = req->expected_key();
-        absl::StatusOr<kms::JustificationParam> justification =
-            FromProto(req->justification(), req->has_justification());
-        if (!justification.ok()) return std::move(done)(justification.status());
-        params.justification = *std::move(justification);
+        params.justification = JustificationOrError(req->justification(),
+                                                    req->has_justification());
         service_->Decrypt(caller, params, std::move(done));
       },
       [resp](kms::DecryptResult& result) {
@@ -424,10 +431,8 @@ grpc::ServerUnaryReactor* CryptoHandler::ReEncrypt(
         params.destination_key = req->destination_key();
         params.destination_context =
             FromProto(req->destination_encryption_context());
-        absl::StatusOr<kms::JustificationParam> justification =
-            FromProto(req->justification(), req->has_justification());
-        if (!justification.ok()) return std::move(done)(justification.status());
-        params.justification = *std::move(justification);
+        params.justification = JustificationOrError(req->justification(),
+                                                    req->has_justification());
         service_->ReEncrypt(caller, params, std::move(done));
       },
       [resp](kms::ReEncryptResult& result) {

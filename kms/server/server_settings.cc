@@ -51,6 +51,9 @@ void ApplyLimits(const Config::Limits& limits, grpc::ServerBuilder* builder) {
   builder->SetMaxReceiveMessageSize(limits.max_message_bytes);
   builder->AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
                               limits.max_concurrent_streams);
+  // gRPC lets a second server bind the same port by default (SO_REUSEPORT):
+  // a second custosd on one database and audit directory must fail instead.
+  builder->AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
 }
 
 }  // namespace custos::server

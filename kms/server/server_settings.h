@@ -28,7 +28,8 @@ absl::StatusOr<TlsMaterial> ReadTlsMaterial(const Config::Tls& tls);
 std::shared_ptr<grpc::ServerCredentials> MutualTlsCredentials(
     const TlsMaterial& tls);
 
-// Message size and stream limits, applied to every custosd listener.
+// Message size and stream limits, and no port sharing, applied to every
+// custosd listener.
 void ApplyLimits(const Config::Limits& limits, grpc::ServerBuilder* builder);
 
 }  // namespace custos::server

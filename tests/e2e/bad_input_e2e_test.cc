@@ -251,6 +251,23 @@ TEST_F(BadInputTest, DataKeySizesOutsideTheRangeAreRefused) {
     EXPECT_THAT(s.error_message(), ::testing::HasSubstr("number_of_bytes"));
     EXPECT_EQ(Records(), before + 1);
   }
+  // A spec and a size together, and an unknown spec: refused by name, and
+  // audited like every refusal.
+  for (int spec : {static_cast<int>(pb::AES_128), 77}) {
+    SCOPED_TRACE(spec);
+    pb::GenerateDataKeyRequest req;
+    req.set_key(*key_);
+    req.set_key_spec(static_cast<pb::DataKeySpec>(spec));
+    if (spec == pb::AES_128) req.set_number_of_bytes(16);
+    const size_t before = Records();
+    pb::GenerateDataKeyResponse resp;
+    grpc::ClientContext ctx;
+    grpc::Status s = pb::CryptoService::NewStub(server_->Channel("service-a"))
+                         ->GenerateDataKey(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), Code::INVALID_ARGUMENT);
+    EXPECT_THAT(s.error_message(), ::testing::HasSubstr("key_spec"));
+    EXPECT_EQ(Records(), before + 1);
+  }
   // 0 means "not set": the default AES-256 key.
   pb::GenerateDataKeyResponse resp;
   ASSERT_TRUE(DataKey(*key_, kContext(), &resp, 0).ok());

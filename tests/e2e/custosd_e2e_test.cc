@@ -18,6 +18,7 @@
 #include "custos/v1/audit.grpc.pb.h"
 #include "custos/v1/kms.grpc.pb.h"
 #include "tests/support/custosd_process.h"
+#include "tests/support/subprocess.h"
 #include "tests/support/test_certs.h"
 #include "tests/support/test_token.h"
 
@@ -612,6 +613,23 @@ TEST_F(E2eTest, OversizedMessagesAreRefusedByTheTransport) {
   grpc::Status s = Crypto("service-a")->Encrypt(&ctx2, req, &resp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("plaintext"));
+}
+
+TEST_F(E2eTest, ASecondServerCannotShareThePort) {
+  // gRPC would let it bind with SO_REUSEPORT and split the connections
+  // between two servers on one database and audit directory.
+  std::vector<std::string> env = testing::EnvironmentWithout("SOFTHSM2_CONF=");
+  env.push_back("SOFTHSM2_CONF=" + server_->softhsm_conf());
+  testing::ProcessResult second = testing::RunProcess(
+      {"/usr/bin/timeout", "20", testing::BinDir() + "/custosd", "--config",
+       server_->dir() + "/custos.yaml"},
+      env, "/dev/null", server_->dir() + "/second-custosd");
+  EXPECT_EQ(second.code, 1) << second;
+  EXPECT_THAT(second.err, HasSubstr("listen: cannot serve"));
+  pb::GenerateDataKeyResponse resp;
+  grpc::Status s;
+  DataKey(NewKey().key_id(), {}, &s);
+  EXPECT_TRUE(s.ok()) << "the first server still serves";
 }
 
 TEST_F(E2eTest, GenerateDataKeysReturnsAThousandKeysInOneReply) {
