@@ -653,7 +653,8 @@ TEST_F(AuditLogTest, HostileStringsStayOnOneLine) {
   std::unique_ptr<FileAuditLog> log = Open();
   ASSERT_NE(log, nullptr);
   AuditRecord r = SimpleRecord("evil\n{\"seq\":999}", 0);
-  r.detail = std::string("bad utf-8 \xff\xfe and NUL \0 end", 29);
+  static constexpr char kDetail[] = "bad utf-8 \xff\xfe and NUL \0 end";
+  r.detail = std::string(kDetail, sizeof(kDetail) - 1);  // the NUL included
   r.context = {{"k\n", "v\r\n"}};
   ASSERT_THAT(log->Append(r), IsOk());
   ASSERT_THAT(log->Append(SimpleRecord("next", 1)), IsOk());
