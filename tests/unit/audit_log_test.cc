@@ -689,7 +689,8 @@ TEST(JsonTextTest, InvalidUtf8BecomesReplacementCharacters) {
   for (const std::string& value :
        {std::string("\xff"), std::string("a\xc3"), std::string("\xc0\xaf"),
         std::string("\xed\xa0\x80"), std::string("\xf4\x90\x80\x80"),
-        std::string("ok\xe2\x82" "end")}) {
+        std::string("ok\xe2\x82"
+                    "end")}) {
     std::string ours;
     AppendJsonString(&ours, value);
     // Parses as JSON (the parser rejects invalid UTF-8) and holds U+FFFD.
