@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -75,6 +76,22 @@ absl::StatusOr<std::unique_ptr<FileAuditLog>> FileAuditLog::Open(
     return absl::UnavailableError(Errno("audit: mkdir", options.dir));
   }
   std::unique_ptr<FileAuditLog> log(new FileAuditLog(options));
+  // One writer per node and directory, before anything is read or written:
+  // a second custosd would otherwise cut what it takes for a torn line and
+  // number records the first one numbers too.
+  const std::string lock_path =
+      absl::StrCat(options.dir, "/.audit-", options.node_id, ".lock");
+  log->lock_fd_ = open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (log->lock_fd_ < 0) {
+    return absl::UnavailableError(Errno("audit: open", lock_path));
+  }
+  if (flock(log->lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "audit_dir: ", options.dir, " is in use by another custosd for node ",
+        options.node_id, " (", lock_path,
+        " is locked); stop that one, or give this one its own audit_dir or "
+        "node_id"));
+  }
   // Find the newest segment of this node: names sort by first sequence.
   const std::string prefix = absl::StrCat("audit-", options.node_id, "-");
   std::vector<std::string> segments;
@@ -164,6 +181,7 @@ FileAuditLog::~FileAuditLog() {
   }
   if (completer_.joinable()) completer_.join();  // after every completion
   if (fd_ >= 0) close(fd_);
+  if (lock_fd_ >= 0) close(lock_fd_);  // releases the flock, last
 }
 
 absl::Status AuditLog::Append(AuditRecord record) {

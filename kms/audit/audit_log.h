@@ -158,6 +158,9 @@ class FileAuditLog : public AuditLog {
   // Writer thread only (and Open, before the writer starts):
   std::string path_;  // the current segment
   int fd_ = -1;
+  // Holds an exclusive flock on ".audit-<node>.lock" in the directory for the
+  // log's lifetime: a second writer for the same node would fork the chain.
+  int lock_fd_ = -1;
   bool dir_sync_pending_ = false;  // path_ was created; fsync the directory
   uint64_t durable_size_ = 0;
   absl::Time segment_opened_ = absl::Now();

@@ -615,9 +615,9 @@ TEST_F(E2eTest, OversizedMessagesAreRefusedByTheTransport) {
   EXPECT_THAT(s.error_message(), HasSubstr("plaintext"));
 }
 
-TEST_F(E2eTest, ASecondServerCannotShareThePort) {
-  // gRPC would let it bind with SO_REUSEPORT and split the connections
-  // between two servers on one database and audit directory.
+TEST_F(E2eTest, ASecondServerOnTheSameAuditLogRefusesToStart) {
+  // It would fork the audit chain (and gRPC would even let it share the
+  // port with SO_REUSEPORT): it must stop before touching the log.
   std::vector<std::string> env = testing::EnvironmentWithout("SOFTHSM2_CONF=");
   env.push_back("SOFTHSM2_CONF=" + server_->softhsm_conf());
   testing::ProcessResult second = testing::RunProcess(
@@ -625,11 +625,17 @@ TEST_F(E2eTest, ASecondServerCannotShareThePort) {
        server_->dir() + "/custos.yaml"},
       env, "/dev/null", server_->dir() + "/second-custosd");
   EXPECT_EQ(second.code, 1) << second;
-  EXPECT_THAT(second.err, HasSubstr("listen: cannot serve"));
-  pb::GenerateDataKeyResponse resp;
+  EXPECT_THAT(second.err, HasSubstr("in use by another custosd"));
   grpc::Status s;
   DataKey(NewKey().key_id(), {}, &s);
   EXPECT_TRUE(s.ok()) << "the first server still serves";
+  // And its audit chain is whole.
+  pb::VerifyAuditLogResponse verified;
+  grpc::ClientContext ctx;
+  ASSERT_TRUE(pb::AuditService::NewStub(server_->Channel("auditor"))
+                  ->VerifyAuditLog(&ctx, pb::VerifyAuditLogRequest(), &verified)
+                  .ok());
+  EXPECT_TRUE(verified.ok()) << verified.first_break();
 }
 
 TEST_F(E2eTest, GenerateDataKeysReturnsAThousandKeysInOneReply) {

@@ -63,6 +63,7 @@ std::string ReadFile(const std::string& path) {
 std::vector<std::string> Segments(const std::string& dir) {
   std::vector<std::string> out;
   for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    if (e.path().extension() != ".jsonl") continue;  // the lock file
     out.push_back(e.path().string());
   }
   std::sort(out.begin(), out.end());
@@ -647,6 +648,25 @@ TEST_F(AuditLogTest, RecordsCarryOnlyDocumentedFields) {
       }
     }
   }
+}
+
+TEST_F(AuditLogTest, OneWriterPerNodeAndDirectory) {
+  std::unique_ptr<FileAuditLog> first = Open();
+  ASSERT_NE(first, nullptr);
+  FileAuditLog::Options same;
+  same.dir = dir_;
+  same.node_id = kNode;
+  absl::StatusOr<std::unique_ptr<FileAuditLog>> second =
+      FileAuditLog::Open(same);
+  EXPECT_THAT(second.status(),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       HasSubstr("in use by another custosd")));
+  FileAuditLog::Options other = same;
+  other.node_id = std::string(kNode) + "-other";
+  EXPECT_THAT(FileAuditLog::Open(other).status(), IsOk());
+  ASSERT_THAT(first->Append(SimpleRecord("a", 0)), IsOk());
+  first.reset();  // the lock goes with the log
+  EXPECT_THAT(FileAuditLog::Open(same).status(), IsOk());
 }
 
 TEST_F(AuditLogTest, HostileStringsStayOnOneLine) {
