@@ -45,20 +45,10 @@ class BadInputTest : public ::testing::Test {
   static Context kContext() { return {{"tenant", "acme"}, {"app", "photos"}}; }
 
   static std::string NewKey() {
-    pb::CreateKeyRequest req;
-    pb::PolicyBinding* b = req.mutable_policy()->add_bindings();
-    b->add_principals(CustosdProcess::Principal("service-a"));
-    for (pb::KeyOperation op :
-         {pb::GENERATE_DATA_KEY, pb::ENCRYPT, pb::DECRYPT}) {
-      b->add_operations(op);
-    }
-    pb::Key key;
-    grpc::ClientContext ctx;
-    grpc::Status s =
-        pb::KeyManagementService::NewStub(server_->Channel("admin"))
-            ->CreateKey(&ctx, req, &key);
-    EXPECT_TRUE(s.ok()) << s.error_message();
-    return key.key_id();
+    absl::StatusOr<std::string> key = server_->CreateKeyFor(
+        "service-a", {pb::GENERATE_DATA_KEY, pb::ENCRYPT, pb::DECRYPT});
+    EXPECT_TRUE(key.ok()) << key.status();
+    return key.value_or("");
   }
 
   static grpc::Status DataKey(const std::string& key, const Context& context,

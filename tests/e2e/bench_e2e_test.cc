@@ -49,21 +49,12 @@ class BenchTest : public ::testing::Test {
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = server->release();
     // A key whose policy lets service-a use every crypto operation.
-    pb::CreateKeyRequest req;
-    pb::PolicyBinding* b = req.mutable_policy()->add_bindings();
-    b->add_principals(CustosdProcess::Principal("service-a"));
-    for (pb::KeyOperation op :
-         {pb::GENERATE_DATA_KEY, pb::GENERATE_DATA_KEY_WITHOUT_PLAINTEXT,
-          pb::ENCRYPT, pb::DECRYPT, pb::RE_ENCRYPT_FROM, pb::RE_ENCRYPT_TO}) {
-      b->add_operations(op);
-    }
-    pb::Key key;
-    grpc::ClientContext ctx;
-    grpc::Status s =
-        pb::KeyManagementService::NewStub(server_->Channel("admin"))
-            ->CreateKey(&ctx, req, &key);
-    ASSERT_TRUE(s.ok()) << s.error_message();
-    key_id_ = new std::string(key.key_id());
+    absl::StatusOr<std::string> key = server_->CreateKeyFor(
+        "service-a",
+        {pb::GENERATE_DATA_KEY, pb::GENERATE_DATA_KEY_WITHOUT_PLAINTEXT,
+         pb::ENCRYPT, pb::DECRYPT, pb::RE_ENCRYPT_FROM, pb::RE_ENCRYPT_TO});
+    ASSERT_TRUE(key.ok()) << key.status();
+    key_id_ = new std::string(*key);
   }
   static void TearDownTestSuite() {
     delete server_;

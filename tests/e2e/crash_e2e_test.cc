@@ -100,16 +100,10 @@ class CrashE2eTest : public ::testing::Test {
   }
 
   std::string NewKey() {
-    pb::CreateKeyRequest req;
-    pb::PolicyBinding* b = req.mutable_policy()->add_bindings();
-    b->add_principals(CustosdProcess::Principal("service-a"));
-    b->add_operations(pb::GENERATE_DATA_KEY);
-    b->add_operations(pb::DECRYPT);
-    pb::Key key;
-    grpc::ClientContext ctx;
-    grpc::Status s = Kms()->CreateKey(&ctx, req, &key);
-    EXPECT_TRUE(s.ok()) << s.error_message();
-    return key.key_id();
+    absl::StatusOr<std::string> key = server_->CreateKeyFor(
+        "service-a", {pb::GENERATE_DATA_KEY, pb::DECRYPT});
+    EXPECT_TRUE(key.ok()) << key.status();
+    return key.value_or("");
   }
 
   pb::GenerateDataKeyResponse DataKey(const std::string& key) {

@@ -82,18 +82,10 @@ class FaultE2eTest : public ::testing::Test {
   }
 
   static std::string NewKey() {
-    pb::CreateKeyRequest req;
-    pb::PolicyBinding* b = req.mutable_policy()->add_bindings();
-    b->add_principals(CustosdProcess::Principal("service-a"));
-    for (pb::KeyOperation op :
-         {pb::GENERATE_DATA_KEY, pb::ENCRYPT, pb::DECRYPT}) {
-      b->add_operations(op);
-    }
-    pb::Key key;
-    grpc::ClientContext ctx;
-    grpc::Status s = Kms()->CreateKey(&ctx, req, &key);
-    EXPECT_TRUE(s.ok()) << s.error_message();
-    return key.key_id();
+    absl::StatusOr<std::string> key = server_->CreateKeyFor(
+        "service-a", {pb::GENERATE_DATA_KEY, pb::ENCRYPT, pb::DECRYPT});
+    EXPECT_TRUE(key.ok()) << key.status();
+    return key.value_or("");
   }
 
   static std::unique_ptr<pb::KeyManagementService::Stub> Kms() {

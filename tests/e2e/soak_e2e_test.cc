@@ -111,20 +111,14 @@ TEST(SoakTest, MixedLoadWithHsmFaultsLosesNothing) {
   ASSERT_TRUE(started.ok()) << started.status();
   std::unique_ptr<CustosdProcess> server = *std::move(started);
 
-  auto kms = pb::KeyManagementService::NewStub(server->Channel("admin"));
   std::atomic<uint64_t> calls{0};  // every RPC this test makes
   std::vector<std::string> keys;
   for (int i = 0; i < 3; ++i) {
-    pb::CreateKeyRequest req;
-    pb::PolicyBinding* b = req.mutable_policy()->add_bindings();
-    b->add_principals(CustosdProcess::Principal("service-a"));
-    b->add_operations(pb::GENERATE_DATA_KEY);
-    b->add_operations(pb::DECRYPT);
-    pb::Key key;
-    grpc::ClientContext ctx;
     ++calls;
-    ASSERT_TRUE(kms->CreateKey(&ctx, req, &key).ok());
-    keys.push_back(key.key_id());
+    absl::StatusOr<std::string> key =
+        server->CreateKeyFor("service-a", {pb::GENERATE_DATA_KEY, pb::DECRYPT});
+    ASSERT_TRUE(key.ok()) << key.status();
+    keys.push_back(*key);
   }
 
   struct Issued {

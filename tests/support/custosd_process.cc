@@ -47,6 +47,24 @@ std::string ReadAll(const std::string& path) {
 std::string SourceDir() { return CUSTOS_SOURCE_DIR; }
 std::string BinDir() { return CUSTOS_BIN_DIR; }
 
+absl::StatusOr<std::string> CustosdProcess::CreateKeyFor(
+    const std::string& user,
+    const std::vector<custos::v1::KeyOperation>& operations) const {
+  custos::v1::CreateKeyRequest req;
+  custos::v1::PolicyBinding* binding = req.mutable_policy()->add_bindings();
+  binding->add_principals(Principal(user));
+  for (custos::v1::KeyOperation op : operations) binding->add_operations(op);
+  custos::v1::Key key;
+  grpc::ClientContext ctx;
+  grpc::Status s = custos::v1::KeyManagementService::NewStub(Channel("admin"))
+                       ->CreateKey(&ctx, req, &key);
+  if (!s.ok()) {
+    return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                        "CreateKey: " + s.error_message());
+  }
+  return key.key_id();
+}
+
 std::string CustosdProcess::Principal(const std::string& identity) {
   if (identity == "admin") return "spiffe://custos.test/admin";
   if (identity == "auditor") return "spiffe://custos.test/auditor";

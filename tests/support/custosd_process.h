@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "custos/v1/kms.grpc.pb.h"
 
 namespace custos::testing {
 
@@ -59,6 +60,12 @@ class CustosdProcess {
   std::string softhsm_conf() const { return dir_ + "/softhsm/softhsm2.conf"; }
   std::string pin_file() const { return dir_ + "/user.pin"; }
   std::string ReadPki(const std::string& file) const;
+  // Creates a key as "admin" whose policy lets the dev-env identity `user`
+  // do `operations`; returns its id.
+  absl::StatusOr<std::string> CreateKeyFor(
+      const std::string& user,
+      const std::vector<custos::v1::KeyOperation>& operations) const;
+
   // The principal of a dev-env identity, e.g. spiffe://custos.test/admin.
   static std::string Principal(const std::string& identity);
 
