@@ -61,6 +61,13 @@ struct Key {
   absl::Time create_time;
   absl::Time update_time;
   absl::Time deletion_time = absl::InfinitePast();  // unset
+  // While PENDING_DELETION: the window asked for, and how much of it custosd
+  // has seen pass on its monotonic clock. The key is destroyed only when
+  // both the wall clock has reached deletion_time and deletion_elapsed has
+  // reached deletion_window, so a clock stepped forward (or back) never
+  // ends the window early. Time while no custosd runs does not count.
+  absl::Duration deletion_window = absl::ZeroDuration();
+  absl::Duration deletion_elapsed = absl::ZeroDuration();
   KeyPolicy policy;
   std::vector<KeyVersion> versions;  // ordered by number
   std::vector<std::string> aliases;  // "alias/..." names, sorted

@@ -334,21 +334,32 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::ScheduleKeyDeletion(
         }
         audit.AddDetail(absl::StrCat("pending_window_days=", days));
         const absl::Time now = options_.now();
-        return registry_->Update(key->id, [&](Key& k) -> absl::Status {
-          if (k.state == KeyState::kPendingDeletion) {
-            return absl::FailedPreconditionError(
-                absl::StrCat("key ", k.id, " is already pending deletion, at ",
-                             absl::FormatTime(k.deletion_time)));
-          }
-          if (k.state == KeyState::kDestroyed) {
-            return absl::FailedPreconditionError(
-                absl::StrCat("key ", k.id, " is DESTROYED"));
-          }
-          k.state = KeyState::kPendingDeletion;
-          k.deletion_time = now + options_.deletion_day * days;
-          k.update_time = now;
-          return audit.RecordBeforeCommit();
-        });
+        const absl::Duration scheduled_at = options_.monotonic_now();
+        absl::StatusOr<std::shared_ptr<const Key>> pending =
+            registry_->Update(key->id, [&](Key& k) -> absl::Status {
+              if (k.state == KeyState::kPendingDeletion) {
+                return absl::FailedPreconditionError(absl::StrCat(
+                    "key ", k.id, " is already pending deletion, at ",
+                    absl::FormatTime(k.deletion_time)));
+              }
+              if (k.state == KeyState::kDestroyed) {
+                return absl::FailedPreconditionError(
+                    absl::StrCat("key ", k.id, " is DESTROYED"));
+              }
+              k.state = KeyState::kPendingDeletion;
+              k.deletion_window = options_.deletion_day * days;
+              k.deletion_elapsed = absl::ZeroDuration();
+              k.deletion_time = now + k.deletion_window;
+              k.update_time = now;
+              return audit.RecordBeforeCommit();
+            });
+        if (pending.ok()) {
+          // The window starts counting now on this process's monotonic
+          // clock (see CountDeletionWindows).
+          absl::MutexLock lock(&window_mu_);
+          window_marks_[key->id] = {(*pending)->deletion_time, scheduled_at};
+        }
+        return pending;
       });
 }
 
@@ -372,6 +383,8 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::CancelKeyDeletion(
           // admin decides explicitly to use it again.
           k.state = KeyState::kDisabled;
           k.deletion_time = absl::InfinitePast();
+          k.deletion_window = absl::ZeroDuration();
+          k.deletion_elapsed = absl::ZeroDuration();
           k.update_time = options_.now();
           return audit.RecordBeforeCommit();
         });

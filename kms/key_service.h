@@ -16,6 +16,7 @@
 #ifndef CUSTOS_KMS_KEY_SERVICE_H_
 #define CUSTOS_KMS_KEY_SERVICE_H_
 
+#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
@@ -186,6 +187,12 @@ class KeyService {
     // Shortest rotation period accepted. Tests shorten it.
     absl::Duration min_rotation_period = absl::Hours(24);
     std::function<absl::Time()> now = [] { return absl::Now(); };
+    // A clock that only moves forward (steady, not stepped with the wall
+    // clock): deletion windows are counted on it.
+    std::function<absl::Duration()> monotonic_now = [] {
+      return absl::FromChrono(
+          std::chrono::steady_clock::now().time_since_epoch());
+    };
   };
 
   // All pointers must outlive the service.
@@ -260,8 +267,16 @@ class KeyService {
                       Done<SecretBytes> done);
 
   // Background work: scheduled rotations and deletions whose time has
-  // come. Idempotent; safe to rerun after a crash at any step.
+  // come. Idempotent; safe to rerun after a crash at any step. Each pass
+  // also adds the monotonic time since the previous pass to every pending
+  // key's deletion_elapsed: run it on one process at a time, every few
+  // seconds.
   MaintenanceReport RunScheduledWork();
+  // Forgets where each pending key's window was last counted. Call it when
+  // this process starts or stops running RunScheduledWork while others may
+  // (leadership changed), so that time another process counted is never
+  // counted twice.
+  void ForgetDeletionProgress();
   // Reconciliation of the HSM with the database, once after start-up:
   // destroys HSM objects that no version row owns (left by a crash between
   // generating a key and committing its row) and objects of destroyed
@@ -347,6 +362,10 @@ class KeyService {
   // deletion was cancelled or rescheduled.
   absl::Status DestroyKeyMaterial(const std::string& key_id,
                                   MaintenanceReport& report, Audit& audit);
+  // Adds the monotonic time since the last pass to each pending key's
+  // deletion_elapsed (persisted). A key seen pending for the first time in
+  // this process starts counting now.
+  void CountDeletionWindows(MaintenanceReport& report);
   Counter& CounterFor(const std::string& key_id, uint32_t version);
 
   const Options options_;
@@ -368,6 +387,16 @@ class KeyService {
   // Held by the deletion executor while it destroys a key, and by
   // CancelKeyDeletion: a cancel never races the destruction.
   absl::Mutex lifecycle_mu_;
+  // Where CountDeletionWindows last counted each pending key: the monotonic
+  // reading, and the deletion_time it counted toward (a cancel and a new
+  // schedule start over).
+  struct WindowMark {
+    absl::Time deletion_time;
+    absl::Duration counted_at;
+  };
+  absl::Mutex window_mu_;
+  absl::flat_hash_map<std::string, WindowMark> window_marks_
+      ABSL_GUARDED_BY(window_mu_);
   absl::Mutex counters_mu_;
   absl::flat_hash_map<std::string, std::unique_ptr<Counter>> counters_
       ABSL_GUARDED_BY(counters_mu_);

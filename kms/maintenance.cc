@@ -1,5 +1,6 @@
 // KeyService: background work (scheduled rotation, the deletion executor)
 // and the reconciliation of the HSM with the database after start-up.
+#include <algorithm>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -33,7 +34,63 @@ VersionIds LiveAndDeadIds(const std::vector<std::shared_ptr<const Key>>& keys) {
   return ids;
 }
 
+// Whether a pending key's window has ended: on the wall clock and on the
+// monotonic count both, so that neither clock stepped alone ends it early.
+bool WindowEnded(const Key& key, absl::Time now) {
+  return key.state == KeyState::kPendingDeletion && key.deletion_time <= now &&
+         key.deletion_elapsed >= key.deletion_window;
+}
+
 }  // namespace
+
+void KeyService::ForgetDeletionProgress() {
+  absl::MutexLock lock(&window_mu_);
+  window_marks_.clear();
+}
+
+void KeyService::CountDeletionWindows(MaintenanceReport& report) {
+  absl::MutexLock lock(&window_mu_);
+  const absl::Duration mono = options_.monotonic_now();
+  absl::flat_hash_map<std::string, WindowMark> marks;
+  for (const std::shared_ptr<const Key>& key : registry_->All()) {
+    if (key->state != KeyState::kPendingDeletion) continue;
+    WindowMark& mark = marks[key->id];
+    mark = {key->deletion_time, mono};
+    auto last = window_marks_.find(key->id);
+    if (last == window_marks_.end() ||
+        last->second.deletion_time != key->deletion_time) {
+      continue;  // first seen pending here: count from now
+    }
+    const absl::Duration ran = mono - last->second.counted_at;
+    if (key->deletion_elapsed >= key->deletion_window ||
+        ran <= absl::ZeroDuration()) {
+      continue;
+    }
+    absl::Status s =
+        registry_
+            ->Update(key->id,
+                     [&](Key& k) -> absl::Status {
+                       if (k.state != KeyState::kPendingDeletion ||
+                           k.deletion_time != key->deletion_time) {
+                         return absl::AbortedError("deletion was cancelled");
+                       }
+                       k.deletion_elapsed = std::min(k.deletion_elapsed + ran,
+                                                     k.deletion_window);
+                       return absl::OkStatus();
+                     })
+            .status();
+    if (absl::IsAborted(s)) {
+      marks.erase(key->id);
+    } else if (!s.ok()) {
+      // Not counted: keep the old mark, so the next pass counts this time.
+      mark = last->second;
+      ++report.failures;
+      spdlog::error("counting the deletion window of {} failed: {}", key->id,
+                    s.message());
+    }
+  }
+  window_marks_ = std::move(marks);
+}
 
 absl::Status KeyService::DestroyKeyMaterial(const std::string& key_id,
                                             MaintenanceReport& report,
@@ -43,8 +100,7 @@ absl::Status KeyService::DestroyKeyMaterial(const std::string& key_id,
                           registry_->Find(key_id));
   // Check again under the lock: the deletion may have been cancelled (or
   // cancelled and scheduled anew) since the pass read the key.
-  if (key->state != KeyState::kPendingDeletion ||
-      key->deletion_time > options_.now()) {
+  if (!WindowEnded(*key, options_.now())) {
     return absl::AbortedError("deletion was cancelled or rescheduled");
   }
   // Destroy the HSM objects first, then record it: after a crash in
@@ -60,8 +116,7 @@ absl::Status KeyService::DestroyKeyMaterial(const std::string& key_id,
   return registry_
       ->Update(key_id,
                [&](Key& k) -> absl::Status {
-                 if (k.state != KeyState::kPendingDeletion ||
-                     k.deletion_time > now) {
+                 if (!WindowEnded(k, now)) {
                    return absl::AbortedError(
                        "deletion was cancelled or rescheduled");
                  }
@@ -77,9 +132,10 @@ absl::Status KeyService::DestroyKeyMaterial(const std::string& key_id,
 
 MaintenanceReport KeyService::RunScheduledWork() {
   MaintenanceReport report;
+  CountDeletionWindows(report);
   const absl::Time now = options_.now();
   for (const std::shared_ptr<const Key>& key : registry_->All()) {
-    if (key->state == KeyState::kPendingDeletion && key->deletion_time <= now) {
+    if (WindowEnded(*key, now)) {
       Audit audit(this, SystemCaller(), Rpc::kScheduleKeyDeletion);
       audit.SetKey(key->id, 0);
       audit.AddDetail("deletion window ended: key material destroyed");

@@ -50,6 +50,15 @@ CREATE TABLE aliases (
 );
 CREATE INDEX aliases_key_id ON aliases(key_id);
 )sql"},
+    // The deletion window measured on custosd's monotonic clock (see
+    // Key::deletion_window). A key already pending keeps the window it was
+    // given (deletion time less the time it was scheduled).
+    {2, R"sql(
+ALTER TABLE keys ADD COLUMN deletion_window_us INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE keys ADD COLUMN deletion_elapsed_us INTEGER NOT NULL DEFAULT 0;
+UPDATE keys SET deletion_window_us = MAX(0, deletion_us - update_us)
+  WHERE state = 3 AND deletion_us IS NOT NULL;
+)sql"},
 };
 
 // Prepared statement, finalised on destruction.
@@ -191,7 +200,7 @@ class Transaction {
 constexpr char kSelectKey[] =
     "SELECT id, description, labels, purpose, state, rotation_period_s, "
     "next_rotation_us, primary_version, create_us, update_us, deletion_us, "
-    "policy FROM keys";
+    "policy, deletion_window_us, deletion_elapsed_us FROM keys";
 
 absl::StatusOr<Key> KeyFromRow(const Stmt& row) {
   Key key;
@@ -223,6 +232,8 @@ absl::StatusOr<Key> KeyFromRow(const Stmt& row) {
                      " has an unreadable policy: ", policy.status().message()));
   }
   key.policy = *std::move(policy);
+  key.deletion_window = absl::Microseconds(row.Int(12));
+  key.deletion_elapsed = absl::Microseconds(row.Int(13));
   return key;
 }
 
@@ -380,12 +391,14 @@ absl::StatusOr<Key> SqliteStore::LoadKeyLocked(absl::string_view id) {
 absl::Status SqliteStore::WriteKeyLocked(const Key& key, bool insert) {
   Stmt k(db_, insert ? "INSERT INTO keys (description, labels, purpose, state, "
                        "rotation_period_s, next_rotation_us, primary_version, "
-                       "create_us, update_us, deletion_us, policy, id) "
-                       "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+                       "create_us, update_us, deletion_us, policy, "
+                       "deletion_window_us, deletion_elapsed_us, id) "
+                       "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
                      : "UPDATE keys SET description=?, labels=?, purpose=?, "
                        "state=?, rotation_period_s=?, next_rotation_us=?, "
                        "primary_version=?, create_us=?, update_us=?, "
-                       "deletion_us=?, policy=? WHERE id=?");
+                       "deletion_us=?, policy=?, deletion_window_us=?, "
+                       "deletion_elapsed_us=? WHERE id=?");
   CUSTOS_RETURN_IF_ERROR(k.prepared());
   k.Bind(1, key.description)
       .Bind(2, LabelsToJson(key.labels))
@@ -405,7 +418,10 @@ absl::Status SqliteStore::WriteKeyLocked(const Key& key, bool insert) {
   } else {
     k.Bind(10, Micros(key.deletion_time));
   }
-  k.Bind(11, PolicyToJson(key.policy)).Bind(12, key.id);
+  k.Bind(11, PolicyToJson(key.policy))
+      .Bind(12, absl::ToInt64Microseconds(key.deletion_window))
+      .Bind(13, absl::ToInt64Microseconds(key.deletion_elapsed))
+      .Bind(14, key.id);
   CUSTOS_RETURN_IF_ERROR(SqliteStatus(db_, k.Step(), "write key"));
   if (!insert && sqlite3_changes(db_) != 1) {
     return absl::NotFoundError(absl::StrCat("key ", key.id, " not found"));

@@ -156,10 +156,18 @@ class FakeClock {
     absl::MutexLock lock(&mu_);
     return now_;
   }
+  // The monotonic clock: moved only by Advance.
+  absl::Duration Monotonic() {
+    absl::MutexLock lock(&mu_);
+    return monotonic_;
+  }
+  // Moves both clocks, as time passing does.
   void Advance(absl::Duration d) {
     absl::MutexLock lock(&mu_);
     now_ += d;
+    monotonic_ += d;
   }
+  // Steps the wall clock only, as an operator or NTP does.
   void Set(absl::Time t) {
     absl::MutexLock lock(&mu_);
     now_ = t;
@@ -173,6 +181,7 @@ class FakeClock {
  private:
   absl::Mutex mu_;
   absl::Time now_ = absl::FromUnixSeconds(1700000000);
+  absl::Duration monotonic_ = absl::Hours(1);
   int hook_countdown_ = 0;
   std::function<void()> hook_;
 };
@@ -232,6 +241,7 @@ class KeyServiceTest : public ::testing::Test {
     KeyService::Options options;
     options.min_rotation_period = absl::Hours(1);
     options.now = [this] { return clock_.Now(); };
+    options.monotonic_now = [this] { return clock_.Monotonic(); };
     return options;
   }
 
@@ -1402,6 +1412,79 @@ TEST_F(KeyServiceMaintenanceTest, ClockSteppedBackNeverDestroysEarly) {
   CUSTOS_ASSERT_OK(service().CancelKeyDeletion(As(kAdmin), key->id));
   CUSTOS_ASSERT_OK(service().EnableKey(As(kAdmin), key->id));
   CUSTOS_EXPECT_OK(Open(dk.blob, kContext));
+}
+
+// The wall clock stepped a year forward must not end a 7-day window: the
+// window is also counted on the monotonic clock, pass by pass.
+TEST_F(KeyServiceMaintenanceTest, ClockSteppedForwardNeverDestroysEarly) {
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey());
+  CUSTOS_ASSERT_OK_AND_ASSIGN(DataKeyResult dk, DataKey(key->id, kContext));
+  const absl::Time start = clock_.Now();
+  CUSTOS_ASSERT_OK(service().ScheduleKeyDeletion(As(kAdmin), key->id, 7));
+  clock_.Set(start + absl::Hours(24 * 365));
+  EXPECT_EQ(service().RunScheduledWork().destroyed_keys, 0);
+  for (int day = 1; day < 7; ++day) {
+    clock_.Advance(absl::Hours(24));
+    MaintenanceReport pass = service().RunScheduledWork();
+    EXPECT_EQ(pass.destroyed_keys, 0) << "after " << day << " days";
+    EXPECT_EQ(pass.failures, 0);
+  }
+  clock_.Advance(absl::Hours(24) - absl::Seconds(1));
+  EXPECT_EQ(service().RunScheduledWork().destroyed_keys, 0);
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> still,
+                              service().GetKey(As(kAdmin), key->id));
+  EXPECT_EQ(still->state, KeyState::kPendingDeletion);
+  EXPECT_EQ(still->deletion_elapsed, absl::Hours(24 * 7) - absl::Seconds(1));
+  clock_.Advance(absl::Seconds(2));
+  EXPECT_EQ(service().RunScheduledWork().destroyed_keys, 1);
+  EXPECT_THAT(Open(dk.blob, kContext),
+              StatusIs(Code::kInvalidArgument, Eq(kInvalidCiphertext)));
+}
+
+// What a pass counted is in the database: a restart keeps it, and time
+// while no custosd ran does not count (the window can only grow longer).
+TEST_F(KeyServiceMaintenanceTest, DeletionWindowCountSurvivesARestart) {
+  const std::string dir = dir_ + "/restart";
+  std::string key_id;
+  {
+    CUSTOS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Stack> first,
+                                OpenStack(dir, Options()));
+    CUSTOS_ASSERT_OK_AND_ASSIGN(
+        std::shared_ptr<const Key> key,
+        first->service->CreateKey(As(kAdmin), KeyParams()));
+    key_id = key->id;
+    CUSTOS_ASSERT_OK(
+        first->service->ScheduleKeyDeletion(As(kAdmin), key_id, 7));
+    clock_.Advance(absl::Hours(24 * 4));
+    EXPECT_EQ(first->service->RunScheduledWork().destroyed_keys, 0);
+  }
+  // Down for 10 days: the wall clock passes deletion_time meanwhile.
+  clock_.Advance(absl::Hours(24 * 10));
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Stack> second,
+                              OpenStack(dir, Options()));
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> stored,
+                              second->service->GetKey(As(kAdmin), key_id));
+  EXPECT_EQ(stored->deletion_elapsed, absl::Hours(24 * 4));
+  EXPECT_EQ(stored->deletion_window, absl::Hours(24 * 7));
+  EXPECT_EQ(second->service->RunScheduledWork().destroyed_keys, 0);
+  clock_.Advance(absl::Hours(24 * 3) - absl::Seconds(1));
+  EXPECT_EQ(second->service->RunScheduledWork().destroyed_keys, 0);
+  clock_.Advance(absl::Seconds(2));
+  EXPECT_EQ(second->service->RunScheduledWork().destroyed_keys, 1);
+}
+
+// A cancelled and rescheduled deletion counts its new window from zero.
+TEST_F(KeyServiceMaintenanceTest, RescheduledDeletionCountsFromZero) {
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey());
+  CUSTOS_ASSERT_OK(service().ScheduleKeyDeletion(As(kAdmin), key->id, 7));
+  clock_.Advance(absl::Hours(24 * 6));
+  EXPECT_EQ(service().RunScheduledWork().destroyed_keys, 0);
+  CUSTOS_ASSERT_OK(service().CancelKeyDeletion(As(kAdmin), key->id));
+  CUSTOS_ASSERT_OK(service().ScheduleKeyDeletion(As(kAdmin), key->id, 7));
+  clock_.Advance(absl::Hours(24 * 6));
+  EXPECT_EQ(service().RunScheduledWork().destroyed_keys, 0);
+  clock_.Advance(absl::Hours(24) + absl::Seconds(1));
+  EXPECT_EQ(service().RunScheduledWork().destroyed_keys, 1);
 }
 
 // BUG (kms/maintenance.cc, KeyService::DestroyKeyMaterial): the executor

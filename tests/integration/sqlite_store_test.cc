@@ -94,6 +94,8 @@ void ExpectSameKey(const Key& got, const Key& want) {
   EXPECT_EQ(got.create_time, want.create_time);
   EXPECT_EQ(got.update_time, want.update_time);
   EXPECT_EQ(got.deletion_time, want.deletion_time);
+  EXPECT_EQ(got.deletion_window, want.deletion_window);
+  EXPECT_EQ(got.deletion_elapsed, want.deletion_elapsed);
   EXPECT_TRUE(got.policy == want.policy)
       << "got " << PolicyToJson(got.policy) << "\nwant "
       << PolicyToJson(want.policy);
@@ -213,20 +215,52 @@ TEST_F(SqliteStoreTest, MigrationsAreIdempotent) {
   {
     std::unique_ptr<Store> store = Open();
     ASSERT_NE(store, nullptr);
-    EXPECT_EQ(store->SchemaVersion(), 1);
+    EXPECT_EQ(store->SchemaVersion(), 2);
   }
   {
     std::unique_ptr<Store> store = Open();
     ASSERT_NE(store, nullptr);
-    EXPECT_EQ(store->SchemaVersion(), 1);
+    EXPECT_EQ(store->SchemaVersion(), 2);
   }
-  EXPECT_EQ(RawQueryInt("SELECT COUNT(*) FROM schema_migrations"), 1);
-  EXPECT_EQ(RawQueryInt("SELECT MAX(version) FROM schema_migrations"), 1);
+  EXPECT_EQ(RawQueryInt("SELECT COUNT(*) FROM schema_migrations"), 2);
+  EXPECT_EQ(RawQueryInt("SELECT MAX(version) FROM schema_migrations"), 2);
+}
+
+// Migration 2 gives a key already pending deletion the window it was
+// scheduled with (deletion time less the time of scheduling), not zero.
+TEST_F(SqliteStoreTest, MigrationTwoKeepsThePendingWindow) {
+  Key pending = SampleKey("k-pending", "p");
+  pending.state = KeyState::kPendingDeletion;
+  pending.deletion_time = pending.update_time + absl::Hours(24 * 9);
+  Key enabled = SampleKey("k-enabled", "e");
+  enabled.aliases.clear();
+  enabled.state = KeyState::kEnabled;
+  {
+    std::unique_ptr<Store> store = Open();
+    ASSERT_NE(store, nullptr);
+    ASSERT_THAT(store->InsertKey(pending), IsOk());
+    ASSERT_THAT(store->InsertKey(enabled), IsOk());
+  }
+  // Back to a version-1 database, as an older custosd left it.
+  RawExec(
+      "ALTER TABLE keys DROP COLUMN deletion_window_us;"
+      "ALTER TABLE keys DROP COLUMN deletion_elapsed_us;"
+      "DELETE FROM schema_migrations WHERE version = 2;");
+  std::unique_ptr<Store> store = Open();
+  ASSERT_NE(store, nullptr);
+  EXPECT_EQ(store->SchemaVersion(), 2);
+  absl::StatusOr<Key> got = store->LoadKey("k-pending");
+  ASSERT_THAT(got, IsOk());
+  EXPECT_EQ(got->deletion_window, absl::Hours(24 * 9));
+  EXPECT_EQ(got->deletion_elapsed, absl::ZeroDuration());
+  got = store->LoadKey("k-enabled");
+  ASSERT_THAT(got, IsOk());
+  EXPECT_EQ(got->deletion_window, absl::ZeroDuration());
 }
 
 TEST_F(SqliteStoreTest, RefusesSchemaNewerThanItKnows) {
   { ASSERT_NE(Open(), nullptr); }
-  RawExec("INSERT INTO schema_migrations(version, applied_us) VALUES (2, 0)");
+  RawExec("INSERT INTO schema_migrations(version, applied_us) VALUES (3, 0)");
   EXPECT_THAT(OpenStore(url_), StatusIs(absl::StatusCode::kFailedPrecondition,
                                         HasSubstr("newer")));
 }
@@ -255,6 +289,8 @@ TEST_F(SqliteStoreTest, RoundTripsSetOptionalTimesAndUnsetOnes) {
   Key with = SampleKey("k-with", "w");
   with.state = KeyState::kPendingDeletion;
   with.deletion_time = kT0 + absl::Hours(24 * 7) + absl::Microseconds(3);
+  with.deletion_window = absl::Hours(24 * 7);
+  with.deletion_elapsed = absl::Hours(26) + absl::Microseconds(5);
   Key without = SampleKey("k-without", "o");
   without.next_rotation_time = absl::InfinitePast();
   without.rotation_period = absl::ZeroDuration();
@@ -760,7 +796,7 @@ TEST_F(SqliteStoreTest, DataSurvivesReopen) {
   key.aliases = {"alias/a-billing", "alias/b/billing", "alias/later"};
   std::unique_ptr<Store> store = Open();
   ASSERT_NE(store, nullptr);
-  EXPECT_EQ(store->SchemaVersion(), 1);
+  EXPECT_EQ(store->SchemaVersion(), 2);
   absl::StatusOr<Key> loaded = store->LoadKey("k-durable");
   ASSERT_THAT(loaded, IsOk());
   ExpectSameKey(*loaded, key);
