@@ -22,9 +22,23 @@ struct KeyService::Counter {
   uint64_t reserved ABSL_GUARDED_BY(mu) = 0;
 };
 
+namespace {
+
+// The options with `now` kept to whole microseconds, as the store keeps
+// times: a key read back inside a store transaction then compares equal to
+// the registry's copy of it.
+KeyService::Options WithStoredPrecision(KeyService::Options options) {
+  options.now = [now = std::move(options.now)] {
+    return absl::FromUnixMicros(absl::ToUnixMicros(now()));
+  };
+  return options;
+}
+
+}  // namespace
+
 KeyService::KeyService(Options options, hsm::Hsm* hsm, KeyRegistry* registry,
                        AuditLog* audit, const Authorizer* authorizer)
-    : options_(std::move(options)),
+    : options_(WithStoredPrecision(std::move(options))),
       hsm_(hsm),
       registry_(registry),
       audit_(audit),

@@ -31,6 +31,7 @@
 #include "absl/synchronization/notification.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
+#include "common/steady_notification.h"
 #include "hsm/hsm.h"
 #include "hsm/module.h"
 #include "kms/audit/audit_log.h"
@@ -198,7 +199,7 @@ absl::Status Run(const std::string& config_path) {
   // Background work: the reconciliation, first and until it succeeds
   // (KeyService::Reconcile is safe while calls are served), then scheduled
   // rotations and deletions.
-  absl::Notification stop;
+  SteadyNotification stop;  // its timed wait ignores wall-clock steps
   std::thread maintenance([&] {
     bool reconciled = false;
     auto reconcile = [&] {
