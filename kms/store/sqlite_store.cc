@@ -6,7 +6,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
-#include "nlohmann/json.hpp"
+#include "kms/store/rows.h"
 
 namespace custos::kms {
 namespace {
@@ -141,29 +141,6 @@ absl::Status SqliteStatus(sqlite3* db, int rc, absl::string_view what) {
   }
 }
 
-int64_t Micros(absl::Time t) { return absl::ToUnixMicros(t); }
-absl::Time FromMicros(int64_t us) { return absl::FromUnixMicros(us); }
-
-std::string LabelsToJson(const std::map<std::string, std::string>& labels) {
-  return nlohmann::json(labels).dump();
-}
-
-absl::StatusOr<std::map<std::string, std::string>> LabelsFromJson(
-    const std::string& text) {
-  nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
-  if (j.is_discarded() || !j.is_object()) {
-    return absl::DataLossError("stored labels are not a JSON object");
-  }
-  std::map<std::string, std::string> labels;
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    if (!it->is_string()) {
-      return absl::DataLossError("stored label value is not a string");
-    }
-    labels[it.key()] = it->get<std::string>();
-  }
-  return labels;
-}
-
 // Rolls back unless committed.
 class Transaction {
  public:
@@ -197,100 +174,17 @@ class Transaction {
   bool open_ = false;
 };
 
-constexpr char kSelectKey[] =
-    "SELECT id, description, labels, purpose, state, rotation_period_s, "
-    "next_rotation_us, primary_version, create_us, update_us, deletion_us, "
-    "policy, deletion_window_us, deletion_elapsed_us FROM keys";
+using rows::AppendVersion;
+using rows::FromMicros;
+using rows::kVersionColumns;
+using rows::Micros;
 
-absl::StatusOr<Key> KeyFromRow(const Stmt& row) {
-  Key key;
-  key.id = row.Text(0);
-  key.description = row.Text(1);
-  CUSTOS_ASSIGN_OR_RETURN(key.labels, LabelsFromJson(row.Text(2)));
-  if (row.Int(3) != static_cast<int64_t>(KeyPurpose::kEncryptDecrypt)) {
-    return absl::DataLossError(absl::StrCat(
-        "key ", row.Text(0), " has unknown stored purpose ", row.Int(3)));
-  }
-  key.purpose = KeyPurpose::kEncryptDecrypt;
-  int64_t state = row.Int(4);
-  if (state < 1 || state > 4) {
-    // An unknown state is never treated as usable.
-    return absl::DataLossError(
-        absl::StrCat("key ", key.id, " has unknown stored state ", state));
-  }
-  key.state = static_cast<KeyState>(state);
-  key.rotation_period = absl::Seconds(row.Int(5));
-  if (!row.IsNull(6)) key.next_rotation_time = FromMicros(row.Int(6));
-  key.primary_version = static_cast<uint32_t>(row.Int(7));
-  key.create_time = FromMicros(row.Int(8));
-  key.update_time = FromMicros(row.Int(9));
-  if (!row.IsNull(10)) key.deletion_time = FromMicros(row.Int(10));
-  absl::StatusOr<KeyPolicy> policy = PolicyFromJson(row.Text(11));
-  if (!policy.ok()) {
-    return absl::DataLossError(
-        absl::StrCat("key ", key.id,
-                     " has an unreadable policy: ", policy.status().message()));
-  }
-  key.policy = *std::move(policy);
-  key.deletion_window = absl::Microseconds(row.Int(12));
-  key.deletion_elapsed = absl::Microseconds(row.Int(13));
-  return key;
-}
-
-// The columns VersionFromRow reads, in its order. Bulk queries append
-// key_id after them.
-constexpr char kVersionColumns[] =
-    "number, state, hsm_id, create_us, encryptions_reserved";
-
-// One key_versions row (columns as kVersionColumns) of key `key_id`.
-// DATA_LOSS for a state this custosd does not know.
-absl::StatusOr<KeyVersion> VersionFromRow(const Stmt& row,
-                                          absl::string_view key_id) {
-  KeyVersion version;
-  version.number = static_cast<uint32_t>(row.Int(0));
-  int64_t state = row.Int(1);
-  if (state < 1 || state > 3) {
-    return absl::DataLossError(absl::StrCat("key ", key_id, " version ",
-                                            version.number,
-                                            " has unknown stored state"));
-  }
-  version.state = static_cast<VersionState>(state);
-  version.hsm_id = row.Blob(2);
-  version.create_time = FromMicros(row.Int(3));
-  version.encryptions_reserved = static_cast<uint64_t>(row.Int(4));
-  return version;
-}
-
-// Appends `version` to `key`, whose versions must be read in ascending
-// order: DATA_LOSS unless it is the next number (a gap means a lost row).
-absl::Status AppendVersion(Key& key, KeyVersion version) {
-  if (version.number != key.versions.size() + 1) {
-    return absl::DataLossError(
-        absl::StrCat("key ", key.id, " has a gap in its version numbers"));
-  }
-  key.versions.push_back(std::move(version));
-  return absl::OkStatus();
+// SELECT of every keys column that rows::KeyFromRow reads.
+std::string SelectKeys() {
+  return absl::StrCat("SELECT ", rows::kKeyColumns, " FROM keys");
 }
 
 }  // namespace
-
-absl::StatusOr<std::unique_ptr<Store>> OpenStore(const std::string& url) {
-  constexpr absl::string_view kSqlite = "sqlite:";
-  if (absl::StartsWith(url, kSqlite)) {
-    std::string path = url.substr(kSqlite.size());
-    if (absl::StartsWith(path, "//")) path = path.substr(2);  // sqlite:///abs
-    if (path.empty()) {
-      return absl::InvalidArgumentError(
-          "storage: sqlite URL has no path; use sqlite:///var/lib/custos/"
-          "custos.db");
-    }
-    CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<SqliteStore> store,
-                            SqliteStore::Open(path));
-    return std::unique_ptr<Store>(std::move(store));
-  }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "storage: unsupported URL '", url, "'; use sqlite:///path/to/custos.db"));
-}
 
 absl::StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::Open(
     const std::string& path) {
@@ -360,7 +254,7 @@ absl::Status SqliteStore::Migrate() {
 }
 
 absl::StatusOr<Key> SqliteStore::LoadKeyLocked(absl::string_view id) {
-  Stmt q(db_, absl::StrCat(kSelectKey, " WHERE id = ?").c_str());
+  Stmt q(db_, absl::StrCat(SelectKeys(), " WHERE id = ?").c_str());
   CUSTOS_RETURN_IF_ERROR(q.prepared());
   q.Bind(1, id);
   int rc = q.Step();
@@ -368,7 +262,7 @@ absl::StatusOr<Key> SqliteStore::LoadKeyLocked(absl::string_view id) {
     return absl::NotFoundError(absl::StrCat("key ", id, " not found"));
   }
   if (rc != SQLITE_ROW) return SqliteStatus(db_, rc, "load key");
-  CUSTOS_ASSIGN_OR_RETURN(Key key, KeyFromRow(q));
+  CUSTOS_ASSIGN_OR_RETURN(Key key, rows::KeyFromRow(q));
   Stmt v(db_,
          absl::StrCat("SELECT ", kVersionColumns,
                       " FROM key_versions WHERE key_id = ? ORDER BY number")
@@ -376,7 +270,8 @@ absl::StatusOr<Key> SqliteStore::LoadKeyLocked(absl::string_view id) {
   CUSTOS_RETURN_IF_ERROR(v.prepared());
   v.Bind(1, id);
   while ((rc = v.Step()) == SQLITE_ROW) {
-    CUSTOS_ASSIGN_OR_RETURN(KeyVersion version, VersionFromRow(v, key.id));
+    CUSTOS_ASSIGN_OR_RETURN(KeyVersion version,
+                            rows::VersionFromRow(v, key.id));
     CUSTOS_RETURN_IF_ERROR(AppendVersion(key, std::move(version)));
   }
   if (rc != SQLITE_DONE) return SqliteStatus(db_, rc, "load versions");
@@ -401,7 +296,7 @@ absl::Status SqliteStore::WriteKeyLocked(const Key& key, bool insert) {
                        "deletion_elapsed_us=? WHERE id=?");
   CUSTOS_RETURN_IF_ERROR(k.prepared());
   k.Bind(1, key.description)
-      .Bind(2, LabelsToJson(key.labels))
+      .Bind(2, rows::LabelsToJson(key.labels))
       .Bind(3, static_cast<int64_t>(key.purpose))
       .Bind(4, static_cast<int64_t>(key.state))
       .Bind(5, absl::ToInt64Seconds(key.rotation_period));
@@ -453,11 +348,11 @@ absl::StatusOr<std::vector<Key>> SqliteStore::LoadAllKeys() {
   std::vector<Key> keys;
   absl::flat_hash_map<std::string, size_t> index;  // key id -> keys[i]
   {
-    Stmt q(db_, absl::StrCat(kSelectKey, " ORDER BY create_us, id").c_str());
+    Stmt q(db_, absl::StrCat(SelectKeys(), " ORDER BY create_us, id").c_str());
     CUSTOS_RETURN_IF_ERROR(q.prepared());
     int rc;
     while ((rc = q.Step()) == SQLITE_ROW) {
-      CUSTOS_ASSIGN_OR_RETURN(Key key, KeyFromRow(q));
+      CUSTOS_ASSIGN_OR_RETURN(Key key, rows::KeyFromRow(q));
       index.emplace(key.id, keys.size());
       keys.push_back(std::move(key));
     }
@@ -480,7 +375,8 @@ absl::StatusOr<std::vector<Key>> SqliteStore::LoadAllKeys() {
     while ((rc = v.Step()) == SQLITE_ROW) {
       Key* key = find(v.Text(5));
       if (key == nullptr) continue;
-      CUSTOS_ASSIGN_OR_RETURN(KeyVersion version, VersionFromRow(v, key->id));
+      CUSTOS_ASSIGN_OR_RETURN(KeyVersion version,
+                              rows::VersionFromRow(v, key->id));
       CUSTOS_RETURN_IF_ERROR(AppendVersion(*key, std::move(version)));
     }
     if (rc != SQLITE_DONE) return SqliteStatus(db_, rc, "load versions");

@@ -1,6 +1,6 @@
 // Store: where key metadata and policies live (SQL). One interface, two
 // implementations: SQLite (one file, the default) and PostgreSQL (several
-// replicas; later). Every state change is one transaction. No key material
+// replicas). Every state change is one transaction. No key material
 // is ever stored: a version row holds only the HSM object's CKA_ID.
 //
 // Implementations are thread-safe.
@@ -24,6 +24,32 @@ struct AliasRecord {
   std::string name;  // "alias/..."
   std::string key_id;
   absl::Time create_time;
+};
+
+// Changes that other processes sharing the store have committed. Not
+// thread-safe: one thread waits on it.
+class ChangeFeed {
+ public:
+  virtual ~ChangeFeed() = default;
+  // Waits up to `timeout` for changes and returns the ids of the keys that
+  // changed (empty on timeout). kEverything among them means changes may
+  // have been missed (the feed reconnected): reload every key. UNAVAILABLE
+  // while the store cannot be reached.
+  virtual absl::StatusOr<std::vector<std::string>> Wait(
+      absl::Duration timeout) = 0;
+  static constexpr char kEverything[] = "*";
+};
+
+// The right to run background work (scheduled rotation and deletion, the
+// reconciler) among processes sharing the store: held by one at a time,
+// released when its holder dies. Not thread-safe: one thread holds it.
+class Leadership {
+ public:
+  virtual ~Leadership() = default;
+  // Takes the lead if no one holds it, or confirms this process still holds
+  // it. False while another process leads or the store is unreachable (a
+  // lost connection loses the lead).
+  virtual bool Hold() = 0;
 };
 
 class Store {
@@ -54,10 +80,24 @@ class Store {
 
   // The schema version after migrations.
   virtual int SchemaVersion() const = 0;
+
+  // For stores several processes share: a feed of the others' changes, and
+  // the lead for background work. A store for one process returns nullptr
+  // from both (nothing changes behind its back; it always leads).
+  virtual absl::StatusOr<std::unique_ptr<ChangeFeed>> WatchChanges() {
+    return nullptr;
+  }
+  virtual absl::StatusOr<std::unique_ptr<Leadership>> NewLeadership() {
+    return nullptr;
+  }
 };
 
-// Opens the store named by `url`: "sqlite:///abs/path.db" or
-// "sqlite:relative/path.db". Creates the database if needed and applies
+// `url` fit for logs and errors: a password in it is replaced by "***".
+std::string RedactStorageUrl(absl::string_view url);
+
+// Opens the store named by `url`: "sqlite:///abs/path.db",
+// "sqlite:relative/path.db", or a libpq URI "postgresql://user@host:port/db"
+// (also "postgres://"). Creates the SQLite database if needed and applies
 // pending migrations. INVALID_ARGUMENT names the url and the forms accepted.
 absl::StatusOr<std::unique_ptr<Store>> OpenStore(const std::string& url);
 

@@ -1,0 +1,676 @@
+#include "kms/store/postgres_store.h"
+
+#include <poll.h>
+
+#include <cstdlib>
+#include <optional>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/status_macros.h"
+#include "kms/store/rows.h"
+
+namespace custos::kms {
+namespace pg {
+
+// A PGresult, cleared on destruction.
+class Result {
+ public:
+  explicit Result(PGresult* r) : r_(r) {}
+  Result(Result&& o) noexcept : r_(std::exchange(o.r_, nullptr)) {}
+  Result& operator=(Result&& o) noexcept {
+    if (this != &o) {
+      PQclear(r_);
+      r_ = std::exchange(o.r_, nullptr);
+    }
+    return *this;
+  }
+  ~Result() { PQclear(r_); }
+  PGresult* get() const { return r_; }
+  int rows() const { return PQntuples(r_); }
+
+ private:
+  PGresult* r_;
+};
+
+// One row of a text-format result, read as rows::KeyFromRow expects.
+// Columns that hold bytes are selected as encode(col, 'hex').
+class Row {
+ public:
+  Row(const Result& r, int row) : r_(r.get()), row_(row) {}
+  std::string Text(int col) const {
+    return std::string(PQgetvalue(r_, row_, col), PQgetlength(r_, row_, col));
+  }
+  int64_t Int(int col) const {
+    return std::strtoll(PQgetvalue(r_, row_, col), nullptr, 10);
+  }
+  bool IsNull(int col) const { return PQgetisnull(r_, row_, col) != 0; }
+  std::string Blob(int col) const {
+    return absl::HexStringToBytes(Text(col));  // encode() makes valid hex
+  }
+
+ private:
+  PGresult* r_;
+  int row_;
+};
+
+}  // namespace pg
+
+namespace {
+
+using rows::FromMicros;
+using rows::Micros;
+
+// A SQL parameter in text form, or NULL.
+using Param = std::optional<std::string>;
+
+constexpr char kChannel[] = "custos_keys";
+// Advisory lock ids ("custos" in ASCII, then a purpose).
+constexpr int64_t kMigrationLock = 0x637573746f730001;
+constexpr int64_t kLeaderLock = 0x637573746f730002;
+constexpr int kAttempts = 5;
+
+// Versioned migrations, applied in order in one transaction. The same
+// versions as SqliteStore's, in PostgreSQL's types. Never edit a released
+// migration: add a new one.
+struct Migration {
+  int version;
+  const char* sql;
+};
+constexpr Migration kMigrations[] = {
+    {1, R"sql(
+CREATE TABLE keys (
+  id TEXT PRIMARY KEY,
+  description TEXT NOT NULL DEFAULT '',
+  labels TEXT NOT NULL DEFAULT '{}',
+  purpose INTEGER NOT NULL,
+  state INTEGER NOT NULL,
+  rotation_period_s BIGINT NOT NULL DEFAULT 0,
+  next_rotation_us BIGINT,
+  primary_version BIGINT NOT NULL,
+  create_us BIGINT NOT NULL,
+  update_us BIGINT NOT NULL,
+  deletion_us BIGINT,
+  policy TEXT NOT NULL
+);
+CREATE TABLE key_versions (
+  key_id TEXT NOT NULL REFERENCES keys(id),
+  number BIGINT NOT NULL,
+  state INTEGER NOT NULL,
+  hsm_id BYTEA NOT NULL,
+  create_us BIGINT NOT NULL,
+  encryptions_reserved BIGINT NOT NULL DEFAULT 0,
+  PRIMARY KEY (key_id, number)
+);
+CREATE UNIQUE INDEX key_versions_hsm_id ON key_versions(hsm_id);
+CREATE TABLE aliases (
+  name TEXT PRIMARY KEY,
+  key_id TEXT NOT NULL REFERENCES keys(id),
+  create_us BIGINT NOT NULL
+);
+CREATE INDEX aliases_key_id ON aliases(key_id);
+)sql"},
+    {2, R"sql(
+ALTER TABLE keys ADD COLUMN deletion_window_us BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE keys ADD COLUMN deletion_elapsed_us BIGINT NOT NULL DEFAULT 0;
+UPDATE keys SET deletion_window_us = GREATEST(0, deletion_us - update_us)
+  WHERE state = 3 AND deletion_us IS NOT NULL;
+)sql"},
+};
+
+// The version columns in rows::kVersionColumns' order, bytes as hex.
+constexpr char kVersionSelect[] =
+    "number, state, encode(hsm_id, 'hex'), create_us, encryptions_reserved";
+
+std::string SelectKeys() {
+  return absl::StrCat("SELECT ", rows::kKeyColumns, " FROM keys");
+}
+
+// Maps a failed command to a status by its SQLSTATE. Retryable conflicts
+// are ABORTED; connection trouble, a full disk and a read-only server are
+// UNAVAILABLE; unique violations ALREADY_EXISTS.
+absl::Status ErrorStatus(PGconn* conn, const PGresult* r,
+                         absl::string_view what) {
+  const char* state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : nullptr;
+  std::string detail = r ? PQresultErrorMessage(r) : PQerrorMessage(conn);
+  while (!detail.empty() && (detail.back() == '\n' || detail.back() == ' ')) {
+    detail.pop_back();
+  }
+  std::string msg = absl::StrCat("database ", what, ": ", detail);
+  if (PQstatus(conn) == CONNECTION_BAD || state == nullptr) {
+    return absl::UnavailableError(msg);
+  }
+  absl::string_view code(state);
+  if (code == "23505") return absl::AlreadyExistsError(msg);
+  if (code == "40001" || code == "40P01") return absl::AbortedError(msg);
+  if (absl::StartsWith(code, "08") || absl::StartsWith(code, "53") ||
+      absl::StartsWith(code, "57") || code == "25006") {
+    return absl::UnavailableError(msg);
+  }
+  return absl::InternalError(msg);
+}
+
+// Runs `sql` with text parameters; the result must be `expect`.
+absl::StatusOr<pg::Result> Exec(PGconn* conn, const std::string& sql,
+                                const std::vector<Param>& params,
+                                absl::string_view what,
+                                ExecStatusType expect = PGRES_COMMAND_OK) {
+  std::vector<const char*> values;
+  values.reserve(params.size());
+  for (const Param& p : params) values.push_back(p ? p->c_str() : nullptr);
+  pg::Result r(PQexecParams(conn, sql.c_str(), static_cast<int>(values.size()),
+                            nullptr, values.data(), nullptr, nullptr, 0));
+  if (r.get() == nullptr || PQresultStatus(r.get()) != expect) {
+    return ErrorStatus(conn, r.get(), what);
+  }
+  return r;
+}
+
+absl::StatusOr<pg::Result> Query(PGconn* conn, const std::string& sql,
+                                 const std::vector<Param>& params,
+                                 absl::string_view what) {
+  return Exec(conn, sql, params, what, PGRES_TUPLES_OK);
+}
+
+Param Int(int64_t v) { return std::to_string(v); }
+Param Text(absl::string_view v) { return std::string(v); }
+Param MaybeTime(absl::Time t) {
+  if (t == absl::InfinitePast()) return std::nullopt;
+  return Int(Micros(t));
+}
+
+// Rolls back unless committed.
+class Transaction {
+ public:
+  explicit Transaction(PGconn* conn) : conn_(conn) {}
+  ~Transaction() {
+    if (open_) PQclear(PQexec(conn_, "ROLLBACK"));
+  }
+  absl::Status Begin(const char* sql = "BEGIN") {
+    CUSTOS_RETURN_IF_ERROR(Exec(conn_, sql, {}, "begin").status());
+    open_ = true;
+    return absl::OkStatus();
+  }
+  absl::Status Commit() {
+    open_ = false;
+    return Exec(conn_, "COMMIT", {}, "commit").status();
+  }
+
+ private:
+  PGconn* conn_;
+  bool open_ = false;
+};
+
+// Backs off before retry `attempt` (1, 2, ...): 10 ms, 20 ms, 40 ms, ...
+void Backoff(int attempt) {
+  absl::SleepFor(absl::Milliseconds(10) * (1 << (attempt - 1)));
+}
+
+// Connects; UNAVAILABLE names the server without the password.
+absl::StatusOr<PGconn*> Connect(const std::string& url) {
+  PGconn* conn = PQconnectdb(url.c_str());
+  if (conn == nullptr) return absl::ResourceExhaustedError("out of memory");
+  if (PQstatus(conn) != CONNECTION_OK) {
+    std::string msg = PQerrorMessage(conn);
+    PQfinish(conn);
+    while (!msg.empty() && msg.back() == '\n') msg.pop_back();
+    return absl::UnavailableError(absl::StrCat(
+        "storage: cannot connect to ", RedactStorageUrl(url), ": ", msg));
+  }
+  // Times are integers and text is UTF-8 whatever the server's defaults.
+  PQclear(PQexec(conn, "SET client_encoding = 'UTF8'"));
+  return conn;
+}
+
+// The notifications waiting on `conn`, as key ids.
+void DrainNotifications(PGconn* conn, std::vector<std::string>& out) {
+  while (PGnotify* n = PQnotifies(conn)) {
+    out.push_back(n->extra);
+    PQfreemem(n);
+  }
+}
+
+// Waits up to `timeout` for `conn`'s socket to be readable.
+absl::Status WaitReadable(PGconn* conn, absl::Duration timeout) {
+  pollfd fd{PQsocket(conn), POLLIN, 0};
+  if (fd.fd < 0) return absl::UnavailableError("database connection closed");
+  int rc = poll(&fd, 1, static_cast<int>(absl::ToInt64Milliseconds(timeout)));
+  if (rc < 0 && errno != EINTR) {
+    return absl::UnavailableError("database connection: poll failed");
+  }
+  return absl::OkStatus();
+}
+
+// LISTEN custos_keys on a connection of its own.
+class PostgresChangeFeed : public ChangeFeed {
+ public:
+  explicit PostgresChangeFeed(std::string url) : url_(std::move(url)) {}
+  ~PostgresChangeFeed() override {
+    if (conn_ != nullptr) PQfinish(conn_);
+  }
+
+  absl::StatusOr<std::vector<std::string>> Wait(
+      absl::Duration timeout) override {
+    std::vector<std::string> changed;
+    if (conn_ == nullptr || PQstatus(conn_) != CONNECTION_OK) {
+      if (conn_ != nullptr) PQfinish(std::exchange(conn_, nullptr));
+      CUSTOS_ASSIGN_OR_RETURN(conn_, Connect(url_));
+      CUSTOS_RETURN_IF_ERROR(
+          Exec(conn_, absl::StrCat("LISTEN ", kChannel), {}, "listen")
+              .status());
+      // Whatever changed while no one listened is unknown.
+      changed.push_back(kEverything);
+      return changed;
+    }
+    DrainNotifications(conn_, changed);
+    if (!changed.empty()) return changed;
+    CUSTOS_RETURN_IF_ERROR(WaitReadable(conn_, timeout));
+    if (PQconsumeInput(conn_) == 0) {
+      return absl::UnavailableError(
+          absl::StrCat("database change feed: ", PQerrorMessage(conn_)));
+    }
+    DrainNotifications(conn_, changed);
+    return changed;
+  }
+
+ private:
+  const std::string url_;
+  PGconn* conn_ = nullptr;
+};
+
+// pg_try_advisory_lock on a connection of its own: the lock lives as long
+// as the session, so a dead leader's lock is released by the server.
+class PostgresLeadership : public Leadership {
+ public:
+  explicit PostgresLeadership(std::string url) : url_(std::move(url)) {}
+  ~PostgresLeadership() override {
+    if (conn_ != nullptr) PQfinish(conn_);
+  }
+
+  bool Hold() override {
+    if (conn_ != nullptr && PQstatus(conn_) != CONNECTION_OK) {
+      PQfinish(std::exchange(conn_, nullptr));
+      held_ = false;
+    }
+    if (conn_ == nullptr) {
+      absl::StatusOr<PGconn*> conn = Connect(url_);
+      if (!conn.ok()) return false;
+      conn_ = *conn;
+    }
+    // A held session lock is confirmed by a round trip on its session.
+    const std::string sql =
+        held_ ? "SELECT 1"
+              : absl::StrCat("SELECT pg_try_advisory_lock(", kLeaderLock, ")");
+    absl::StatusOr<pg::Result> r = Query(conn_, sql, {}, "leadership");
+    if (!r.ok() || r->rows() != 1) {
+      PQfinish(std::exchange(conn_, nullptr));
+      held_ = false;
+      return false;
+    }
+    if (!held_) held_ = std::string(PQgetvalue(r->get(), 0, 0)) == "t";
+    return held_;
+  }
+
+ private:
+  const std::string url_;
+  PGconn* conn_ = nullptr;
+  bool held_ = false;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PostgresStore>> PostgresStore::Open(
+    const std::string& url) {
+  CUSTOS_ASSIGN_OR_RETURN(PGconn * conn, Connect(url));
+  std::unique_ptr<PostgresStore> store(new PostgresStore(conn, url));
+  absl::MutexLock lock(&store->mu_);
+  CUSTOS_RETURN_IF_ERROR(store->Migrate());
+  return store;
+}
+
+PostgresStore::~PostgresStore() { PQfinish(conn_); }
+
+absl::Status PostgresStore::EnsureConnected() {
+  if (PQstatus(conn_) == CONNECTION_OK) return absl::OkStatus();
+  PQreset(conn_);
+  if (PQstatus(conn_) != CONNECTION_OK) {
+    return absl::UnavailableError(
+        absl::StrCat("storage: lost the connection to ", RedactStorageUrl(url_),
+                     " and cannot reconnect"));
+  }
+  PQclear(PQexec(conn_, "SET client_encoding = 'UTF8'"));
+  return absl::OkStatus();
+}
+
+absl::Status PostgresStore::Migrate() {
+  Transaction tx(conn_);
+  CUSTOS_RETURN_IF_ERROR(tx.Begin());
+  // Replicas starting together wait here for the first to finish.
+  CUSTOS_RETURN_IF_ERROR(
+      Query(conn_,
+            absl::StrCat("SELECT pg_advisory_xact_lock(", kMigrationLock, ")"),
+            {}, "migrate")
+          .status());
+  CUSTOS_RETURN_IF_ERROR(
+      Exec(conn_,
+           "CREATE TABLE IF NOT EXISTS schema_migrations ("
+           "version INTEGER PRIMARY KEY, applied_us BIGINT NOT NULL)",
+           {}, "migrate")
+          .status());
+  CUSTOS_ASSIGN_OR_RETURN(
+      pg::Result current,
+      Query(conn_, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            {}, "read schema version"));
+  schema_version_ = static_cast<int>(pg::Row(current, 0).Int(0));
+  constexpr int kLatest = kMigrations[std::size(kMigrations) - 1].version;
+  if (schema_version_ > kLatest) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("storage: database schema version ", schema_version_,
+                     " is newer than this custosd understands (", kLatest,
+                     "); run a newer custosd"));
+  }
+  int version = schema_version_;
+  for (const Migration& m : kMigrations) {
+    if (m.version <= version) continue;
+    pg::Result r(PQexec(conn_, m.sql));  // several statements: no parameters
+    if (PQresultStatus(r.get()) != PGRES_COMMAND_OK) {
+      return ErrorStatus(conn_, r.get(), "migrate");
+    }
+    CUSTOS_RETURN_IF_ERROR(
+        Exec(conn_,
+             "INSERT INTO schema_migrations(version, applied_us) "
+             "VALUES ($1, $2)",
+             {Int(m.version), Int(Micros(absl::Now()))}, "migrate")
+            .status());
+    version = m.version;
+  }
+  CUSTOS_RETURN_IF_ERROR(tx.Commit());
+  schema_version_ = version;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Key> PostgresStore::LoadKeyLocked(absl::string_view id,
+                                                 bool for_update) {
+  CUSTOS_ASSIGN_OR_RETURN(pg::Result k,
+                          Query(conn_,
+                                absl::StrCat(SelectKeys(), " WHERE id = $1",
+                                             for_update ? " FOR UPDATE" : ""),
+                                {Text(id)}, "load key"));
+  if (k.rows() == 0) {
+    return absl::NotFoundError(absl::StrCat("key ", id, " not found"));
+  }
+  CUSTOS_ASSIGN_OR_RETURN(Key key, rows::KeyFromRow(pg::Row(k, 0)));
+  CUSTOS_ASSIGN_OR_RETURN(
+      pg::Result v,
+      Query(
+          conn_,
+          absl::StrCat("SELECT ", kVersionSelect,
+                       " FROM key_versions WHERE key_id = $1 ORDER BY number"),
+          {Text(id)}, "load versions"));
+  for (int i = 0; i < v.rows(); ++i) {
+    CUSTOS_ASSIGN_OR_RETURN(KeyVersion version,
+                            rows::VersionFromRow(pg::Row(v, i), key.id));
+    CUSTOS_RETURN_IF_ERROR(rows::AppendVersion(key, std::move(version)));
+  }
+  CUSTOS_ASSIGN_OR_RETURN(
+      pg::Result a,
+      Query(conn_, "SELECT name FROM aliases WHERE key_id = $1 ORDER BY name",
+            {Text(id)}, "load aliases"));
+  for (int i = 0; i < a.rows(); ++i) {
+    key.aliases.push_back(pg::Row(a, i).Text(0));
+  }
+  return key;
+}
+
+absl::Status PostgresStore::WriteKeyLocked(const Key& key, bool insert) {
+  const char* sql =
+      insert ? "INSERT INTO keys (description, labels, purpose, state, "
+               "rotation_period_s, next_rotation_us, primary_version, "
+               "create_us, update_us, deletion_us, policy, "
+               "deletion_window_us, deletion_elapsed_us, id) VALUES "
+               "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"
+             : "UPDATE keys SET description=$1, labels=$2, purpose=$3, "
+               "state=$4, rotation_period_s=$5, next_rotation_us=$6, "
+               "primary_version=$7, create_us=$8, update_us=$9, "
+               "deletion_us=$10, policy=$11, deletion_window_us=$12, "
+               "deletion_elapsed_us=$13 WHERE id=$14";
+  CUSTOS_ASSIGN_OR_RETURN(
+      pg::Result r,
+      Exec(conn_, sql,
+           {Text(key.description), rows::LabelsToJson(key.labels),
+            Int(static_cast<int64_t>(key.purpose)),
+            Int(static_cast<int64_t>(key.state)),
+            Int(absl::ToInt64Seconds(key.rotation_period)),
+            MaybeTime(key.next_rotation_time), Int(key.primary_version),
+            Int(Micros(key.create_time)), Int(Micros(key.update_time)),
+            MaybeTime(key.deletion_time), PolicyToJson(key.policy),
+            Int(absl::ToInt64Microseconds(key.deletion_window)),
+            Int(absl::ToInt64Microseconds(key.deletion_elapsed)), Text(key.id)},
+           "write key"));
+  if (!insert && std::string(PQcmdTuples(r.get())) != "1") {
+    return absl::NotFoundError(absl::StrCat("key ", key.id, " not found"));
+  }
+  for (const KeyVersion& v : key.versions) {
+    CUSTOS_RETURN_IF_ERROR(
+        Exec(conn_,
+             "INSERT INTO key_versions (key_id, number, state, hsm_id, "
+             "create_us, encryptions_reserved) "
+             "VALUES ($1,$2,$3,decode($4, 'hex'),$5,$6) "
+             "ON CONFLICT (key_id, number) DO UPDATE SET "
+             "state=excluded.state, "
+             "encryptions_reserved=excluded.encryptions_reserved",
+             {Text(key.id), Int(v.number), Int(static_cast<int64_t>(v.state)),
+              absl::BytesToHexString(v.hsm_id), Int(Micros(v.create_time)),
+              Int(static_cast<int64_t>(v.encryptions_reserved))},
+             "write version")
+            .status());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PostgresStore::NotifyLocked(absl::string_view key_id) {
+  return Query(conn_, "SELECT pg_notify($1, $2)",
+               {Text(kChannel), Text(key_id)}, "notify")
+      .status();
+}
+
+absl::StatusOr<std::vector<Key>> PostgresStore::LoadAllKeys() {
+  absl::MutexLock lock(&mu_);
+  CUSTOS_RETURN_IF_ERROR(EnsureConnected());
+  // Three scans joined in memory, in one snapshot.
+  Transaction tx(conn_);
+  CUSTOS_RETURN_IF_ERROR(
+      tx.Begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"));
+  std::vector<Key> keys;
+  absl::flat_hash_map<std::string, size_t> index;
+  {
+    CUSTOS_ASSIGN_OR_RETURN(
+        pg::Result k,
+        Query(conn_, absl::StrCat(SelectKeys(), " ORDER BY create_us, id"), {},
+              "list keys"));
+    for (int i = 0; i < k.rows(); ++i) {
+      CUSTOS_ASSIGN_OR_RETURN(Key key, rows::KeyFromRow(pg::Row(k, i)));
+      index.emplace(key.id, keys.size());
+      keys.push_back(std::move(key));
+    }
+  }
+  auto find = [&](const std::string& key_id) -> Key* {
+    auto it = index.find(key_id);
+    return it == index.end() ? nullptr : &keys[it->second];
+  };
+  {
+    CUSTOS_ASSIGN_OR_RETURN(
+        pg::Result v,
+        Query(
+            conn_,
+            absl::StrCat("SELECT ", kVersionSelect,
+                         ", key_id FROM key_versions ORDER BY key_id, number"),
+            {}, "load versions"));
+    for (int i = 0; i < v.rows(); ++i) {
+      pg::Row row(v, i);
+      Key* key = find(row.Text(5));
+      if (key == nullptr) continue;
+      CUSTOS_ASSIGN_OR_RETURN(KeyVersion version,
+                              rows::VersionFromRow(row, key->id));
+      CUSTOS_RETURN_IF_ERROR(rows::AppendVersion(*key, std::move(version)));
+    }
+  }
+  {
+    CUSTOS_ASSIGN_OR_RETURN(
+        pg::Result a,
+        Query(conn_, "SELECT key_id, name FROM aliases ORDER BY key_id, name",
+              {}, "load aliases"));
+    for (int i = 0; i < a.rows(); ++i) {
+      pg::Row row(a, i);
+      if (Key* key = find(row.Text(0))) key->aliases.push_back(row.Text(1));
+    }
+  }
+  CUSTOS_RETURN_IF_ERROR(tx.Commit());
+  return keys;
+}
+
+absl::StatusOr<Key> PostgresStore::LoadKey(absl::string_view id) {
+  absl::MutexLock lock(&mu_);
+  CUSTOS_RETURN_IF_ERROR(EnsureConnected());
+  Transaction tx(conn_);
+  CUSTOS_RETURN_IF_ERROR(
+      tx.Begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"));
+  CUSTOS_ASSIGN_OR_RETURN(Key key, LoadKeyLocked(id, /*for_update=*/false));
+  CUSTOS_RETURN_IF_ERROR(tx.Commit());
+  return key;
+}
+
+absl::Status PostgresStore::InsertKey(const Key& key) {
+  absl::MutexLock lock(&mu_);
+  CUSTOS_RETURN_IF_ERROR(EnsureConnected());
+  Transaction tx(conn_);
+  CUSTOS_RETURN_IF_ERROR(tx.Begin());
+  absl::Status s = WriteKeyLocked(key, /*insert=*/true);
+  if (absl::IsAlreadyExists(s)) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("key ", key.id, " already exists"));
+  }
+  CUSTOS_RETURN_IF_ERROR(s);
+  for (const std::string& alias : key.aliases) {
+    absl::Status a =
+        Exec(conn_,
+             "INSERT INTO aliases (name, key_id, create_us) VALUES ($1,$2,$3)",
+             {Text(alias), Text(key.id), Int(Micros(key.create_time))},
+             "create alias")
+            .status();
+    if (absl::IsAlreadyExists(a)) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("alias ", alias, " already exists"));
+    }
+    CUSTOS_RETURN_IF_ERROR(a);
+  }
+  CUSTOS_RETURN_IF_ERROR(NotifyLocked(key.id));
+  return tx.Commit();
+}
+
+absl::StatusOr<Key> PostgresStore::UpdateKey(absl::string_view id,
+                                             Mutator mutate) {
+  absl::MutexLock lock(&mu_);
+  for (int attempt = 1;; ++attempt) {
+    std::optional<Transaction> tx;
+    absl::StatusOr<Key> key = absl::UnknownError("not read");
+    absl::Status s = EnsureConnected();
+    if (s.ok()) {
+      tx.emplace(conn_);
+      s = tx->Begin();
+    }
+    if (s.ok()) {
+      key = LoadKeyLocked(id, /*for_update=*/true);
+      s = key.status();
+    }
+    // Nothing has run yet: a conflict or a dropped connection is retried.
+    if ((absl::IsAborted(s) || absl::IsUnavailable(s)) && attempt < kAttempts) {
+      tx.reset();
+      Backoff(attempt);
+      continue;
+    }
+    CUSTOS_RETURN_IF_ERROR(s);
+    CUSTOS_RETURN_IF_ERROR(mutate(*key));
+    if (key->id != id) return absl::InternalError("a key's id cannot change");
+    CUSTOS_RETURN_IF_ERROR(WriteKeyLocked(*key, /*insert=*/false));
+    CUSTOS_RETURN_IF_ERROR(NotifyLocked(key->id));
+    CUSTOS_RETURN_IF_ERROR(tx->Commit());
+    return key;
+  }
+}
+
+absl::Status PostgresStore::CreateAlias(const AliasRecord& alias) {
+  absl::MutexLock lock(&mu_);
+  CUSTOS_RETURN_IF_ERROR(EnsureConnected());
+  Transaction tx(conn_);
+  CUSTOS_RETURN_IF_ERROR(tx.Begin());
+  // The key's row lock orders this against changes to the key.
+  CUSTOS_ASSIGN_OR_RETURN(
+      pg::Result k, Query(conn_, "SELECT 1 FROM keys WHERE id = $1 FOR UPDATE",
+                          {Text(alias.key_id)}, "create alias"));
+  if (k.rows() == 0) {
+    return absl::NotFoundError(
+        absl::StrCat("key ", alias.key_id, " not found"));
+  }
+  absl::Status s =
+      Exec(conn_,
+           "INSERT INTO aliases (name, key_id, create_us) VALUES ($1,$2,$3)",
+           {Text(alias.name), Text(alias.key_id),
+            Int(Micros(alias.create_time))},
+           "create alias")
+          .status();
+  if (absl::IsAlreadyExists(s)) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("alias ", alias.name, " already exists"));
+  }
+  CUSTOS_RETURN_IF_ERROR(s);
+  CUSTOS_RETURN_IF_ERROR(NotifyLocked(alias.key_id));
+  return tx.Commit();
+}
+
+absl::Status PostgresStore::DeleteAlias(absl::string_view alias) {
+  absl::MutexLock lock(&mu_);
+  CUSTOS_RETURN_IF_ERROR(EnsureConnected());
+  Transaction tx(conn_);
+  CUSTOS_RETURN_IF_ERROR(tx.Begin());
+  CUSTOS_ASSIGN_OR_RETURN(
+      pg::Result d,
+      Query(conn_, "DELETE FROM aliases WHERE name = $1 RETURNING key_id",
+            {Text(alias)}, "delete alias"));
+  if (d.rows() == 0) {
+    return absl::NotFoundError(absl::StrCat("alias ", alias, " not found"));
+  }
+  CUSTOS_RETURN_IF_ERROR(NotifyLocked(pg::Row(d, 0).Text(0)));
+  return tx.Commit();
+}
+
+absl::StatusOr<std::vector<AliasRecord>> PostgresStore::ListAliases() {
+  absl::MutexLock lock(&mu_);
+  CUSTOS_RETURN_IF_ERROR(EnsureConnected());
+  CUSTOS_ASSIGN_OR_RETURN(
+      pg::Result q,
+      Query(conn_, "SELECT name, key_id, create_us FROM aliases ORDER BY name",
+            {}, "list aliases"));
+  std::vector<AliasRecord> out;
+  for (int i = 0; i < q.rows(); ++i) {
+    pg::Row row(q, i);
+    out.push_back({row.Text(0), row.Text(1), FromMicros(row.Int(2))});
+  }
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<ChangeFeed>> PostgresStore::WatchChanges() {
+  return std::make_unique<PostgresChangeFeed>(url_);
+}
+
+absl::StatusOr<std::unique_ptr<Leadership>> PostgresStore::NewLeadership() {
+  return std::make_unique<PostgresLeadership>(url_);
+}
+
+}  // namespace custos::kms
