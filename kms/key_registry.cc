@@ -120,6 +120,51 @@ absl::Status KeyRegistry::DeleteAlias(absl::string_view alias) {
   return absl::OkStatus();
 }
 
+absl::Status KeyRegistry::Refresh(absl::string_view id) {
+  // Under write_mu_, no write of this process is half way: what the store
+  // returns is at least as new as the cache.
+  absl::MutexLock write(&write_mu_);
+  if (id == ChangeFeed::kEverything) {
+    CUSTOS_ASSIGN_OR_RETURN(std::vector<Key> keys, store_->LoadAllKeys());
+    CUSTOS_ASSIGN_OR_RETURN(std::vector<AliasRecord> aliases,
+                            store_->ListAliases());
+    absl::MutexLock lock(&mu_);
+    keys_.clear();
+    aliases_.clear();
+    for (Key& key : keys)
+      PutLocked(std::make_shared<const Key>(std::move(key)));
+    for (AliasRecord& alias : aliases) {
+      aliases_[alias.name] = std::move(alias);
+    }
+    return absl::OkStatus();
+  }
+  absl::StatusOr<Key> key = store_->LoadKey(id);
+  if (!key.ok() && !absl::IsNotFound(key.status())) return key.status();
+  std::vector<AliasRecord> aliases;
+  if (key.ok() && !key->aliases.empty()) {
+    CUSTOS_ASSIGN_OR_RETURN(std::vector<AliasRecord> all,
+                            store_->ListAliases());
+    for (AliasRecord& alias : all) {
+      if (alias.key_id == id) aliases.push_back(std::move(alias));
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  for (auto it = aliases_.begin(); it != aliases_.end();) {
+    if (it->second.key_id == id) {
+      aliases_.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+  if (!key.ok()) {
+    keys_.erase(std::string(id));
+    return absl::OkStatus();
+  }
+  for (AliasRecord& alias : aliases) aliases_[alias.name] = std::move(alias);
+  PutLocked(std::make_shared<const Key>(*std::move(key)));
+  return absl::OkStatus();
+}
+
 std::vector<AliasRecord> KeyRegistry::Aliases(absl::string_view key_id) const {
   std::vector<AliasRecord> out;
   {

@@ -34,6 +34,11 @@ class KeyRegistry {
                                                     Store::Mutator mutate);
   absl::Status CreateAlias(const AliasRecord& alias);
   absl::Status DeleteAlias(absl::string_view alias);
+  // Re-reads from the store a key that another process sharing it changed
+  // (with its aliases), or every key when `id` is ChangeFeed::kEverything.
+  // Ordered with this process's own writes: the cache never goes back to
+  // an older state.
+  absl::Status Refresh(absl::string_view id);
   // Aliases (of one key when `key_id` is not empty), sorted by name.
   std::vector<AliasRecord> Aliases(absl::string_view key_id) const;
 

@@ -169,6 +169,7 @@ struct MaintenanceReport {
   int destroyed_keys = 0;
   int destroyed_objects = 0;
   int orphans_destroyed = 0;
+  int orphans_waiting = 0;  // seen, not yet destroyed (orphan_grace)
   int missing_objects = 0;
   int failures = 0;
 };
@@ -187,6 +188,12 @@ class KeyService {
     // Shortest rotation period accepted. Tests shorten it.
     absl::Duration min_rotation_period = absl::Hours(24);
     std::function<absl::Time()> now = [] { return absl::Now(); };
+    // How long Reconcile leaves an HSM object that no key version owns
+    // before destroying it: it must be seen so by reconciles at least this
+    // far apart. Zero destroys at once, which is right when this process
+    // makes every key (material_mu_ orders its own creates); with replicas,
+    // another may have generated an object whose row it has not committed.
+    absl::Duration orphan_grace = absl::ZeroDuration();
     // A clock that only moves forward (steady, not stepped with the wall
     // clock): deletion windows are counted on it.
     std::function<absl::Duration()> monotonic_now = [] {
@@ -397,6 +404,10 @@ class KeyService {
   absl::Mutex window_mu_;
   absl::flat_hash_map<std::string, WindowMark> window_marks_
       ABSL_GUARDED_BY(window_mu_);
+  // When Reconcile first saw each object that no version owns (monotonic).
+  absl::Mutex orphans_mu_;
+  absl::flat_hash_map<std::string, absl::Duration> orphans_seen_
+      ABSL_GUARDED_BY(orphans_mu_);
   absl::Mutex counters_mu_;
   absl::flat_hash_map<std::string, std::unique_ptr<Counter>> counters_
       ABSL_GUARDED_BY(counters_mu_);

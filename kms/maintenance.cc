@@ -210,11 +210,30 @@ absl::StatusOr<MaintenanceReport> KeyService::Reconcile() {
   // never candidates. lifecycle_mu_ keeps the deletion executor from being
   // half way (objects destroyed, row not yet) while missing objects are
   // counted.
+  absl::MutexLock orphans(&orphans_mu_);
   absl::WriterMutexLock material(&material_mu_);
   absl::MutexLock lifecycle(&lifecycle_mu_);
   const VersionIds now = LiveAndDeadIds(registry_->All());
+  const absl::Duration mono = options_.monotonic_now();
+  absl::flat_hash_map<std::string, absl::Duration> seen;
   for (const hsm::HsmObject* o : candidates) {
     if (now.live.count(o->id) != 0) continue;  // committed meanwhile
+    if (options_.orphan_grace > absl::ZeroDuration() &&
+        now.dead.count(o->id) == 0) {
+      auto first = orphans_seen_.find(o->id);
+      const absl::Duration first_seen =
+          first == orphans_seen_.end() ? mono : first->second;
+      seen[o->id] = first_seen;
+      if (mono - first_seen < options_.orphan_grace) {
+        ++report.orphans_waiting;
+        spdlog::warn(
+            "reconcile: HSM object {} ({}) has no key version; it is "
+            "destroyed if still unclaimed after {}",
+            hsm::ObjectIdHex(o->id), o->label,
+            absl::FormatDuration(options_.orphan_grace));
+        continue;
+      }
+    }
     // Either a version that was destroyed in the database but not yet in
     // the HSM, or an object generated just before a crash whose row was
     // never committed (so no blob was ever issued under it).
@@ -235,6 +254,7 @@ absl::StatusOr<MaintenanceReport> KeyService::Reconcile() {
                       : "no key version owns it (left by an interrupted "
                         "create or rotate)");
   }
+  orphans_seen_ = std::move(seen);
   // Missing: live before the listing and still live now. A version
   // committed after the listing may be absent from it without being lost.
   for (const std::string& id : before.live) {
@@ -248,9 +268,9 @@ absl::StatusOr<MaintenanceReport> KeyService::Reconcile() {
   }
   spdlog::info(
       "reconcile: {} HSM objects, {} live versions; destroyed {} orphans and "
-      "{} objects in all; {} missing",
+      "{} objects in all; {} orphans waiting; {} missing",
       objects.size(), now.live.size(), report.orphans_destroyed,
-      report.destroyed_objects, report.missing_objects);
+      report.destroyed_objects, report.orphans_waiting, report.missing_objects);
   return report;
 }
 

@@ -31,7 +31,6 @@
 #include "absl/synchronization/notification.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
-#include "common/steady_notification.h"
 #include "hsm/hsm.h"
 #include "hsm/module.h"
 #include "kms/audit/audit_log.h"
@@ -42,6 +41,7 @@
 #include "kms/key_registry.h"
 #include "kms/key_service.h"
 #include "kms/server/audit_handler.h"
+#include "kms/server/background.h"
 #include "kms/server/config.h"
 #include "kms/server/handlers.h"
 #include "kms/server/rpc_support.h"
@@ -116,8 +116,9 @@ absl::Status Run(const std::string& config_path) {
                           kms::OpenStore(config.storage));
   CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<kms::KeyRegistry> registry,
                           kms::KeyRegistry::Load(store.get()));
-  spdlog::info("storage: {} (schema {}), {} keys", config.storage,
-               store->SchemaVersion(), registry->size());
+  spdlog::info("storage: {} (schema {}), {} keys",
+               kms::RedactStorageUrl(config.storage), store->SchemaVersion(),
+               registry->size());
 
   // The checkpoint signing key lives in the HSM; its public half is written
   // beside the segments for auditors (who should also keep a copy of their
@@ -143,6 +144,8 @@ absl::Status Run(const std::string& config_path) {
   service_options.encryption_limit = config.encryption_limit;
   service_options.deletion_day = config.testing.deletion_day;
   service_options.min_rotation_period = config.testing.min_rotation_period;
+  // Replicas may hold an HSM object generated but not yet committed.
+  if (store->Shared()) service_options.orphan_grace = absl::Minutes(10);
   kms::KeyService service(service_options, hsm->get(), registry.get(),
                           audit.get(), &authorizer);
 
@@ -196,30 +199,14 @@ absl::Status Run(const std::string& config_path) {
   }
   spdlog::info("serving mutual TLS on {}", config.listen);
 
-  // Background work: the reconciliation, first and until it succeeds
-  // (KeyService::Reconcile is safe while calls are served), then scheduled
-  // rotations and deletions.
-  SteadyNotification stop;  // its timed wait ignores wall-clock steps
-  std::thread maintenance([&] {
-    bool reconciled = false;
-    auto reconcile = [&] {
-      absl::StatusOr<kms::MaintenanceReport> r = service.Reconcile();
-      reconciled = r.ok();
-      if (!r.ok()) {
-        spdlog::error("reconcile failed, retried at the next pass: {}",
-                      r.status().message());
-      }
-    };
-    reconcile();
-    while (!stop.WaitForNotificationWithTimeout(config.maintenance_interval)) {
-      if (!reconciled) reconcile();
-      kms::MaintenanceReport r = service.RunScheduledWork();
-      if (r.rotated || r.destroyed_keys || r.failures) {
-        spdlog::info("maintenance: rotated {}, destroyed {} keys, {} failures",
-                     r.rotated, r.destroyed_keys, r.failures);
-      }
-    }
-  });
+  // Background work: reconciliation, scheduled rotations and deletions
+  // (on one replica at a time when the store is shared), and other
+  // replicas' changes.
+  BackgroundWork::Options background_options;
+  background_options.interval = config.maintenance_interval;
+  BackgroundWork background(background_options, &service, registry.get(),
+                            store.get());
+  CUSTOS_RETURN_IF_ERROR(background.Start());
 
   // Wait for SIGTERM/SIGINT (blocked in every thread, taken here).
   sigset_t signals;
@@ -229,13 +216,12 @@ absl::Status Run(const std::string& config_path) {
   int signal_number = 0;
   sigwait(&signals, &signal_number);
   spdlog::info("signal {}: draining calls and shutting down", signal_number);
-  stop.Notify();
+  background.Stop();
   audit_handler.Stop();  // ends open StreamAuditEvents calls
   const auto deadline =
       std::chrono::system_clock::now() + std::chrono::seconds(10);
   server->Shutdown(deadline);
   if (dev_server) dev_server->Shutdown(deadline);
-  maintenance.join();
   server->Wait();
   spdlog::info("stopped");
   return absl::OkStatus();

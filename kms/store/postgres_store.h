@@ -52,6 +52,7 @@ class PostgresStore : public Store {
   absl::StatusOr<std::vector<AliasRecord>> ListAliases() override;
   int SchemaVersion() const override { return schema_version_; }
 
+  bool Shared() const override { return true; }
   absl::StatusOr<std::unique_ptr<ChangeFeed>> WatchChanges() override;
   absl::StatusOr<std::unique_ptr<Leadership>> NewLeadership() override;
 

@@ -81,6 +81,8 @@ class Store {
   // The schema version after migrations.
   virtual int SchemaVersion() const = 0;
 
+  // Whether several processes may share this store (replicas).
+  virtual bool Shared() const { return false; }
   // For stores several processes share: a feed of the others' changes, and
   // the lead for background work. A store for one process returns nullptr
   // from both (nothing changes behind its back; it always leads).

@@ -1707,6 +1707,49 @@ TEST_F(KeyServiceReconcileTest, DestroysOrphansAndLeavesForeignObjects) {
   CUSTOS_EXPECT_OK(hsm_->DestroyObjects(foreign));
 }
 
+// With replicas (orphan_grace > 0), an object no version owns is destroyed
+// only when reconciles that far apart have both found it unclaimed: another
+// replica may have generated it and be about to commit its row.
+TEST_F(KeyServiceReconcileTest, OrphanGraceWaitsBeforeDestroying) {
+  CUSTOS_ASSERT_OK(service().Reconcile());  // other tests' objects
+  KeyService::Options options = Options();
+  options.orphan_grace = absl::Minutes(10);
+  const std::string shared = dir_ + "/shared";
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Stack> a,
+                              OpenStack(shared, options, dir_ + "/audit-a"));
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Stack> b,
+                              OpenStack(shared, options, dir_ + "/audit-b"));
+  CUSTOS_ASSERT_OK_AND_ASSIGN(
+      std::string orphan,
+      hsm_->GenerateAesKey(HsmLabel("k-orphanbbbbbbbbbbbbbbbbbbb", 1)));
+  // Replica b makes a key that a's cache has not seen yet.
+  CUSTOS_ASSERT_OK_AND_ASSIGN(
+      std::shared_ptr<const Key> key,
+      b->service->CreateKey(As(kAdmin), KeyParams(SvcAPolicy())));
+
+  CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport first, a->service->Reconcile());
+  EXPECT_EQ(first.orphans_waiting, 2);
+  EXPECT_EQ(first.destroyed_objects, 0);
+  clock_.Advance(absl::Minutes(9));
+  CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport early, a->service->Reconcile());
+  EXPECT_EQ(early.orphans_waiting, 2);
+  EXPECT_EQ(early.destroyed_objects, 0);
+
+  // a learns of b's key (the change feed refreshes its registry).
+  CUSTOS_ASSERT_OK(a->registry->Refresh(key->id));
+  clock_.Advance(absl::Minutes(2));
+  CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport late, a->service->Reconcile());
+  EXPECT_EQ(late.orphans_waiting, 0);
+  EXPECT_EQ(late.orphans_destroyed, 1);
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::vector<hsm::HsmObject> objects,
+                              hsm_->ListKeyObjects());
+  EXPECT_THAT(HsmIds(objects), ::testing::Not(::testing::Contains(orphan)));
+  EXPECT_THAT(HsmIds(objects), ::testing::Contains(key->versions[0].hsm_id));
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> seen,
+                              a->service->GetKey(As(kAdmin), key->id));
+  EXPECT_EQ(seen->versions.size(), 1u);
+}
+
 TEST_F(KeyServiceReconcileTest, ReportsAVersionWhoseObjectIsMissing) {
   CUSTOS_ASSERT_OK(service().Reconcile());
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey());
