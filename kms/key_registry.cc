@@ -1,6 +1,7 @@
 #include "kms/key_registry.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -163,6 +164,34 @@ absl::Status KeyRegistry::Refresh(absl::string_view id) {
   for (AliasRecord& alias : aliases) aliases_[alias.name] = std::move(alias);
   PutLocked(std::make_shared<const Key>(*std::move(key)));
   return absl::OkStatus();
+}
+
+namespace {
+int64_t SteadyNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+}  // namespace
+
+void KeyRegistry::RequireFreshness(absl::Duration limit) {
+  fresh_at_ns_.store(SteadyNanos());
+  fresh_limit_ns_.store(absl::ToInt64Nanoseconds(limit));
+}
+
+void KeyRegistry::MarkFresh() { fresh_at_ns_.store(SteadyNanos()); }
+
+absl::Status KeyRegistry::CheckFresh() const {
+  const int64_t limit = fresh_limit_ns_.load(std::memory_order_relaxed);
+  if (limit == 0) return absl::OkStatus();
+  const int64_t age =
+      SteadyNanos() - fresh_at_ns_.load(std::memory_order_relaxed);
+  if (age <= limit) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat(
+      "this replica has not heard from the key database for ",
+      absl::FormatDuration(absl::Nanoseconds(age)),
+      "; keys are not used until it has (a key disabled on another replica "
+      "must not stay usable); retry, or use another replica"));
 }
 
 std::vector<AliasRecord> KeyRegistry::Aliases(absl::string_view key_id) const {

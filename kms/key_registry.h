@@ -5,6 +5,7 @@
 #ifndef CUSTOS_KMS_KEY_REGISTRY_H_
 #define CUSTOS_KMS_KEY_REGISTRY_H_
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -39,6 +40,16 @@ class KeyRegistry {
   // Ordered with this process's own writes: the cache never goes back to
   // an older state.
   absl::Status Refresh(absl::string_view id);
+
+  // Freshness, for replicas: once RequireFreshness(limit) is called,
+  // CheckFresh() is UNAVAILABLE unless MarkFresh() was called within
+  // `limit` (the change feed calls it after each round trip to the store
+  // whose changes it applied). A replica that cannot hear of other
+  // replicas' changes stops using keys rather than honour a key that was
+  // disabled elsewhere.
+  void RequireFreshness(absl::Duration limit);
+  void MarkFresh();
+  absl::Status CheckFresh() const;
   // Aliases (of one key when `key_id` is not empty), sorted by name.
   std::vector<AliasRecord> Aliases(absl::string_view key_id) const;
 
@@ -48,6 +59,9 @@ class KeyRegistry {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   Store* const store_;
+  // Steady-clock nanoseconds; zero limit: freshness is not required.
+  std::atomic<int64_t> fresh_limit_ns_{0};
+  std::atomic<int64_t> fresh_at_ns_{0};
   // Serialises writers so the cache applies store changes in order.
   absl::Mutex write_mu_;
   mutable absl::Mutex mu_;

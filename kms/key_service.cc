@@ -254,6 +254,7 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::AuthorizeKeyUse(
   if (raw != nullptr) audit.SetKey(raw->id, 0);
   CUSTOS_RETURN_IF_ERROR(
       authorizer_->Check(caller, rpc, raw, op, &context, justification));
+  CUSTOS_RETURN_IF_ERROR(registry_->CheckFresh());
   if ((*key)->state != KeyState::kEnabled) {
     return absl::FailedPreconditionError(
         absl::StrCat("key ", (*key)->id, " is ", KeyStateName((*key)->state),
@@ -431,6 +432,7 @@ absl::StatusOr<DecryptResult> KeyService::Open(
   if (raw != nullptr) audit.SetKey(raw->id, parsed.header.version);
   CUSTOS_RETURN_IF_ERROR(
       authorizer_->Check(caller, rpc, raw, op, &context, justification));
+  CUSTOS_RETURN_IF_ERROR(registry_->CheckFresh());
   // Only an authorized caller learns anything about `expected_key`.
   if (!expected_key.empty()) {
     absl::StatusOr<std::shared_ptr<const Key>> expected =

@@ -12,6 +12,11 @@ namespace custos::server {
 absl::Status BackgroundWork::Start() {
   CUSTOS_ASSIGN_OR_RETURN(leadership_, store_->NewLeadership());
   CUSTOS_ASSIGN_OR_RETURN(feed_, store_->WatchChanges());
+  if (feed_ != nullptr) {
+    // The feed must first connect and load everything.
+    registry_->RequireFreshness(options_.max_staleness);
+    registry_->MarkFresh();
+  }
   maintenance_ = std::thread([this] { Maintain(); });
   if (feed_ != nullptr) changes_ = std::thread([this] { FollowChanges(); });
   return absl::OkStatus();
@@ -97,6 +102,8 @@ void BackgroundWork::FollowChanges() {
         spdlog::error("refreshing key {} from the store: {}", id, s.message());
       }
     }
+    // Every change committed before this round trip is in the cache.
+    if (!reload_all) registry_->MarkFresh();
   }
 }
 

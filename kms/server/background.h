@@ -29,8 +29,12 @@ class BackgroundWork {
     // Shared stores only: how often the leader reconciles (single-process
     // stores reconcile once, after start-up, until it succeeds).
     absl::Duration reconcile_every = absl::Minutes(5);
-    // How long the change feed waits per round (bounds Stop's wait).
+    // How long the change feed waits per round trip to the store (bounds
+    // Stop's wait).
     absl::Duration feed_wait = absl::Milliseconds(250);
+    // Shared stores only: keys are not used while the change feed has not
+    // completed a round trip for this long (KeyRegistry::CheckFresh).
+    absl::Duration max_staleness = absl::Seconds(1);
   };
 
   // All pointers must outlive this object.

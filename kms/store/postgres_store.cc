@@ -212,9 +212,22 @@ void Backoff(int attempt) {
   absl::SleepFor(absl::Milliseconds(10) * (1 << (attempt - 1)));
 }
 
-// Connects; UNAVAILABLE names the server without the password.
-absl::StatusOr<PGconn*> Connect(const std::string& url) {
-  PGconn* conn = PQconnectdb(url.c_str());
+// Connects; UNAVAILABLE names the server without the password. `prompt`
+// connections (the change feed, the leader lease) notice a vanished server
+// within about a second (unacknowledged data, dead keepalives), where the
+// kernel's defaults take minutes.
+absl::StatusOr<PGconn*> Connect(const std::string& url, bool prompt = false) {
+  // The URL first, expanded; the later settings override it.
+  const char* keys[] = {"dbname",
+                        "connect_timeout",
+                        "tcp_user_timeout",
+                        "keepalives_idle",
+                        "keepalives_interval",
+                        "keepalives_count",
+                        nullptr};
+  const char* values[] = {url.c_str(), "5", "1000", "1", "1", "2", nullptr};
+  if (!prompt) keys[2] = nullptr;  // only dbname and connect_timeout
+  PGconn* conn = PQconnectdbParams(keys, values, /*expand_dbname=*/1);
   if (conn == nullptr) return absl::ResourceExhaustedError("out of memory");
   if (PQstatus(conn) != CONNECTION_OK) {
     std::string msg = PQerrorMessage(conn);
@@ -260,7 +273,7 @@ class PostgresChangeFeed : public ChangeFeed {
     std::vector<std::string> changed;
     if (conn_ == nullptr || PQstatus(conn_) != CONNECTION_OK) {
       if (conn_ != nullptr) PQfinish(std::exchange(conn_, nullptr));
-      CUSTOS_ASSIGN_OR_RETURN(conn_, Connect(url_));
+      CUSTOS_ASSIGN_OR_RETURN(conn_, Connect(url_, /*prompt=*/true));
       CUSTOS_RETURN_IF_ERROR(
           Exec(conn_, absl::StrCat("LISTEN ", kChannel), {}, "listen")
               .status());
@@ -276,6 +289,13 @@ class PostgresChangeFeed : public ChangeFeed {
           absl::StrCat("database change feed: ", PQerrorMessage(conn_)));
     }
     DrainNotifications(conn_, changed);
+    if (changed.empty()) {
+      // A round trip: proves that nothing was committed unheard before it
+      // (notifications precede the reply), or fails on a dead server.
+      CUSTOS_RETURN_IF_ERROR(
+          Query(conn_, "SELECT 1", {}, "change feed").status());
+      DrainNotifications(conn_, changed);
+    }
     return changed;
   }
 
@@ -299,7 +319,7 @@ class PostgresLeadership : public Leadership {
       held_ = false;
     }
     if (conn_ == nullptr) {
-      absl::StatusOr<PGconn*> conn = Connect(url_);
+      absl::StatusOr<PGconn*> conn = Connect(url_, /*prompt=*/true);
       if (!conn.ok()) return false;
       conn_ = *conn;
     }
