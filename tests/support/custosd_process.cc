@@ -100,7 +100,31 @@ absl::StatusOr<std::unique_ptr<CustosdProcess>> CustosdProcess::Start(
     config = absl::StrReplaceAll(
         config, {{"\n  pool_size:", "\n  " + setting + "\n  pool_size:"}});
   }
+  // Rewrite the lines (yaml-cpp keeps the first of duplicate keys, so
+  // appending them would not do).
+  if (!p->options_.storage_dir.empty()) {
+    const std::string from =
+        "\nstorage: sqlite://" + p->dir_ + "/data/custos.db\n";
+    if (config.find(from) == std::string::npos) {
+      return absl::InternalError("no storage line in custos.yaml:\n" + config);
+    }
+    config = absl::StrReplaceAll(
+        config, {{from, "\nstorage: sqlite://" + p->database_path() + "\n"}});
+  }
+  if (!p->options_.audit_dir.empty()) {
+    const std::string from = "\naudit_dir: " + p->dir_ + "/data/audit\n";
+    if (config.find(from) == std::string::npos) {
+      return absl::InternalError("no audit_dir line in custos.yaml:\n" +
+                                 config);
+    }
+    config = absl::StrReplaceAll(
+        config, {{from, "\naudit_dir: " + p->audit_dir() + "\n"}});
+  }
   config += "\n" + p->options_.extra_config + "\n";
+  if (p->options_.metrics) {
+    p->metrics_address_ = absl::StrCat("127.0.0.1:", FreePort());
+    config += absl::StrCat("metrics_listen: \"", p->metrics_address_, "\"\n");
+  }
   absl::Status written =
       WriteFileAtomically(p->dir_ + "/custos.yaml", config, 0600);
   if (!written.ok()) return written;

@@ -31,6 +31,14 @@ class CustosdProcess {
     std::vector<std::string> hsm_settings;
     // Extra environment for the server process.
     std::vector<std::pair<std::string, std::string>> env;
+    // The directory of the SQLite database (custos.db), instead of
+    // DIR/data; e.g. a file system the test mounts. Must exist.
+    std::string storage_dir;
+    // The audit directory, instead of DIR/data/audit.
+    std::string audit_dir;
+    // Serve Prometheus metrics on a free loopback port (metrics_listen);
+    // metrics_address() names it.
+    bool metrics = false;
   };
 
   static absl::StatusOr<std::unique_ptr<CustosdProcess>> Start(Options options);
@@ -55,8 +63,18 @@ class CustosdProcess {
 
   const std::string& dir() const { return dir_; }
   const std::string& address() const { return address_; }
+  // "127.0.0.1:port" of GET /metrics, or empty without Options::metrics.
+  const std::string& metrics_address() const { return metrics_address_; }
   std::string log_path() const { return dir_ + "/custosd.log"; }
-  std::string audit_dir() const { return dir_ + "/data/audit"; }
+  std::string audit_dir() const {
+    return options_.audit_dir.empty() ? dir_ + "/data/audit"
+                                      : options_.audit_dir;
+  }
+  std::string database_path() const {
+    return (options_.storage_dir.empty() ? dir_ + "/data"
+                                         : options_.storage_dir) +
+           "/custos.db";
+  }
   std::string softhsm_conf() const { return dir_ + "/softhsm/softhsm2.conf"; }
   std::string pin_file() const { return dir_ + "/user.pin"; }
   std::string ReadPki(const std::string& file) const;
@@ -76,6 +94,7 @@ class CustosdProcess {
   Options options_;
   std::string dir_;
   std::string address_;
+  std::string metrics_address_;
   pid_t pid_ = -1;
 };
 
