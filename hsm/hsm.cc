@@ -1,5 +1,7 @@
 #include "hsm/hsm.h"
 
+#include <chrono>
+#include <iterator>
 #include <optional>
 #include <utility>
 
@@ -13,23 +15,91 @@
 namespace custos::hsm {
 namespace {
 
-// Runs `f(Session&) -> StatusOr<T>` on the pool and returns its value. The
-// result lives in shared state because a timed-out call may finish later.
+// Indexed by Hsm::Operation.
+constexpr const char* kOperationNames[] = {
+    "GenerateAesKey",      "VerifyAesKey",          "EncryptAesGcm",
+    "EncryptAesGcmMany",   "GenerateAndSealAesGcm", "DecryptAesGcm",
+    "GenerateRandom",      "GenerateSigningKey",    "SignP256",
+    "SigningPublicKeyPem", "DestroyObjects",        "ListKeyObjects",
+    "FindKeyIdsByLabel",
+};
+
+double SecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+}  // namespace
+
+// Per operation: its latency on the HSM (measured on the worker, each
+// attempt on its own) and its outcomes as callers see them (after retries
+// and timeouts), each series made on first use. Thread-safe.
+class Hsm::Metrics {
+ public:
+  struct Op {
+    Op(metrics::Family<metrics::Histogram>* durations,
+       metrics::Family<metrics::Counter>* outcomes, const std::string& name)
+        : duration(durations, {name}), outcome(outcomes, {name}) {}
+    metrics::LazyChild<metrics::Histogram> duration;
+    metrics::CodeCounters outcome;
+  };
+
+  static absl::StatusOr<std::unique_ptr<Metrics>> Create(
+      metrics::Registry& registry) {
+    static_assert(std::size(kOperationNames) ==
+                  static_cast<size_t>(Operation::kCount));
+    CUSTOS_ASSIGN_OR_RETURN(
+        auto* durations,
+        registry.AddHistogram(
+            "custos_hsm_operation_duration_seconds",
+            "Time an HSM operation spent on its session (each attempt), by "
+            "operation.",
+            {"operation"}, metrics::LatencyBuckets()));
+    CUSTOS_ASSIGN_OR_RETURN(
+        auto* outcomes,
+        registry.AddCounter("custos_hsm_operations_total",
+                            "HSM operations finished, by operation and "
+                            "status code (errors: code != OK).",
+                            {"operation", "code"}));
+    auto m = std::unique_ptr<Metrics>(new Metrics());
+    for (const char* name : kOperationNames) {
+      m->ops_.push_back(std::make_unique<Op>(durations, outcomes, name));
+    }
+    return m;
+  }
+
+  Op& op(Operation operation) { return *ops_[static_cast<int>(operation)]; }
+
+ private:
+  Metrics() = default;
+  std::vector<std::unique_ptr<Op>> ops_;
+};
+
+Hsm::Hsm(std::unique_ptr<Metrics> metrics, std::unique_ptr<SessionPool> pool)
+    : metrics_(std::move(metrics)), pool_(std::move(pool)) {}
+
+Hsm::~Hsm() = default;
+
+// The result lives in shared state because a timed-out call may finish
+// later; so do the metrics (metrics_ outlives pool_'s workers).
 template <typename T, typename F>
-absl::StatusOr<T> Call(SessionPool& pool, F f) {
+absl::StatusOr<T> Hsm::Call(Operation operation, F f) {
+  Metrics::Op* op = metrics_ == nullptr ? nullptr : &metrics_->op(operation);
   auto out = std::make_shared<std::optional<T>>();
-  absl::Status s = pool.Run(
-      [f = std::move(f), out](Session& session) mutable -> absl::Status {
+  absl::Status s = pool_->Run(
+      [f = std::move(f), out, op](Session& session) mutable -> absl::Status {
+        std::chrono::steady_clock::time_point start;
+        if (op != nullptr) start = std::chrono::steady_clock::now();
         absl::StatusOr<T> r = f(session);
+        if (op != nullptr) op->duration.Get().Observe(SecondsSince(start));
         if (!r.ok()) return r.status();
         *out = *std::move(r);
         return absl::OkStatus();
       });
+  if (op != nullptr) op->outcome.Increment(static_cast<int>(s.code()));
   if (!s.ok()) return s;
   return std::move(**out);
 }
-
-}  // namespace
 
 absl::StatusOr<std::unique_ptr<Hsm>> Hsm::Open(const Module& module,
                                                const Options& options) {
@@ -40,15 +110,21 @@ absl::StatusOr<std::unique_ptr<Hsm>> Hsm::Open(const Module& module,
   CUSTOS_ASSIGN_OR_RETURN(CK_SLOT_ID slot,
                           module.FindSlotByTokenLabel(options.token_label));
   CUSTOS_ASSIGN_OR_RETURN(SecretBytes pin, ReadPinFile(options.pin_file));
+  std::unique_ptr<Metrics> metrics;
+  SessionPool::Options pool_options = options.pool;
+  if (options.metrics != nullptr) {
+    CUSTOS_ASSIGN_OR_RETURN(metrics, Metrics::Create(*options.metrics));
+    if (pool_options.metrics == nullptr) pool_options.metrics = options.metrics;
+  }
   absl::StatusOr<std::unique_ptr<SessionPool>> pool =
-      SessionPool::Create(module.fn(), slot, std::move(pin), options.pool);
+      SessionPool::Create(module.fn(), slot, std::move(pin), pool_options);
   if (!pool.ok()) {
     return absl::Status(
         pool.status().code(),
         absl::StrCat("opening sessions on token '", options.token_label,
                      "': ", pool.status().message()));
   }
-  return std::unique_ptr<Hsm>(new Hsm(*std::move(pool)));
+  return std::unique_ptr<Hsm>(new Hsm(std::move(metrics), *std::move(pool)));
 }
 
 absl::StatusOr<CK_OBJECT_HANDLE> Hsm::Resolve(Session& session,
@@ -106,7 +182,7 @@ absl::StatusOr<T> Hsm::WithObject(Session& session, const std::string& id,
 
 absl::StatusOr<std::string> Hsm::GenerateAesKey(absl::string_view label) {
   return Call<std::string>(
-      *pool_,
+      Operation::kGenerateAesKey,
       [this, label = std::string(label)](
           Session& session) -> absl::StatusOr<std::string> {
         CUSTOS_ASSIGN_OR_RETURN(SecretBytes id_bytes,
@@ -122,7 +198,7 @@ absl::StatusOr<std::string> Hsm::GenerateAesKey(absl::string_view label) {
 
 absl::Status Hsm::VerifyAesKey(absl::string_view id) {
   Forget(std::string(id), CKO_SECRET_KEY);  // verify afresh, not from cache
-  return Call<bool>(*pool_,
+  return Call<bool>(Operation::kVerifyAesKey,
                     [this, id = std::string(id)](
                         Session& session) -> absl::StatusOr<bool> {
                       CUSTOS_RETURN_IF_ERROR(
@@ -136,7 +212,7 @@ absl::StatusOr<GcmSealed> Hsm::EncryptAesGcm(absl::string_view id,
                                              absl::string_view aad,
                                              absl::string_view plaintext) {
   return Call<GcmSealed>(
-      *pool_,
+      Operation::kEncryptAesGcm,
       [this, id = std::string(id), aad = std::string(aad),
        plaintext = SecretBytes::CopyOf(plaintext)](
           Session& session) -> absl::StatusOr<GcmSealed> {
@@ -163,7 +239,7 @@ absl::StatusOr<std::vector<GcmSealed>> Hsm::EncryptAesGcmMany(
   for (absl::string_view p : plaintexts)
     copies.push_back(SecretBytes::CopyOf(p));
   return Call<std::vector<GcmSealed>>(
-      *pool_,
+      Operation::kEncryptAesGcmMany,
       [this, id = std::string(id), aad = std::string(aad),
        copies = std::move(copies)](
           Session& session) -> absl::StatusOr<std::vector<GcmSealed>> {
@@ -194,7 +270,7 @@ absl::StatusOr<std::vector<SealedSecret>> Hsm::GenerateAndSealAesGcm(
     return absl::InvalidArgumentError("nothing to generate");
   }
   return Call<std::vector<SealedSecret>>(
-      *pool_,
+      Operation::kGenerateAndSealAesGcm,
       [this, id = std::string(id), aad = std::string(aad), bytes,
        count](Session& session) -> absl::StatusOr<std::vector<SealedSecret>> {
         return WithObject<std::vector<SealedSecret>>(
@@ -235,7 +311,7 @@ absl::StatusOr<SecretBytes> Hsm::DecryptAesGcm(absl::string_view id,
     return absl::InvalidArgumentError("AES-GCM ciphertext shorter than a tag");
   }
   return Call<SecretBytes>(
-      *pool_,
+      Operation::kDecryptAesGcm,
       [this, id = std::string(id), iv = std::string(iv), aad = std::string(aad),
        ciphertext = std::string(ciphertext)](
           Session& session) -> absl::StatusOr<SecretBytes> {
@@ -247,14 +323,14 @@ absl::StatusOr<SecretBytes> Hsm::DecryptAesGcm(absl::string_view id,
 }
 
 absl::StatusOr<SecretBytes> Hsm::GenerateRandom(size_t size) {
-  return Call<SecretBytes>(*pool_, [size](Session& session) {
-    return session.GenerateRandom(size);
-  });
+  return Call<SecretBytes>(
+      Operation::kGenerateRandom,
+      [size](Session& session) { return session.GenerateRandom(size); });
 }
 
 absl::StatusOr<std::string> Hsm::GenerateSigningKey(absl::string_view label) {
   return Call<std::string>(
-      *pool_,
+      Operation::kGenerateSigningKey,
       [this, label = std::string(label)](
           Session& session) -> absl::StatusOr<std::string> {
         CUSTOS_ASSIGN_OR_RETURN(SecretBytes id_bytes,
@@ -272,7 +348,7 @@ absl::StatusOr<std::string> Hsm::GenerateSigningKey(absl::string_view label) {
 absl::StatusOr<std::string> Hsm::SignP256(absl::string_view id,
                                           absl::string_view message) {
   return Call<std::string>(
-      *pool_,
+      Operation::kSignP256,
       [this, id = std::string(id), digest = Sha256(message)](
           Session& session) -> absl::StatusOr<std::string> {
         return WithObject<std::string>(session, id, CKO_PRIVATE_KEY,
@@ -285,32 +361,35 @@ absl::StatusOr<std::string> Hsm::SignP256(absl::string_view id,
 absl::StatusOr<std::string> Hsm::SigningPublicKeyPem(absl::string_view id) {
   CUSTOS_ASSIGN_OR_RETURN(
       std::string point,
-      Call<std::string>(*pool_, [this, id = std::string(id)](Session& session) {
-        return WithObject<std::string>(
-            session, id, CKO_PUBLIC_KEY, [&](CK_OBJECT_HANDLE key) {
-              return session.GetBytesAttribute(key, CKA_EC_POINT);
-            });
-      }));
+      Call<std::string>(
+          Operation::kSigningPublicKeyPem,
+          [this, id = std::string(id)](Session& session) {
+            return WithObject<std::string>(
+                session, id, CKO_PUBLIC_KEY, [&](CK_OBJECT_HANDLE key) {
+                  return session.GetBytesAttribute(key, CKA_EC_POINT);
+                });
+          }));
   return P256PublicKeyPemFromEcPoint(point);
 }
 
 absl::StatusOr<int> Hsm::DestroyObjects(absl::string_view id) {
   std::string key(id);
   absl::StatusOr<int> destroyed =
-      Call<int>(*pool_, [key](Session& session) -> absl::StatusOr<int> {
-        int count = 0;
-        for (;;) {
-          AttributeTemplate query;
-          query.Bytes(CKA_ID, key);
-          CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
-                                  session.FindObjects(query, 64));
-          if (found.empty()) return count;
-          for (CK_OBJECT_HANDLE object : found) {
-            CUSTOS_RETURN_IF_ERROR(session.DestroyObject(object));
-            ++count;
-          }
-        }
-      });
+      Call<int>(Operation::kDestroyObjects,
+                [key](Session& session) -> absl::StatusOr<int> {
+                  int count = 0;
+                  for (;;) {
+                    AttributeTemplate query;
+                    query.Bytes(CKA_ID, key);
+                    CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
+                                            session.FindObjects(query, 64));
+                    if (found.empty()) return count;
+                    for (CK_OBJECT_HANDLE object : found) {
+                      CUSTOS_RETURN_IF_ERROR(session.DestroyObject(object));
+                      ++count;
+                    }
+                  }
+                });
   // Forget the handles after the objects are gone, so that no concurrent
   // Resolve can cache one of them again.
   absl::MutexLock lock(&mu_);
@@ -323,7 +402,8 @@ absl::StatusOr<int> Hsm::DestroyObjects(absl::string_view id) {
 
 absl::StatusOr<std::vector<HsmObject>> Hsm::ListKeyObjects() {
   return Call<std::vector<HsmObject>>(
-      *pool_, [](Session& session) -> absl::StatusOr<std::vector<HsmObject>> {
+      Operation::kListKeyObjects,
+      [](Session& session) -> absl::StatusOr<std::vector<HsmObject>> {
         std::vector<HsmObject> objects;
         for (CK_OBJECT_CLASS cls : {CKO_SECRET_KEY, CKO_PRIVATE_KEY}) {
           AttributeTemplate query;
@@ -346,7 +426,7 @@ absl::StatusOr<std::vector<HsmObject>> Hsm::ListKeyObjects() {
 absl::StatusOr<std::vector<std::string>> Hsm::FindKeyIdsByLabel(
     CK_OBJECT_CLASS cls, absl::string_view label) {
   return Call<std::vector<std::string>>(
-      *pool_,
+      Operation::kFindKeyIdsByLabel,
       [cls, label = std::string(label)](
           Session& session) -> absl::StatusOr<std::vector<std::string>> {
         AttributeTemplate query;

@@ -4,6 +4,10 @@
 // against its template before first use, and found again by CKA_ID when a
 // handle goes stale (after C_CloseAllSessions or a re-login).
 //
+// With Options::metrics, each kind of operation records its latency on the
+// HSM and its outcomes by status code (docs/operations.md), and the pool
+// its own metrics.
+//
 // It knows nothing of key ids, policies, SQL or gRPC. Thread-safe.
 #ifndef CUSTOS_HSM_HSM_H_
 #define CUSTOS_HSM_HSM_H_
@@ -18,6 +22,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "common/metrics.h"
 #include "common/secret_bytes.h"
 #include "hsm/module.h"
 #include "hsm/session_pool.h"
@@ -50,12 +55,16 @@ class Hsm {
     std::string token_label;
     std::string pin_file;  // read once, mode-checked (see ReadPinFile)
     SessionPool::Options pool;
+    // Where the HSM's and its pool's metrics go; null: none. Must outlive
+    // the Hsm.
+    metrics::Registry* metrics = nullptr;
   };
 
   // Finds the token by label, reads the PIN file and logs in the pool's
   // sessions. `module` must outlive the Hsm.
   static absl::StatusOr<std::unique_ptr<Hsm>> Open(const Module& module,
                                                    const Options& options);
+  ~Hsm();
 
   // Generates an AES-256 CMK version in the HSM (template: key_templates.h),
   // verifies it, and returns its new random CKA_ID.
@@ -110,7 +119,31 @@ class Hsm {
   SessionPool::Stats pool_stats() const { return pool_->stats(); }
 
  private:
-  explicit Hsm(std::unique_ptr<SessionPool> pool) : pool_(std::move(pool)) {}
+  // Every operation, as the metrics name it (hsm.cc, kOperationNames).
+  enum class Operation {
+    kGenerateAesKey,
+    kVerifyAesKey,
+    kEncryptAesGcm,
+    kEncryptAesGcmMany,
+    kGenerateAndSealAesGcm,
+    kDecryptAesGcm,
+    kGenerateRandom,
+    kGenerateSigningKey,
+    kSignP256,
+    kSigningPublicKeyPem,
+    kDestroyObjects,
+    kListKeyObjects,
+    kFindKeyIdsByLabel,
+    kCount,
+  };
+  class Metrics;  // hsm.cc
+
+  Hsm(std::unique_ptr<Metrics> metrics, std::unique_ptr<SessionPool> pool);
+
+  // Runs `f(Session&) -> StatusOr<T>` on the pool and returns its value,
+  // recording the operation's metrics.
+  template <typename T, typename F>
+  absl::StatusOr<T> Call(Operation operation, F f);
 
   // The verified handle of the object (class `cls`) with CKA_ID `id`, from
   // the cache or found and verified now. Called on a worker's session.
@@ -124,6 +157,9 @@ class Hsm {
                                CK_OBJECT_CLASS cls, F use);
   void Forget(const std::string& id, CK_OBJECT_CLASS cls);
 
+  // Null without metrics. Declared before pool_, so that it outlives the
+  // pool's workers (an operation that timed out may still be running).
+  std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<SessionPool> pool_;
   absl::Mutex mu_;
   // (class, CKA_ID) -> verified handle.

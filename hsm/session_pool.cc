@@ -18,6 +18,7 @@ struct SessionPool::Job {
   State state = State::kQueued;
   Worker* worker = nullptr;  // while running
   absl::Status result;
+  std::chrono::steady_clock::time_point enqueued;  // with metrics only
 
   static bool Started(Job* job) { return job->state != State::kQueued; }
   static bool Done(Job* job) { return job->state == State::kDone; }
@@ -104,12 +105,70 @@ absl::StatusOr<std::unique_ptr<SessionPool>> SessionPool::Create(
   }
   std::unique_ptr<SessionPool> pool(
       new SessionPool(fn, slot, std::move(pin), options));
+  if (options.metrics != nullptr) {
+    CUSTOS_RETURN_IF_ERROR(pool->RegisterMetrics(*options.metrics));
+  }
   absl::MutexLock lock(&pool->mu_);
   for (auto& session : sessions) pool->AddWorkerLocked(std::move(session));
   return pool;
 }
 
+absl::Status SessionPool::RegisterMetrics(metrics::Registry& registry) {
+  CUSTOS_ASSIGN_OR_RETURN(
+      auto* wait,
+      registry.AddHistogram(
+          "custos_hsm_pool_wait_seconds",
+          "Time HSM operations waited in the queue for a free session.", {},
+          metrics::LatencyBuckets()));
+  wait_seconds_ = &wait->WithLabels({});
+  using Type = metrics::Registry::Type;
+  struct Reading {
+    const char* name;
+    const char* help;
+    Type type;
+    double (*read)(const Stats&);
+  };
+  const Reading readings[] = {
+      {"custos_hsm_pool_sessions",
+       "Sessions serving the pool (hung ones not counted).", Type::kGauge,
+       [](const Stats& s) -> double { return s.workers; }},
+      {"custos_hsm_pool_sessions_in_use",
+       "Sessions running an HSM operation now.", Type::kGauge,
+       [](const Stats& s) -> double { return s.workers - s.idle; }},
+      {"custos_hsm_pool_queued_operations",
+       "HSM operations waiting for a free session.", Type::kGauge,
+       [](const Stats& s) -> double { return s.queued; }},
+      {"custos_hsm_pool_hung_calls",
+       "HSM calls abandoned after the call timeout that have not returned.",
+       Type::kGauge, [](const Stats& s) -> double { return s.abandoned; }},
+      {"custos_hsm_pool_lease_timeouts_total",
+       "HSM operations that found no free session within the lease timeout "
+       "(UNAVAILABLE).",
+       Type::kCounter,
+       [](const Stats& s) -> double { return s.lease_timeouts; }},
+      {"custos_hsm_pool_call_timeouts_total",
+       "HSM calls that overran the call timeout (DEADLINE_EXCEEDED).",
+       Type::kCounter,
+       [](const Stats& s) -> double { return s.call_timeouts; }},
+      {"custos_hsm_pool_session_evictions_total",
+       "Sessions closed after a broken-session error (reopened on next use).",
+       Type::kCounter, [](const Stats& s) -> double { return s.evictions; }},
+      {"custos_hsm_pool_retries_total",
+       "HSM operations retried on another session after a broken session.",
+       Type::kCounter, [](const Stats& s) -> double { return s.retries; }},
+  };
+  for (const Reading& r : readings) {
+    CUSTOS_ASSIGN_OR_RETURN(
+        metrics::CallbackHandle handle,
+        registry.AddCallback(r.name, r.help, r.type,
+                             [this, read = r.read] { return read(stats()); }));
+    metric_callbacks_.push_back(std::move(handle));
+  }
+  return absl::OkStatus();
+}
+
 SessionPool::~SessionPool() {
+  metric_callbacks_.clear();  // no scrape reads the pool from here on
   std::list<std::unique_ptr<Worker>> workers;
   {
     absl::MutexLock lock(&mu_);
@@ -154,6 +213,11 @@ std::shared_ptr<SessionPool::Job> SessionPool::NextJob(Worker* worker) {
   if (stopping_) return nullptr;
   std::shared_ptr<Job> job = std::move(queue_.front());
   queue_.pop_front();
+  if (wait_seconds_ != nullptr) {
+    wait_seconds_->Observe(std::chrono::duration<double>(
+                               std::chrono::steady_clock::now() - job->enqueued)
+                               .count());
+  }
   job->state = Job::State::kRunning;
   job->worker = worker;
   ++running_;
@@ -209,6 +273,9 @@ absl::Status SessionPool::Submit(const std::shared_ptr<Job>& job,
   ++stats_.leases;
   if (running_ + static_cast<int>(queue_.size()) >= live_workers_) {
     ++stats_.waits;
+  }
+  if (wait_seconds_ != nullptr) {
+    job->enqueued = std::chrono::steady_clock::now();
   }
   queue_.push_back(job);
   const absl::Time now = absl::Now();

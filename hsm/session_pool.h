@@ -20,11 +20,16 @@
 // lease_timeout + call_timeout. The service recovers from
 // C_CloseAllSessions or a token re-insertion without a restart.
 //
+// Metrics (when Options::metrics is set): how long operations wait for a
+// session, and the pool's sessions, queue, hung calls and timeouts, read
+// from stats() at scrape time.
+//
 // Thread-safe.
 #ifndef CUSTOS_HSM_SESSION_POOL_H_
 #define CUSTOS_HSM_SESSION_POOL_H_
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <list>
@@ -37,6 +42,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/metrics.h"
 #include "common/secret_bytes.h"
 #include "hsm/session.h"
 
@@ -53,6 +59,9 @@ class SessionPool {
     // Hung calls whose sessions are replaced; beyond this the pool shrinks
     // until they return.
     int max_abandoned = 4;
+    // Where the pool's metrics go (docs/operations.md); null: none. Must
+    // outlive the pool.
+    metrics::Registry* metrics = nullptr;
   };
 
   struct Stats {
@@ -124,6 +133,7 @@ class SessionPool {
   absl::StatusOr<Session> OpenSession();
   void CountEviction();
   void CountReset();
+  absl::Status RegisterMetrics(metrics::Registry& registry);
 
   CK_FUNCTION_LIST* const fn_;
   const CK_SLOT_ID slot_;
@@ -140,6 +150,10 @@ class SessionPool {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   Stats stats_ ABSL_GUARDED_BY(mu_);
   std::atomic<uint64_t> epoch_{0};
+  // Null without metrics. Set before any worker starts.
+  metrics::Histogram* wait_seconds_ = nullptr;
+  // Unregistered first thing in the destructor: the callbacks read stats().
+  std::vector<metrics::CallbackHandle> metric_callbacks_;
 };
 
 }  // namespace custos::hsm

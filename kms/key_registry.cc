@@ -68,6 +68,30 @@ size_t KeyRegistry::size() const {
   return keys_.size();
 }
 
+std::map<KeyState, size_t> KeyRegistry::CountByState() const {
+  std::map<KeyState, size_t> counts = {{KeyState::kEnabled, 0},
+                                       {KeyState::kDisabled, 0},
+                                       {KeyState::kPendingDeletion, 0},
+                                       {KeyState::kDestroyed, 0}};
+  absl::ReaderMutexLock lock(&mu_);
+  for (const auto& [id, key] : keys_) ++counts[key->state];
+  return counts;
+}
+
+absl::StatusOr<metrics::CallbackHandle> KeyRegistry::ExportMetrics(
+    metrics::Registry& registry) const {
+  return registry.AddCallback(
+      "custos_keys", "Keys by state.", metrics::Registry::Type::kGauge,
+      {"state"}, [this] {
+        std::vector<metrics::Sample> samples;
+        for (const auto& [state, count] : CountByState()) {
+          samples.push_back(
+              {{KeyStateName(state)}, static_cast<double>(count)});
+        }
+        return samples;
+      });
+}
+
 absl::Status KeyRegistry::Insert(Key key) {
   absl::MutexLock write(&write_mu_);
   CUSTOS_RETURN_IF_ERROR(store_->InsertKey(key));

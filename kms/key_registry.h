@@ -6,6 +6,7 @@
 #define CUSTOS_KMS_KEY_REGISTRY_H_
 
 #include <atomic>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "common/metrics.h"
 #include "kms/key.h"
 #include "kms/store/store.h"
 
@@ -29,6 +31,12 @@ class KeyRegistry {
   // Every key, newest first.
   std::vector<std::shared_ptr<const Key>> All() const;
   size_t size() const;
+  // How many keys are in each state (every state listed, zeros too).
+  std::map<KeyState, size_t> CountByState() const;
+  // Exports CountByState() as the gauge custos_keys{state="ENABLED",...},
+  // read at each scrape. Drop the handle before the registry.
+  absl::StatusOr<metrics::CallbackHandle> ExportMetrics(
+      metrics::Registry& registry) const;
 
   absl::Status Insert(Key key);
   absl::StatusOr<std::shared_ptr<const Key>> Update(absl::string_view id,

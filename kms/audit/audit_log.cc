@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <vector>
 
@@ -164,12 +165,62 @@ absl::StatusOr<std::unique_ptr<FileAuditLog>> FileAuditLog::Open(
     log->segment_path_ = log->path_;
     log->stats_.segments = 1;
   }
+  if (options.metrics != nullptr) {
+    CUSTOS_RETURN_IF_ERROR(log->RegisterMetrics(*options.metrics));
+  }
   log->completer_ = std::thread([raw = log.get()] { raw->CompleterLoop(); });
   log->writer_ = std::thread([raw = log.get()] { raw->WriterLoop(); });
   return log;
 }
 
+absl::Status FileAuditLog::RegisterMetrics(metrics::Registry& registry) {
+  absl::StatusOr<metrics::Family<metrics::Histogram>*> fsync =
+      registry.AddHistogram(
+          "custos_audit_fsync_duration_seconds",
+          "Time each fdatasync of the audit segment took (one per "
+          "group-commit batch or checkpoint).",
+          {}, metrics::LatencyBuckets());
+  if (!fsync.ok()) return fsync.status();
+  fsync_seconds_ = &(*fsync)->WithLabels({});
+  using Type = metrics::Registry::Type;
+  struct Reading {
+    const char* name;
+    const char* help;
+    Type type;
+    double (*read)(const FileAuditLog&);
+  };
+  const Reading readings[] = {
+      {"custos_audit_queue_depth",
+       "Audit records waiting for the writer (callers wait beyond the "
+       "queue's limit).",
+       Type::kGauge,
+       [](const FileAuditLog& log) -> double {
+         absl::MutexLock lock(&log.mu_);
+         return static_cast<double>(log.queue_.size());
+       }},
+      {"custos_audit_records_total", "Audit records made durable.",
+       Type::kCounter,
+       [](const FileAuditLog& log) -> double {
+         return static_cast<double>(log.stats().records);
+       }},
+      {"custos_audit_write_failures_total",
+       "Failed audit writes or syncs (each fails its batch's requests).",
+       Type::kCounter,
+       [](const FileAuditLog& log) -> double {
+         return static_cast<double>(log.stats().failures);
+       }},
+  };
+  for (const Reading& r : readings) {
+    absl::StatusOr<metrics::CallbackHandle> handle = registry.AddCallback(
+        r.name, r.help, r.type, [this, read = r.read] { return read(*this); });
+    if (!handle.ok()) return handle.status();
+    metric_callbacks_.push_back(*std::move(handle));
+  }
+  return absl::OkStatus();
+}
+
 FileAuditLog::~FileAuditLog() {
+  metric_callbacks_.clear();  // no scrape reads the log from here on
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
@@ -445,9 +496,17 @@ absl::Status FileAuditLog::WriteBatch(const std::string& bytes) {
     }
     written += static_cast<size_t>(n);
   }
-  if (ok && options_.sync && fdatasync(fd_) != 0) {
-    what = "fdatasync";
-    ok = false;
+  if (ok && options_.sync) {
+    const auto start = std::chrono::steady_clock::now();
+    if (fdatasync(fd_) != 0) {
+      what = "fdatasync";
+      ok = false;
+    }
+    if (fsync_seconds_ != nullptr) {
+      fsync_seconds_->Observe(std::chrono::duration<double>(
+                                  std::chrono::steady_clock::now() - start)
+                                  .count());
+    }
   }
   if (ok) {
     durable_size_ += bytes.size();

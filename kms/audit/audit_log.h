@@ -14,6 +14,9 @@
 // UNAVAILABLE (the service then releases nothing) until a write succeeds
 // again: the log recovers by itself, without a restart.
 //
+// Metrics (Options::metrics): the queue's depth, each batch's fdatasync
+// latency, records written and write failures.
+//
 // Never holds plaintext, data keys, PINs or ciphertext blobs: records are
 // built from allow-listed fields only. Thread-safe.
 #ifndef CUSTOS_KMS_AUDIT_AUDIT_LOG_H_
@@ -32,6 +35,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/metrics.h"
 #include "kms/audit/audit_chain.h"
 #include "kms/audit/checkpoint.h"
 #include "kms/encryption_context.h"
@@ -96,6 +100,9 @@ class FileAuditLog : public AuditLog {
     // new one once it has `max_segment_bytes` or is `max_segment_age` old.
     uint64_t max_segment_bytes = uint64_t{64} << 20;
     absl::Duration max_segment_age = absl::Hours(24);
+    // Where the log's metrics go (docs/operations.md); null: none. Must
+    // outlive the log.
+    metrics::Registry* metrics = nullptr;
   };
   struct Stats {
     uint64_t records = 0;
@@ -153,6 +160,8 @@ class FileAuditLog : public AuditLog {
   // Appends a signed checkpoint if one is due (or `force` and any record
   // came since the last). Writer thread only.
   void MaybeCheckpoint(bool force);
+  // Before the threads start.
+  absl::Status RegisterMetrics(metrics::Registry& registry);
 
   const Options options_;
   // Writer thread only (and Open, before the writer starts):
@@ -185,6 +194,11 @@ class FileAuditLog : public AuditLog {
   std::deque<Completed> completed_ ABSL_GUARDED_BY(completer_mu_);
   bool writer_done_ ABSL_GUARDED_BY(completer_mu_) = false;
   std::thread completer_;
+
+  // Null without metrics; set before the writer starts.
+  metrics::Histogram* fsync_seconds_ = nullptr;
+  // Unregistered first thing in the destructor: the callbacks read mu_.
+  std::vector<metrics::CallbackHandle> metric_callbacks_;
 };
 
 }  // namespace custos::kms

@@ -1,5 +1,6 @@
 #include "kms/server/config.h"
 
+#include <arpa/inet.h>
 #include <yaml-cpp/yaml.h>
 
 #include <cmath>
@@ -120,6 +121,23 @@ absl::Status GetWhole(const YAML::Node& node, const char* key,
   return absl::OkStatus();
 }
 
+// "a.b.c.d:port", port 1-65535: what civetweb (the metrics port) accepts;
+// Debian builds it without IPv6, and it resolves no names.
+bool ValidIpv4HostPort(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos) return false;
+  const std::string host = address.substr(0, colon);
+  const std::string port = address.substr(colon + 1);
+  in_addr parsed;
+  if (inet_pton(AF_INET, host.c_str(), &parsed) != 1) return false;
+  if (port.empty() || port.size() > 5 ||
+      port.find_first_not_of("0123456789") != std::string::npos) {
+    return false;
+  }
+  const int number = std::stoi(port);
+  return number >= 1 && number <= 65535;
+}
+
 #define CUSTOS_CFG(expr)      \
   do {                        \
     absl::Status s_ = (expr); \
@@ -144,14 +162,16 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
   try {
     CUSTOS_CFG(OnlyKnown(
         root, "",
-        {"node_id", "listen", "tls", "hsm", "storage", "audit_dir",
-         "audit_checkpoint_every", "audit_checkpoint_interval_seconds",
-         "audit_max_segment_bytes", "audit_max_segment_age_seconds", "admins",
-         "auditors", "limits", "encryption_limit",
-         "maintenance_interval_seconds", "log_level", "development",
-         "testing"}));
+        {"node_id", "listen", "metrics_listen", "tls", "hsm", "storage",
+         "audit_dir", "audit_checkpoint_every",
+         "audit_checkpoint_interval_seconds", "audit_max_segment_bytes",
+         "audit_max_segment_age_seconds", "admins", "auditors", "limits",
+         "encryption_limit", "maintenance_interval_seconds", "log_level",
+         "development", "testing"}));
     CUSTOS_CFG(Get(root, "node_id", "node_id", &c.node_id));
     CUSTOS_CFG(Get(root, "listen", "listen", &c.listen));
+    CUSTOS_CFG(
+        Get(root, "metrics_listen", "metrics_listen", &c.metrics_listen));
     CUSTOS_CFG(Get(root, "storage", "storage", &c.storage));
     CUSTOS_CFG(Get(root, "audit_dir", "audit_dir", &c.audit_dir));
     constexpr uint64_t kMaxU64 = std::numeric_limits<uint64_t>::max();
@@ -280,6 +300,12 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
                                "VWXYZ0123456789-_.") != std::string::npos) {
       return FieldError("node_id", "1-64 characters of [A-Za-z0-9._-]");
     }
+  }
+  if (!c.metrics_listen.empty() && !ValidIpv4HostPort(c.metrics_listen)) {
+    return FieldError("metrics_listen",
+                      "an IPv4 address and a port from 1 to 65535, e.g. "
+                      "\"127.0.0.1:9464\" (no host names, no IPv6); leave it "
+                      "out for no metrics");
   }
   if (!c.development.insecure_listen.empty() &&
       c.development.insecure_principal.empty()) {

@@ -16,6 +16,9 @@ namespace custos::server {
 struct Config {
   std::string node_id = "custos-1";
   std::string listen;  // host:port for mutual TLS (required)
+  // IPv4:port for Prometheus metrics over plain HTTP (GET /metrics); empty:
+  // no metrics at all.
+  std::string metrics_listen;
   struct Tls {
     std::string cert;       // server certificate chain (PEM)
     std::string key;        // its private key (PEM)

@@ -26,10 +26,12 @@
 #include <grpcpp/health_check_service_interface.h>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "common/logging.h"
+#include "common/metrics.h"
 #include "common/status_macros.h"
 #include "hsm/hsm.h"
 #include "hsm/module.h"
@@ -44,6 +46,8 @@
 #include "kms/server/background.h"
 #include "kms/server/config.h"
 #include "kms/server/handlers.h"
+#include "kms/server/metrics_http.h"
+#include "kms/server/rpc_metrics.h"
 #include "kms/server/rpc_support.h"
 #include "kms/server/server_settings.h"
 #include "kms/store/store.h"
@@ -86,6 +90,12 @@ absl::Status Run(const std::string& config_path) {
   SetUpLogging(config.log_level);
   ForbidCoreDumps();
   spdlog::info("starting node {} with config {}", config.node_id, config_path);
+  // The process's one metrics registry, handed to each component; without
+  // metrics_listen there is none, and nothing is measured at all.
+  std::unique_ptr<metrics::Registry> metric_registry;
+  if (!config.metrics_listen.empty()) {
+    metric_registry = std::make_unique<metrics::Registry>();
+  }
 
   CUSTOS_ASSIGN_OR_RETURN(TlsMaterial tls, ReadTlsMaterial(config.tls));
 
@@ -103,6 +113,7 @@ absl::Status Run(const std::string& config_path) {
   hsm_options.pool.call_timeout = config.hsm.call_timeout;
   hsm_options.pool.lease_timeout = config.hsm.lease_timeout;
   hsm_options.pool.max_abandoned = config.hsm.pool_size;
+  hsm_options.metrics = metric_registry.get();
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm =
       hsm::Hsm::Open(**module, hsm_options);
   if (!hsm.ok()) {
@@ -119,6 +130,11 @@ absl::Status Run(const std::string& config_path) {
   spdlog::info("storage: {} (schema {}), {} keys",
                kms::RedactStorageUrl(config.storage), store->SchemaVersion(),
                registry->size());
+  metrics::CallbackHandle key_metrics;  // custos_keys{state}
+  if (metric_registry != nullptr) {
+    CUSTOS_ASSIGN_OR_RETURN(key_metrics,
+                            registry->ExportMetrics(*metric_registry));
+  }
 
   // The checkpoint signing key lives in the HSM; its public half is written
   // beside the segments for auditors (who should also keep a copy of their
@@ -135,6 +151,7 @@ absl::Status Run(const std::string& config_path) {
   audit_options.checkpoint_interval = config.audit_checkpoint_interval;
   audit_options.max_segment_bytes = config.audit_max_segment_bytes;
   audit_options.max_segment_age = config.audit_max_segment_age;
+  audit_options.metrics = metric_registry.get();
   CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<kms::FileAuditLog> audit,
                           kms::FileAuditLog::Open(audit_options));
   spdlog::info("audit: appending to {}", audit->segment_path());
@@ -161,6 +178,15 @@ absl::Status Run(const std::string& config_path) {
   KeyManagementHandler dev_kms_handler(&service, &dev_callers);
   CryptoHandler dev_crypto_handler(&service, &dev_callers);
 
+  std::unique_ptr<RpcMetrics> rpc_metrics;  // outlives the servers
+  if (metric_registry != nullptr) {
+    CUSTOS_ASSIGN_OR_RETURN(
+        rpc_metrics,
+        RpcMetrics::Create(*metric_registry,
+                           {pb::KeyManagementService::service_full_name(),
+                            pb::CryptoService::service_full_name(),
+                            pb::AuditService::service_full_name()}));
+  }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -171,6 +197,7 @@ absl::Status Run(const std::string& config_path) {
   builder.RegisterService(&crypto_handler);
   builder.RegisterService(&audit_handler);
   ApplyLimits(config.limits, &builder);
+  if (rpc_metrics != nullptr) rpc_metrics->InstallOn(&builder);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || bound_port == 0) {
     return absl::UnavailableError(
@@ -190,6 +217,7 @@ absl::Status Run(const std::string& config_path) {
     dev_builder.RegisterService(&dev_kms_handler);
     dev_builder.RegisterService(&dev_crypto_handler);
     ApplyLimits(config.limits, &dev_builder);
+    if (rpc_metrics != nullptr) rpc_metrics->InstallOn(&dev_builder);
     dev_server = dev_builder.BuildAndStart();
     if (dev_server == nullptr) {
       return absl::UnavailableError(
@@ -198,6 +226,19 @@ absl::Status Run(const std::string& config_path) {
     }
   }
   spdlog::info("serving mutual TLS on {}", config.listen);
+  std::unique_ptr<MetricsHttpServer> metrics_http;  // stops first
+  if (metric_registry != nullptr) {
+    CUSTOS_ASSIGN_OR_RETURN(
+        metrics_http,
+        MetricsHttpServer::Start(config.metrics_listen, metric_registry.get()));
+    if (!absl::StartsWith(config.metrics_listen, "127.")) {
+      spdlog::warn(
+          "metrics_listen: {} is not a loopback address; /metrics has no "
+          "TLS and no authentication",
+          config.metrics_listen);
+    }
+    spdlog::info("serving metrics on http://{}/metrics", config.metrics_listen);
+  }
 
   // Background work: reconciliation, scheduled rotations and deletions
   // (on one replica at a time when the store is shared), and other

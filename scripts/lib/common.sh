@@ -12,6 +12,7 @@ CUSTOS_PACKAGES=(
   libabsl-dev libssl-dev openssl libp11-kit-dev softhsm2 opensc
   libsqlite3-dev sqlite3 libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev libfmt-dev libcli11-dev libyaml-cpp-dev nlohmann-json3-dev
+  libcivetweb-dev
   clang-format libfaketime libpq-dev postgresql
   python3-grpcio python3-protobuf python3-matplotlib nodejs
 )

@@ -561,6 +561,52 @@ TEST(HsmOpenTest, WrongPinIsRefusedWithoutEchoingIt) {
               ::testing::Not(HasSubstr("wrong-pin-9876")));
 }
 
+TEST(HsmMetricsTest, OperationsRecordLatencyOutcomesAndPoolUse) {
+  auto token = custos::testing::TestToken::Create("metrics-token");
+  ASSERT_TRUE(token.ok()) << token.status();
+  auto module = Module::Load(custos::testing::kSoftHsmModule);
+  ASSERT_TRUE(module.ok());
+  metrics::Registry registry;  // outlives the Hsm
+  Hsm::Options options;
+  options.token_label = "metrics-token";
+  options.pin_file = (*token)->pin_file();
+  options.pool.size = 3;
+  options.metrics = &registry;
+  auto hsm = Hsm::Open(**module, options);
+  ASSERT_TRUE(hsm.ok()) << hsm.status();
+
+  auto id = (*hsm)->GenerateAesKey("metrics");
+  ASSERT_TRUE(id.ok()) << id.status();
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_THAT((*hsm)->EncryptAesGcm(*id, "aad", "secret").status(), IsOk());
+  }
+  EXPECT_THAT((*hsm)->DecryptAesGcm(*id, std::string(12, 'i'), "aad",
+                                    std::string(32, 'x')),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+
+  const std::string text = registry.Render();
+  EXPECT_THAT(text, HasSubstr("custos_hsm_operations_total{operation="
+                              "\"EncryptAesGcm\",code=\"OK\"} 2\n"));
+  EXPECT_THAT(text, HasSubstr("custos_hsm_operations_total{operation="
+                              "\"DecryptAesGcm\",code=\"INVALID_ARGUMENT\"} "
+                              "1\n"));
+  EXPECT_THAT(text, HasSubstr("custos_hsm_operation_duration_seconds_count{"
+                              "operation=\"EncryptAesGcm\"} 2\n"));
+  // Operations never run have no series.
+  EXPECT_THAT(text, ::testing::Not(HasSubstr("operation=\"SignP256\"")));
+  EXPECT_THAT(text, HasSubstr("\ncustos_hsm_pool_sessions 3\n"));
+  EXPECT_THAT(text, HasSubstr("\ncustos_hsm_pool_sessions_in_use 0\n"));
+  EXPECT_THAT(text, HasSubstr("\ncustos_hsm_pool_queued_operations 0\n"));
+  // GenerateAesKey, two encrypts and the decrypt each waited for a session.
+  EXPECT_THAT(text, HasSubstr("\ncustos_hsm_pool_wait_seconds_count 4\n"));
+  ASSERT_THAT((*hsm)->DestroyObjects(*id).status(), IsOk());
+
+  // Once the Hsm is gone, its pool's callbacks are too.
+  hsm->reset();
+  EXPECT_THAT(registry.Render(),
+              ::testing::Not(HasSubstr("\ncustos_hsm_pool_sessions 3")));
+}
+
 TEST(HsmOpenTest, LoadingANonModuleFailsClearly) {
   EXPECT_THAT(Module::Load("/nonexistent/libpkcs11.so"),
               StatusIs(absl::StatusCode::kNotFound,

@@ -183,6 +183,31 @@ TEST_F(AuditLogTest, AppendsGapFreeSequenceWithHashChain) {
   EXPECT_EQ(stats.failures, 0u);
 }
 
+TEST_F(AuditLogTest, MetricsCountRecordsSyncsAndQueueDepth) {
+  metrics::Registry registry;  // outlives the log
+  FileAuditLog::Options options;
+  options.dir = dir_;
+  options.node_id = kNode;
+  options.metrics = &registry;
+  absl::StatusOr<std::unique_ptr<FileAuditLog>> log =
+      FileAuditLog::Open(options);
+  ASSERT_THAT(log, IsOk());
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_THAT((*log)->Append(SimpleRecord("spiffe://example.org/a", i)),
+                IsOk());
+  }
+  // One caller at a time: one batch, so one fdatasync, per record.
+  const std::string text = registry.Render();
+  EXPECT_THAT(text,
+              HasSubstr("\ncustos_audit_fsync_duration_seconds_count 3\n"));
+  EXPECT_THAT(text, HasSubstr("\ncustos_audit_records_total 3\n"));
+  EXPECT_THAT(text, HasSubstr("\ncustos_audit_write_failures_total 0\n"));
+  EXPECT_THAT(text, HasSubstr("\ncustos_audit_queue_depth 0\n"));
+  log->reset();
+  EXPECT_THAT(registry.Render(),
+              ::testing::Not(HasSubstr("custos_audit_records_total 3")));
+}
+
 TEST_F(AuditLogTest, ChainDetectsAnEditedLine) {
   std::unique_ptr<FileAuditLog> log = Open();
   ASSERT_NE(log, nullptr);

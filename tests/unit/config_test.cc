@@ -89,6 +89,7 @@ TEST(ParseConfigTest, MinimalConfigParsesWithDefaults) {
   EXPECT_EQ(c->log_level, "info");
   EXPECT_THAT(c->development.insecure_listen, IsEmpty());
   EXPECT_THAT(c->development.insecure_principal, IsEmpty());
+  EXPECT_THAT(c->metrics_listen, IsEmpty());  // no metrics unless asked
   EXPECT_EQ(c->testing.deletion_day, absl::Hours(24));
   EXPECT_EQ(c->testing.min_rotation_period, absl::Hours(24));
 }
@@ -446,6 +447,27 @@ TEST(ParseConfigTest, InsecureListenRequiresPrincipal) {
                   kBase),
       StatusIs(absl::StatusCode::kInvalidArgument,
                HasSubstr("development.insecure_principal")));
+}
+
+TEST(ParseConfigTest, MetricsListenIsAnIpv4AddressAndPort) {
+  for (const char* good : {"127.0.0.1:9464", "0.0.0.0:1", "10.1.2.3:65535"}) {
+    absl::StatusOr<Config> c = ParseConfig(
+        absl::StrCat(kMinimal, "metrics_listen: \"", good, "\"\n"), kBase);
+    ASSERT_THAT(c, IsOk()) << good;
+    EXPECT_EQ(c->metrics_listen, good);
+  }
+  for (const char* bad :
+       {"127.0.0.1", "localhost:9464", "[::1]:9464", "127.0.0.1:0",
+        "127.0.0.1:65536", "127.0.0.1:http", "127.0.0.1:", ":9464",
+        "127.0.0.1:94640", "127.0.0.1:+9464", "1.2.3:9464"}) {
+    EXPECT_THAT(
+        ParseConfig(absl::StrCat(kMinimal, "metrics_listen: \"", bad, "\"\n"),
+                    kBase),
+        StatusIs(
+            absl::StatusCode::kInvalidArgument,
+            AllOf(HasSubstr("metrics_listen"), HasSubstr("127.0.0.1:9464"))))
+        << bad;
+  }
 }
 
 TEST(ParseConfigTest, RelativePathsResolvedAgainstBaseDir) {
