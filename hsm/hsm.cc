@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/p256.h"
 #include "common/status_macros.h"
 #include "hsm/ck_status.h"
@@ -143,6 +144,16 @@ absl::StatusOr<CK_OBJECT_HANDLE> Hsm::Resolve(Session& session,
   query.Ulong(CKA_CLASS, cls).Bytes(CKA_ID, id);
   CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
                           session.FindObjects(query, 2));
+  // An object another process (a replica) has just made may take a moment
+  // to appear: SoftHSM2 notices another process's new files within about
+  // 0.1 s, and a cluster of network HSMs replicates with a lag. Callers
+  // only ask for objects the database says exist, so look again a few
+  // times (0.6 s in all) before calling it missing.
+  for (absl::Duration wait = absl::Milliseconds(10);
+       found.empty() && wait <= absl::Milliseconds(320); wait *= 2) {
+    absl::SleepFor(wait);
+    CUSTOS_ASSIGN_OR_RETURN(found, session.FindObjects(query, 2));
+  }
   if (found.empty()) {
     return absl::NotFoundError(
         absl::StrCat("no HSM object with CKA_ID ", ObjectIdHex(id)));
@@ -188,6 +199,14 @@ absl::StatusOr<std::string> Hsm::GenerateAesKey(absl::string_view label) {
         CUSTOS_ASSIGN_OR_RETURN(SecretBytes id_bytes,
                                 session.GenerateRandom(kObjectIdSize));
         std::string id(id_bytes.view());
+        // SoftHSM2 shared by several processes (replicas in trials): a
+        // process that writes to the token without having searched it
+        // since another process's write never sees that write (its token
+        // generation counter adopts the other's bump). A search first
+        // makes it take in every object made so far.
+        AttributeTemplate none;
+        none.Ulong(CKA_CLASS, CKO_SECRET_KEY).Bytes(CKA_ID, id);
+        CUSTOS_RETURN_IF_ERROR(session.FindObjects(none, 1).status());
         CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE key,
                                 GenerateCmk(session, id, label));
         absl::MutexLock lock(&mu_);

@@ -6,6 +6,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "kms/ciphertext_blob.h"
 
 namespace custos::kms {
 
@@ -30,6 +31,19 @@ void KeyRegistry::PutLocked(std::shared_ptr<const Key> key) {
 }
 
 absl::StatusOr<std::shared_ptr<const Key>> KeyRegistry::Find(
+    absl::string_view name) {
+  absl::StatusOr<std::shared_ptr<const Key>> key = FindCached(name);
+  if (!absl::IsNotFound(key.status()) || !store_->Shared() ||
+      !IsValidKeyId(name)) {
+    return key;
+  }
+  // Another replica's new key reaches this cache through the change feed
+  // within milliseconds; a call naming it sooner reads it from the store.
+  if (!Refresh(name).ok()) return key;
+  return FindCached(name);
+}
+
+absl::StatusOr<std::shared_ptr<const Key>> KeyRegistry::FindCached(
     absl::string_view name) const {
   absl::ReaderMutexLock lock(&mu_);
   std::string id(name);

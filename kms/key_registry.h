@@ -27,7 +27,9 @@ class KeyRegistry {
   static absl::StatusOr<std::unique_ptr<KeyRegistry>> Load(Store* store);
 
   // The key named by id ("k-...") or alias ("alias/..."); NOT_FOUND if none.
-  absl::StatusOr<std::shared_ptr<const Key>> Find(absl::string_view name) const;
+  // With a shared store, a key id not in the cache is looked up in the
+  // store (another replica may have created it a moment ago).
+  absl::StatusOr<std::shared_ptr<const Key>> Find(absl::string_view name);
   // Every key, newest first.
   std::vector<std::shared_ptr<const Key>> All() const;
   size_t size() const;
@@ -63,6 +65,8 @@ class KeyRegistry {
 
  private:
   explicit KeyRegistry(Store* store) : store_(store) {}
+  absl::StatusOr<std::shared_ptr<const Key>> FindCached(
+      absl::string_view name) const;
   void PutLocked(std::shared_ptr<const Key> key)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

@@ -145,6 +145,13 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::RotateFrom(
   if (!updated.ok()) {
     // The version never became durable: its object must not linger.
     hsm_->DestroyObjects(hsm_id).IgnoreError();
+    if (absl::IsAborted(updated.status())) {
+      // Another replica rotated first, this cache not yet knowing it: that
+      // rotation is this one's result, as when two calls race here.
+      CUSTOS_RETURN_IF_ERROR(registry_->Refresh(key_id));
+      CUSTOS_ASSIGN_OR_RETURN(current, registry_->Find(key_id));
+      if (current->primary_version != expected_primary) return current;
+    }
   }
   return updated;
 }

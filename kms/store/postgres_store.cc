@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/status_macros.h"
+#include "kms/encryption_context.h"
 #include "kms/store/rows.h"
 
 namespace custos::kms {
@@ -149,6 +150,8 @@ absl::Status ErrorStatus(PGconn* conn, const PGresult* r,
   absl::string_view code(state);
   if (code == "23505") return absl::AlreadyExistsError(msg);
   if (code == "40001" || code == "40P01") return absl::AbortedError(msg);
+  // lock_timeout: another session holds the row (a stalled replica).
+  if (code == "55P03") return absl::UnavailableError(msg);
   if (absl::StartsWith(code, "08") || absl::StartsWith(code, "53") ||
       absl::StartsWith(code, "57") || code == "25006") {
     return absl::UnavailableError(msg);
@@ -176,6 +179,32 @@ absl::StatusOr<pg::Result> Query(PGconn* conn, const std::string& sql,
                                  const std::vector<Param>& params,
                                  absl::string_view what) {
   return Exec(conn, sql, params, what, PGRES_TUPLES_OK);
+}
+
+// PostgreSQL TEXT holds neither NUL nor invalid UTF-8 (and libpq would cut
+// a parameter at its first NUL, naming another row).
+bool Storable(absl::string_view text) {
+  return text.find('\0') == absl::string_view::npos && IsValidUtf8(text);
+}
+
+// What a lookup by a name no row can have finds: nothing.
+absl::Status NoSuch(absl::string_view what, absl::string_view name) {
+  return absl::NotFoundError(
+      absl::StrCat(what, " ", absl::CHexEscape(name), " not found"));
+}
+
+// Every text field of `key` can be stored.
+absl::Status CheckStorable(const Key& key) {
+  bool ok = Storable(key.id) && Storable(key.description) &&
+            Storable(PolicyToJson(key.policy));
+  for (const auto& [name, value] : key.labels) {
+    ok = ok && Storable(name) && Storable(value);
+  }
+  for (const std::string& alias : key.aliases) ok = ok && Storable(alias);
+  if (ok) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      "key text holds a NUL byte or invalid UTF-8, which the database cannot "
+      "store");
 }
 
 Param Int(int64_t v) { return std::to_string(v); }
@@ -212,6 +241,18 @@ void Backoff(int attempt) {
   absl::SleepFor(absl::Milliseconds(10) * (1 << (attempt - 1)));
 }
 
+void IgnoreNotice(void*, const char*) {}
+
+// Text is UTF-8 whatever the server's defaults; a row lock held elsewhere
+// (a stalled replica, a DBA) fails a change after 5 s, as SQLite's busy
+// timeout does, rather than stall every call behind it; notices ("relation
+// already exists, skipping") are not printed on stderr.
+void ConfigureSession(PGconn* conn) {
+  PQsetNoticeProcessor(conn, IgnoreNotice, nullptr);
+  PQclear(
+      PQexec(conn, "SET client_encoding = 'UTF8'; SET lock_timeout = '5s'"));
+}
+
 // Connects; UNAVAILABLE names the server without the password. `prompt`
 // connections (the change feed, the leader lease) notice a vanished server
 // within about a second (unacknowledged data, dead keepalives), where the
@@ -226,7 +267,14 @@ absl::StatusOr<PGconn*> Connect(const std::string& url, bool prompt = false) {
                         "keepalives_count",
                         nullptr};
   const char* values[] = {url.c_str(), "5", "1000", "1", "1", "2", nullptr};
-  if (!prompt) keys[2] = nullptr;  // only dbname and connect_timeout
+  if (!prompt) {
+    // The store's own connection: a partition is noticed within about 30 s
+    // (queries can be slower than the feed's 1 s without being lost).
+    values[2] = "30000";
+    values[3] = "10";
+    values[4] = "5";
+    values[5] = "3";
+  }
   PGconn* conn = PQconnectdbParams(keys, values, /*expand_dbname=*/1);
   if (conn == nullptr) return absl::ResourceExhaustedError("out of memory");
   if (PQstatus(conn) != CONNECTION_OK) {
@@ -236,8 +284,7 @@ absl::StatusOr<PGconn*> Connect(const std::string& url, bool prompt = false) {
     return absl::UnavailableError(absl::StrCat(
         "storage: cannot connect to ", RedactStorageUrl(url), ": ", msg));
   }
-  // Times are integers and text is UTF-8 whatever the server's defaults.
-  PQclear(PQexec(conn, "SET client_encoding = 'UTF8'"));
+  ConfigureSession(conn);
   return conn;
 }
 
@@ -364,7 +411,7 @@ absl::Status PostgresStore::EnsureConnected() {
         absl::StrCat("storage: lost the connection to ", RedactStorageUrl(url_),
                      " and cannot reconnect"));
   }
-  PQclear(PQexec(conn_, "SET client_encoding = 'UTF8'"));
+  ConfigureSession(conn_);
   return absl::OkStatus();
 }
 
@@ -556,6 +603,7 @@ absl::StatusOr<std::vector<Key>> PostgresStore::LoadAllKeys() {
 }
 
 absl::StatusOr<Key> PostgresStore::LoadKey(absl::string_view id) {
+  if (!Storable(id)) return NoSuch("key", id);
   absl::MutexLock lock(&mu_);
   CUSTOS_RETURN_IF_ERROR(EnsureConnected());
   Transaction tx(conn_);
@@ -567,12 +615,13 @@ absl::StatusOr<Key> PostgresStore::LoadKey(absl::string_view id) {
 }
 
 absl::Status PostgresStore::InsertKey(const Key& key) {
+  CUSTOS_RETURN_IF_ERROR(CheckStorable(key));
   absl::MutexLock lock(&mu_);
   CUSTOS_RETURN_IF_ERROR(EnsureConnected());
   Transaction tx(conn_);
   CUSTOS_RETURN_IF_ERROR(tx.Begin());
   absl::Status s = WriteKeyLocked(key, /*insert=*/true);
-  if (absl::IsAlreadyExists(s)) {
+  if (absl::IsAlreadyExists(s) && absl::StrContains(s.message(), "keys_pkey")) {
     return absl::AlreadyExistsError(
         absl::StrCat("key ", key.id, " already exists"));
   }
@@ -596,6 +645,7 @@ absl::Status PostgresStore::InsertKey(const Key& key) {
 
 absl::StatusOr<Key> PostgresStore::UpdateKey(absl::string_view id,
                                              Mutator mutate) {
+  if (!Storable(id)) return NoSuch("key", id);
   absl::MutexLock lock(&mu_);
   for (int attempt = 1;; ++attempt) {
     std::optional<Transaction> tx;
@@ -609,8 +659,11 @@ absl::StatusOr<Key> PostgresStore::UpdateKey(absl::string_view id,
       key = LoadKeyLocked(id, /*for_update=*/true);
       s = key.status();
     }
-    // Nothing has run yet: a conflict or a dropped connection is retried.
-    if ((absl::IsAborted(s) || absl::IsUnavailable(s)) && attempt < kAttempts) {
+    // Nothing has run yet: a conflict or a dropped connection is retried
+    // (a lock timeout is not: it has waited long enough).
+    const bool retry = absl::IsAborted(s) || (absl::IsUnavailable(s) &&
+                                              PQstatus(conn_) != CONNECTION_OK);
+    if (retry && attempt < kAttempts) {
       tx.reset();
       Backoff(attempt);
       continue;
@@ -618,6 +671,7 @@ absl::StatusOr<Key> PostgresStore::UpdateKey(absl::string_view id,
     CUSTOS_RETURN_IF_ERROR(s);
     CUSTOS_RETURN_IF_ERROR(mutate(*key));
     if (key->id != id) return absl::InternalError("a key's id cannot change");
+    CUSTOS_RETURN_IF_ERROR(CheckStorable(*key));
     CUSTOS_RETURN_IF_ERROR(WriteKeyLocked(*key, /*insert=*/false));
     CUSTOS_RETURN_IF_ERROR(NotifyLocked(key->id));
     CUSTOS_RETURN_IF_ERROR(tx->Commit());
@@ -626,6 +680,11 @@ absl::StatusOr<Key> PostgresStore::UpdateKey(absl::string_view id,
 }
 
 absl::Status PostgresStore::CreateAlias(const AliasRecord& alias) {
+  if (!Storable(alias.key_id)) return NoSuch("key", alias.key_id);
+  if (!Storable(alias.name)) {
+    return absl::InvalidArgumentError(
+        "alias: holds a NUL byte or invalid UTF-8");
+  }
   absl::MutexLock lock(&mu_);
   CUSTOS_RETURN_IF_ERROR(EnsureConnected());
   Transaction tx(conn_);
@@ -655,6 +714,7 @@ absl::Status PostgresStore::CreateAlias(const AliasRecord& alias) {
 }
 
 absl::Status PostgresStore::DeleteAlias(absl::string_view alias) {
+  if (!Storable(alias)) return NoSuch("alias", alias);
   absl::MutexLock lock(&mu_);
   CUSTOS_RETURN_IF_ERROR(EnsureConnected());
   Transaction tx(conn_);

@@ -219,16 +219,20 @@ absl::Status SqliteStore::Exec(const char* sql) {
   return s;
 }
 
-absl::Status SqliteStore::Migrate() {
-  CUSTOS_RETURN_IF_ERROR(
-      Exec("CREATE TABLE IF NOT EXISTS schema_migrations ("
-           "version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL)"));
+absl::StatusOr<int> SqliteStore::ReadSchemaVersion() {
   Stmt current(db_, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations");
   CUSTOS_RETURN_IF_ERROR(current.prepared());
   if (current.Step() != SQLITE_ROW) {
     return SqliteStatus(db_, sqlite3_errcode(db_), "read schema version");
   }
-  schema_version_ = static_cast<int>(current.Int(0));
+  return static_cast<int>(current.Int(0));
+}
+
+absl::Status SqliteStore::Migrate() {
+  CUSTOS_RETURN_IF_ERROR(
+      Exec("CREATE TABLE IF NOT EXISTS schema_migrations ("
+           "version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL)"));
+  CUSTOS_ASSIGN_OR_RETURN(schema_version_, ReadSchemaVersion());
   constexpr int kLatest = kMigrations[std::size(kMigrations) - 1].version;
   if (schema_version_ > kLatest) {
     return absl::FailedPreconditionError(
@@ -240,6 +244,10 @@ absl::Status SqliteStore::Migrate() {
     if (m.version <= schema_version_) continue;
     Transaction tx(db_);
     CUSTOS_RETURN_IF_ERROR(tx.Begin());
+    // Another process opening the database at the same time may have
+    // migrated it meanwhile: read again under the write lock.
+    CUSTOS_ASSIGN_OR_RETURN(schema_version_, ReadSchemaVersion());
+    if (m.version <= schema_version_) continue;
     CUSTOS_RETURN_IF_ERROR(Exec(m.sql));
     Stmt record(db_,
                 "INSERT INTO schema_migrations(version, applied_us) "

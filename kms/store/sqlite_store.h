@@ -37,6 +37,7 @@ class SqliteStore : public Store {
   explicit SqliteStore(sqlite3* db, std::string path)
       : db_(db), path_(std::move(path)) {}
   absl::Status Migrate() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<int> ReadSchemaVersion() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Exec(const char* sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Key> LoadKeyLocked(absl::string_view id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

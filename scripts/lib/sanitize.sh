@@ -48,11 +48,16 @@ CUSTOS_SANITIZERS_DIR=$CUSTOS_ROOT/tests/sanitizers
 #                        asynchronous forms racing rotations, through
 #                        Hsm::GenerateAndSealAesGcm (KeyServiceAsyncTest).
 #                        The whole binary costs a second more than those.
+#   store_test           the Store contract's tests in which threads share a
+#                        store or two stores ("replicas") race on one
+#                        database, on SQLite and PostgreSQL, and the
+#                        PostgreSQL store's change feed and leadership
 CUSTOS_TSAN_SET=(
   "audit_log_test|*"
   "hsm_fault_test|*"
   "hsm_integration_test|HsmTest.EightThreads*:HsmTest.RecoversAfterAllSessions*"
   "key_service_test|*"
+  "store_test|*Concurrent*:*Replicas*:*OneStoreIsSafe*:*ReadsWhile*:PostgresStoreTest.ChangeFeed*:PostgresStoreTest.*Lead*"
 )
 
 # _custos_sanitize_configure DIR KIND: configure DIR once with

@@ -42,6 +42,24 @@ std::string ReadAll(const std::string& path) {
   return s.str();
 }
 
+// Replaces the one line of `text` that starts with `prefix`.
+absl::StatusOr<std::string> ReplaceLine(const std::string& text,
+                                        const std::string& prefix,
+                                        const std::string& line) {
+  size_t at = 0;
+  if (text.rfind(prefix, 0) != 0) {
+    at = text.find("\n" + prefix);
+    if (at != std::string::npos) ++at;
+  }
+  if (at == std::string::npos) {
+    return absl::InternalError("no '" + prefix + "' line in custos.yaml:\n" +
+                               text);
+  }
+  size_t end = text.find('\n', at);
+  if (end == std::string::npos) end = text.size();
+  return text.substr(0, at) + line + text.substr(end);
+}
+
 }  // namespace
 
 std::string SourceDir() { return CUSTOS_SOURCE_DIR; }
@@ -120,6 +138,18 @@ absl::StatusOr<std::unique_ptr<CustosdProcess>> CustosdProcess::Start(
     config = absl::StrReplaceAll(
         config, {{from, "\naudit_dir: " + p->audit_dir() + "\n"}});
   }
+  if (!p->options_.storage_url.empty()) {
+    absl::StatusOr<std::string> rewritten =
+        ReplaceLine(config, "storage: ", "storage: " + p->options_.storage_url);
+    if (!rewritten.ok()) return rewritten.status();
+    config = *std::move(rewritten);
+  }
+  if (!p->options_.node_id.empty()) {
+    absl::StatusOr<std::string> rewritten =
+        ReplaceLine(config, "node_id: ", "node_id: " + p->options_.node_id);
+    if (!rewritten.ok()) return rewritten.status();
+    config = *std::move(rewritten);
+  }
   config += "\n" + p->options_.extra_config + "\n";
   if (p->options_.metrics) {
     p->metrics_address_ = absl::StrCat("127.0.0.1:", FreePort());
@@ -127,6 +157,51 @@ absl::StatusOr<std::unique_ptr<CustosdProcess>> CustosdProcess::Start(
   }
   absl::Status written =
       WriteFileAtomically(p->dir_ + "/custos.yaml", config, 0600);
+  if (!written.ok()) return written;
+  absl::Status launched = p->Launch();
+  if (!launched.ok()) return launched;
+  return p;
+}
+
+absl::StatusOr<std::unique_ptr<CustosdProcess>> CustosdProcess::StartReplica(
+    const CustosdProcess& first, Options options) {
+  if (options.node_id.empty()) {
+    return absl::InvalidArgumentError("StartReplica needs options.node_id");
+  }
+  std::unique_ptr<CustosdProcess> p(new CustosdProcess());
+  p->options_ = std::move(options);
+  p->dir_ = first.dir_;
+  p->suffix_ = "-" + p->options_.node_id;
+  const int port = FreePort();
+  p->address_ = absl::StrCat("localhost:", port);
+  std::string config = ReadAll(first.config_path());
+  const std::vector<std::pair<std::string, std::string>> lines = {
+      {"node_id: ", "node_id: " + p->options_.node_id},
+      {"listen: ", absl::StrCat("listen: \"127.0.0.1:", port, "\"")},
+      {"audit_dir: ", "audit_dir: " + p->audit_dir()},
+  };
+  for (const auto& [prefix, line] : lines) {
+    absl::StatusOr<std::string> rewritten = ReplaceLine(config, prefix, line);
+    if (!rewritten.ok()) return rewritten.status();
+    config = *std::move(rewritten);
+  }
+  if (!p->options_.storage_url.empty()) {
+    absl::StatusOr<std::string> rewritten =
+        ReplaceLine(config, "storage: ", "storage: " + p->options_.storage_url);
+    if (!rewritten.ok()) return rewritten.status();
+    config = *std::move(rewritten);
+  }
+  if (config.find("\nmetrics_listen: ") != std::string::npos) {
+    p->options_.metrics = true;
+    p->metrics_address_ = absl::StrCat("127.0.0.1:", FreePort());
+    absl::StatusOr<std::string> rewritten = ReplaceLine(
+        config, "metrics_listen: ",
+        absl::StrCat("metrics_listen: \"", p->metrics_address_, "\""));
+    if (!rewritten.ok()) return rewritten.status();
+    config = *std::move(rewritten);
+  }
+  config += "\n" + p->options_.extra_config + "\n";
+  absl::Status written = WriteFileAtomically(p->config_path(), config, 0600);
   if (!written.ok()) return written;
   absl::Status launched = p->Launch();
   if (!launched.ok()) return launched;
@@ -145,7 +220,7 @@ absl::Status CustosdProcess::Launch() {
       setenv(name.c_str(), value.c_str(), 1);
     }
     std::string binary = BinDir() + "/custosd";
-    std::string config = dir_ + "/custos.yaml";
+    std::string config = config_path();
     execl(binary.c_str(), binary.c_str(), "--config", config.c_str(),
           static_cast<char*>(nullptr));
     _exit(127);
@@ -172,7 +247,8 @@ absl::Status CustosdProcess::Launch() {
 
 CustosdProcess::~CustosdProcess() {
   if (pid_ > 0) Kill(SIGTERM);
-  if (!dir_.empty() && std::getenv("CUSTOS_KEEP_TEST_DIRS") == nullptr) {
+  if (!dir_.empty() && suffix_.empty() &&
+      std::getenv("CUSTOS_KEEP_TEST_DIRS") == nullptr) {
     std::error_code ec;
     std::filesystem::remove_all(std::filesystem::path(dir_).parent_path(), ec);
   }

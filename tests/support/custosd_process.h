@@ -39,9 +39,20 @@ class CustosdProcess {
     // Serve Prometheus metrics on a free loopback port (metrics_listen);
     // metrics_address() names it.
     bool metrics = false;
+    // Replaces the storage URL (e.g. a PostgreSQL database's).
+    std::string storage_url;
+    // Replaces node_id (required by StartReplica).
+    std::string node_id;
   };
 
   static absl::StatusOr<std::unique_ptr<CustosdProcess>> Start(Options options);
+  // Another custosd on `first`'s environment (its PKI, SoftHSM2 token and
+  // PIN) and its config, with its own node_id, port, audit directory
+  // (DIR/data/audit-NODE unless options.audit_dir), config file and log.
+  // With a shared storage_url the two are replicas. `first` must outlive
+  // it.
+  static absl::StatusOr<std::unique_ptr<CustosdProcess>> StartReplica(
+      const CustosdProcess& first, Options options);
   // Stops the server (SIGTERM) if it runs and removes the directory.
   ~CustosdProcess();
 
@@ -65,9 +76,12 @@ class CustosdProcess {
   const std::string& address() const { return address_; }
   // "127.0.0.1:port" of GET /metrics, or empty without Options::metrics.
   const std::string& metrics_address() const { return metrics_address_; }
-  std::string log_path() const { return dir_ + "/custosd.log"; }
+  std::string log_path() const { return dir_ + "/custosd" + suffix_ + ".log"; }
+  std::string config_path() const {
+    return dir_ + "/custos" + suffix_ + ".yaml";
+  }
   std::string audit_dir() const {
-    return options_.audit_dir.empty() ? dir_ + "/data/audit"
+    return options_.audit_dir.empty() ? dir_ + "/data/audit" + suffix_
                                       : options_.audit_dir;
   }
   std::string database_path() const {
@@ -95,6 +109,9 @@ class CustosdProcess {
   std::string dir_;
   std::string address_;
   std::string metrics_address_;
+  // "-NODE" for a replica sharing another's directory (which it does not
+  // remove); empty for the process that owns the directory.
+  std::string suffix_;
   pid_t pid_ = -1;
 };
 
