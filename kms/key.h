@@ -68,6 +68,11 @@ struct Key {
   // ends the window early. Time while no custosd runs does not count.
   absl::Duration deletion_window = absl::ZeroDuration();
   absl::Duration deletion_elapsed = absl::ZeroDuration();
+  // Set, and committed, by the deletion executor before it destroys the
+  // first HSM object. From then on the deletion cannot be cancelled (the
+  // material may be half gone) and is finished by whichever replica leads,
+  // even after a crash.
+  bool destruction_started = false;
   KeyPolicy policy;
   std::vector<KeyVersion> versions;  // ordered by number
   std::vector<std::string> aliases;  // "alias/..." names, sorted

@@ -379,6 +379,12 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::CancelKeyDeletion(
                 absl::StrCat("key ", k.id, " is ", KeyStateName(k.state),
                              ", not PENDING_DELETION"));
           }
+          if (k.destruction_started) {
+            return absl::FailedPreconditionError(absl::StrCat(
+                "key ", k.id,
+                " is being destroyed: its deletion window ended and its key "
+                "material is being destroyed; it cannot be cancelled"));
+          }
           // As in AWS KMS: a rescued key comes back disabled, so that an
           // admin decides explicitly to use it again.
           k.state = KeyState::kDisabled;

@@ -41,6 +41,13 @@ bool WindowEnded(const Key& key, absl::Time now) {
          key.deletion_elapsed >= key.deletion_window;
 }
 
+// Whether the executor must destroy the key now: its window ended, or its
+// destruction began (and is finished whatever the clocks say).
+bool DueForDestruction(const Key& key, absl::Time now) {
+  return WindowEnded(key, now) ||
+         (key.state == KeyState::kPendingDeletion && key.destruction_started);
+}
+
 }  // namespace
 
 void KeyService::ForgetDeletionProgress() {
@@ -96,17 +103,24 @@ absl::Status KeyService::DestroyKeyMaterial(const std::string& key_id,
                                             MaintenanceReport& report,
                                             Audit& audit) {
   absl::MutexLock lifecycle(&lifecycle_mu_);
-  CUSTOS_ASSIGN_OR_RETURN(std::shared_ptr<const Key> key,
-                          registry_->Find(key_id));
-  // Check again under the lock: the deletion may have been cancelled (or
-  // cancelled and scheduled anew) since the pass read the key.
-  if (!WindowEnded(*key, options_.now())) {
-    return absl::AbortedError("deletion was cancelled or rescheduled");
-  }
-  // Destroy the HSM objects first, then record it: after a crash in
-  // between, the key is still PENDING_DELETION and the next pass destroys
-  // (finds nothing) and records. The row never claims DESTROYED while
-  // material remains.
+  // First commit that destruction begins, in the key's row: from then on
+  // no cancel (from this process or another replica, which lifecycle_mu_
+  // does not reach) can bring back a key whose material is half gone. The
+  // store re-reads the row, so a cancel committed anywhere is seen here.
+  const absl::Time start = options_.now();
+  CUSTOS_ASSIGN_OR_RETURN(
+      std::shared_ptr<const Key> key,
+      registry_->Update(key_id, [&](Key& k) -> absl::Status {
+        if (!DueForDestruction(k, start)) {
+          return absl::AbortedError("deletion was cancelled or rescheduled");
+        }
+        k.destruction_started = true;
+        return absl::OkStatus();
+      }));
+  // Destroy the HSM objects, then record it: after a crash in between, the
+  // key is still PENDING_DELETION with its destruction begun, and the next
+  // pass (on whichever replica leads) destroys what is left and records.
+  // The row never claims DESTROYED while material remains.
   for (const KeyVersion& v : key->versions) {
     if (v.state == VersionState::kDestroyed) continue;
     CUSTOS_ASSIGN_OR_RETURN(int n, hsm_->DestroyObjects(v.hsm_id));
@@ -116,9 +130,10 @@ absl::Status KeyService::DestroyKeyMaterial(const std::string& key_id,
   return registry_
       ->Update(key_id,
                [&](Key& k) -> absl::Status {
-                 if (!WindowEnded(k, now)) {
-                   return absl::AbortedError(
-                       "deletion was cancelled or rescheduled");
+                 if (k.state != KeyState::kPendingDeletion ||
+                     !k.destruction_started) {
+                   return absl::InternalError(
+                       "a key whose destruction began changed state");
                  }
                  for (KeyVersion& v : k.versions) {
                    v.state = VersionState::kDestroyed;
@@ -135,7 +150,7 @@ MaintenanceReport KeyService::RunScheduledWork() {
   CountDeletionWindows(report);
   const absl::Time now = options_.now();
   for (const std::shared_ptr<const Key>& key : registry_->All()) {
-    if (WindowEnded(*key, now)) {
+    if (DueForDestruction(*key, now)) {
       Audit audit(this, SystemCaller(), Rpc::kScheduleKeyDeletion);
       audit.SetKey(key->id, 0);
       audit.AddDetail("deletion window ended: key material destroyed");

@@ -46,8 +46,8 @@ struct Globals {
 // Everything the subcommands' flags fill in.
 struct Args {
   std::string key, alias, description, policy_file,
-      input = "-", output = "-", state, label, public_key, dir, destination_key;
-  std::vector<std::string> labels, context, destination_context;
+      input = "-", output = "-", state, label, dir, destination_key;
+  std::vector<std::string> labels, context, destination_context, public_keys;
   std::string rotation_period;
   uint32_t days = 0, bytes = 0, page_size = 0;
   uint64_t expected_version = 0;
@@ -698,14 +698,15 @@ int RunAuditVerify(const Globals& g, const Args& a) {
     if (isatty(STDERR_FILENO))
       std::fprintf(stderr, "\r%llu records", (unsigned long long)n);
   };
+  // One key per node (replicas each sign their own chain).
   std::vector<std::string> keys;
-  if (!a.public_key.empty()) {
-    std::ifstream in(a.public_key);
+  for (const std::string& path : a.public_keys) {
+    std::ifstream in(path);
     std::stringstream pem;
     pem << in.rdbuf();
     if (!in || pem.str().find("BEGIN PUBLIC KEY") == std::string::npos) {
       return Fail(absl::InvalidArgumentError(
-          absl::StrCat("--public-key '", a.public_key,
+          absl::StrCat("--public-key '", path,
                        "': not a PEM public key (export it with custosd's "
                        "audit-public-key-<node>.pem or GetAuditPublicKey)")));
     }
@@ -955,7 +956,9 @@ int Main(int argc, char** argv) {
   atail->add_option("--limit", a.limit, "stop after this many events");
   add(audit, "public-key", "print the server's checkpoint public key (PEM)",
       "custos audit public-key > audit-public-key.pem");
-  verify->add_option("--public-key", a.public_key, "checkpoint key (PEM)");
+  verify->add_option("--public-key", a.public_keys,
+                     "checkpoint key (PEM); repeat it for each node whose "
+                     "segments DIR holds");
 
   try {
     app.parse(argc, argv);

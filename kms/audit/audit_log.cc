@@ -99,7 +99,12 @@ absl::StatusOr<std::unique_ptr<FileAuditLog>> FileAuditLog::Open(
   if (DIR* d = opendir(options.dir.c_str())) {
     while (dirent* e = readdir(d)) {
       std::string name = e->d_name;
-      if (absl::StartsWith(name, prefix) && absl::EndsWith(name, ".jsonl")) {
+      // Exactly "audit-<node>-<20 digits>.jsonl": node "a" must not take
+      // node "a-b"'s segments for its own.
+      if (name.size() == prefix.size() + 20 + 6 &&
+          absl::StartsWith(name, prefix) && absl::EndsWith(name, ".jsonl") &&
+          std::all_of(name.begin() + prefix.size(), name.end() - 6,
+                      [](char c) { return c >= '0' && c <= '9'; })) {
         segments.push_back(name);
       }
     }

@@ -123,6 +123,9 @@ ALTER TABLE keys ADD COLUMN deletion_elapsed_us BIGINT NOT NULL DEFAULT 0;
 UPDATE keys SET deletion_window_us = GREATEST(0, deletion_us - update_us)
   WHERE state = 3 AND deletion_us IS NOT NULL;
 )sql"},
+    {3, R"sql(
+ALTER TABLE keys ADD COLUMN destruction_started INTEGER NOT NULL DEFAULT 0;
+)sql"},
 };
 
 // The version columns in rows::kVersionColumns' order, bytes as hex.
@@ -500,13 +503,15 @@ absl::Status PostgresStore::WriteKeyLocked(const Key& key, bool insert) {
       insert ? "INSERT INTO keys (description, labels, purpose, state, "
                "rotation_period_s, next_rotation_us, primary_version, "
                "create_us, update_us, deletion_us, policy, "
-               "deletion_window_us, deletion_elapsed_us, id) VALUES "
-               "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"
+               "deletion_window_us, deletion_elapsed_us, destruction_started, "
+               "id) VALUES "
+               "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15)"
              : "UPDATE keys SET description=$1, labels=$2, purpose=$3, "
                "state=$4, rotation_period_s=$5, next_rotation_us=$6, "
                "primary_version=$7, create_us=$8, update_us=$9, "
                "deletion_us=$10, policy=$11, deletion_window_us=$12, "
-               "deletion_elapsed_us=$13 WHERE id=$14";
+               "deletion_elapsed_us=$13, destruction_started=$14 "
+               "WHERE id=$15";
   CUSTOS_ASSIGN_OR_RETURN(
       pg::Result r,
       Exec(conn_, sql,
@@ -518,7 +523,8 @@ absl::Status PostgresStore::WriteKeyLocked(const Key& key, bool insert) {
             Int(Micros(key.create_time)), Int(Micros(key.update_time)),
             MaybeTime(key.deletion_time), PolicyToJson(key.policy),
             Int(absl::ToInt64Microseconds(key.deletion_window)),
-            Int(absl::ToInt64Microseconds(key.deletion_elapsed)), Text(key.id)},
+            Int(absl::ToInt64Microseconds(key.deletion_elapsed)),
+            Int(key.destruction_started ? 1 : 0), Text(key.id)},
            "write key"));
   if (!insert && std::string(PQcmdTuples(r.get())) != "1") {
     return absl::NotFoundError(absl::StrCat("key ", key.id, " not found"));

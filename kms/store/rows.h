@@ -35,7 +35,7 @@ absl::StatusOr<std::map<std::string, std::string>> LabelsFromJson(
 inline constexpr char kKeyColumns[] =
     "id, description, labels, purpose, state, rotation_period_s, "
     "next_rotation_us, primary_version, create_us, update_us, deletion_us, "
-    "policy, deletion_window_us, deletion_elapsed_us";
+    "policy, deletion_window_us, deletion_elapsed_us, destruction_started";
 
 // The columns VersionFromRow reads, in its order. Bulk queries append
 // key_id after them.
@@ -69,6 +69,7 @@ absl::StatusOr<Key> KeyFromRow(const Row& row) {
   CUSTOS_ASSIGN_OR_RETURN(key.policy, PolicyFromColumn(key.id, row.Text(11)));
   key.deletion_window = absl::Microseconds(row.Int(12));
   key.deletion_elapsed = absl::Microseconds(row.Int(13));
+  key.destruction_started = row.Int(14) != 0;
   return key;
 }
 

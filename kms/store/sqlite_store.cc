@@ -59,6 +59,10 @@ ALTER TABLE keys ADD COLUMN deletion_elapsed_us INTEGER NOT NULL DEFAULT 0;
 UPDATE keys SET deletion_window_us = MAX(0, deletion_us - update_us)
   WHERE state = 3 AND deletion_us IS NOT NULL;
 )sql"},
+    // Key::destruction_started.
+    {3, R"sql(
+ALTER TABLE keys ADD COLUMN destruction_started INTEGER NOT NULL DEFAULT 0;
+)sql"},
 };
 
 // Prepared statement, finalised on destruction.
@@ -295,13 +299,15 @@ absl::Status SqliteStore::WriteKeyLocked(const Key& key, bool insert) {
   Stmt k(db_, insert ? "INSERT INTO keys (description, labels, purpose, state, "
                        "rotation_period_s, next_rotation_us, primary_version, "
                        "create_us, update_us, deletion_us, policy, "
-                       "deletion_window_us, deletion_elapsed_us, id) "
-                       "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                       "deletion_window_us, deletion_elapsed_us, "
+                       "destruction_started, id) "
+                       "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
                      : "UPDATE keys SET description=?, labels=?, purpose=?, "
                        "state=?, rotation_period_s=?, next_rotation_us=?, "
                        "primary_version=?, create_us=?, update_us=?, "
                        "deletion_us=?, policy=?, deletion_window_us=?, "
-                       "deletion_elapsed_us=? WHERE id=?");
+                       "deletion_elapsed_us=?, destruction_started=? "
+                       "WHERE id=?");
   CUSTOS_RETURN_IF_ERROR(k.prepared());
   k.Bind(1, key.description)
       .Bind(2, rows::LabelsToJson(key.labels))
@@ -324,7 +330,8 @@ absl::Status SqliteStore::WriteKeyLocked(const Key& key, bool insert) {
   k.Bind(11, PolicyToJson(key.policy))
       .Bind(12, absl::ToInt64Microseconds(key.deletion_window))
       .Bind(13, absl::ToInt64Microseconds(key.deletion_elapsed))
-      .Bind(14, key.id);
+      .Bind(14, int64_t{key.destruction_started ? 1 : 0})
+      .Bind(15, key.id);
   CUSTOS_RETURN_IF_ERROR(SqliteStatus(db_, k.Step(), "write key"));
   if (!insert && sqlite3_changes(db_) != 1) {
     return absl::NotFoundError(absl::StrCat("key ", key.id, " not found"));

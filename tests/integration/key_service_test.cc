@@ -1490,6 +1490,35 @@ TEST_F(KeyServiceMaintenanceTest, RescheduledDeletionCountsFromZero) {
   EXPECT_EQ(service().RunScheduledWork().destroyed_keys, 1);
 }
 
+// Once the executor has committed that destruction begins (another
+// replica's executor, say, that then crashed), no cancel may bring the key
+// back: its material may be half gone. The next pass finishes the job,
+// whatever the clocks say.
+TEST_F(KeyServiceMaintenanceTest, DestructionOnceBegunCannotBeCancelled) {
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey());
+  CUSTOS_ASSERT_OK(service().ScheduleKeyDeletion(As(kAdmin), key->id, 7));
+  const absl::Time start = clock_.Now();
+  clock_.Advance(absl::Hours(24 * 7 + 1));
+  // Written to the database behind this service's cache, as another
+  // replica would.
+  CUSTOS_ASSERT_OK(stack_->store->UpdateKey(key->id, [](Key& k) {
+    k.destruction_started = true;
+    return absl::OkStatus();
+  }));
+  EXPECT_THAT(service().CancelKeyDeletion(As(kAdmin), key->id),
+              StatusIs(kPrecondition, HasSubstr("being destroyed")));
+  // The change feed would bring the change to this replica's cache.
+  CUSTOS_ASSERT_OK(stack_->registry->Refresh(key->id));
+  // Even with the wall clock stepped back before the deletion time.
+  clock_.Set(start);
+  MaintenanceReport pass = service().RunScheduledWork();
+  EXPECT_EQ(pass.destroyed_keys, 1);
+  EXPECT_EQ(pass.failures, 0);
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> after,
+                              service().GetKey(As(kAdmin), key->id));
+  EXPECT_EQ(after->state, KeyState::kDestroyed);
+}
+
 // BUG (kms/maintenance.cc, KeyService::DestroyKeyMaterial): the executor
 // decides from the snapshot RunScheduledWork took at the start of its pass
 // and then destroys the HSM objects without checking that the key is still

@@ -23,6 +23,7 @@
 namespace custos::kms {
 namespace {
 
+using ::custos::kms::store_samples::kLatestSchemaVersion;
 using ::custos::kms::store_samples::SampleKey;
 using ::custos::testing::IsOk;
 using ::custos::testing::StatusIs;
@@ -137,10 +138,11 @@ TEST_F(SqliteStoreTest, MigrationTwoKeepsThePendingWindow) {
   RawExec(
       "ALTER TABLE keys DROP COLUMN deletion_window_us;"
       "ALTER TABLE keys DROP COLUMN deletion_elapsed_us;"
-      "DELETE FROM schema_migrations WHERE version = 2;");
+      "ALTER TABLE keys DROP COLUMN destruction_started;"
+      "DELETE FROM schema_migrations WHERE version >= 2;");
   std::unique_ptr<Store> store = Open();
   ASSERT_NE(store, nullptr);
-  EXPECT_EQ(store->SchemaVersion(), 2);
+  EXPECT_EQ(store->SchemaVersion(), kLatestSchemaVersion);
   absl::StatusOr<Key> got = store->LoadKey("k-pending");
   ASSERT_THAT(got, IsOk());
   EXPECT_EQ(got->deletion_window, absl::Hours(24 * 9));

@@ -47,6 +47,7 @@ namespace custos::kms {
 namespace {
 
 using ::custos::kms::store_samples::ExpectSameKey;
+using ::custos::kms::store_samples::kLatestSchemaVersion;
 using ::custos::kms::store_samples::kT0;
 using ::custos::kms::store_samples::SampleKey;
 using ::custos::testing::IsOk;
@@ -233,20 +234,24 @@ TEST_P(StoreContractTest, MigrationsAreIdempotent) {
   {
     std::unique_ptr<Store> store = Open();
     ASSERT_NE(store, nullptr);
-    EXPECT_EQ(store->SchemaVersion(), 2);
+    EXPECT_EQ(store->SchemaVersion(), kLatestSchemaVersion);
   }
   {
     std::unique_ptr<Store> store = Open();
     ASSERT_NE(store, nullptr);
-    EXPECT_EQ(store->SchemaVersion(), 2);
+    EXPECT_EQ(store->SchemaVersion(), kLatestSchemaVersion);
   }
-  EXPECT_EQ(RawQueryInt("SELECT COUNT(*) FROM schema_migrations"), 2);
-  EXPECT_EQ(RawQueryInt("SELECT MAX(version) FROM schema_migrations"), 2);
+  EXPECT_EQ(RawQueryInt("SELECT COUNT(*) FROM schema_migrations"),
+            kLatestSchemaVersion);
+  EXPECT_EQ(RawQueryInt("SELECT MAX(version) FROM schema_migrations"),
+            kLatestSchemaVersion);
 }
 
 TEST_P(StoreContractTest, RefusesSchemaNewerThanItKnows) {
   { ASSERT_NE(Open(), nullptr); }
-  RawExec("INSERT INTO schema_migrations(version, applied_us) VALUES (3, 0)");
+  RawExec(absl::StrCat(
+      "INSERT INTO schema_migrations(version, applied_us) VALUES (",
+      kLatestSchemaVersion + 1, ", 0)"));
   EXPECT_THAT(OpenStore(url_), StatusIs(absl::StatusCode::kFailedPrecondition,
                                         HasSubstr("newer")));
 }
@@ -271,6 +276,7 @@ TEST_P(StoreContractTest, RoundTripsSetOptionalTimesAndUnsetOnes) {
   with.deletion_time = kT0 + absl::Hours(24 * 7) + absl::Microseconds(3);
   with.deletion_window = absl::Hours(24 * 7);
   with.deletion_elapsed = absl::Hours(26) + absl::Microseconds(5);
+  with.destruction_started = true;
   Key without = SampleKey("k-without", "o");
   without.next_rotation_time = absl::InfinitePast();
   without.rotation_period = absl::ZeroDuration();
@@ -816,7 +822,7 @@ TEST_P(StoreContractTest, DataSurvivesReopen) {
   key.aliases = {"alias/a-billing", "alias/b/billing", "alias/later"};
   std::unique_ptr<Store> store = Open();
   ASSERT_NE(store, nullptr);
-  EXPECT_EQ(store->SchemaVersion(), 2);
+  EXPECT_EQ(store->SchemaVersion(), kLatestSchemaVersion);
   absl::StatusOr<Key> loaded = store->LoadKey("k-durable");
   ASSERT_THAT(loaded, IsOk());
   ExpectSameKey(*loaded, key);
@@ -1090,9 +1096,11 @@ TEST_P(StoreContractTest, ReplicasOpeningAFreshDatabaseAtOnceBothSucceed) {
     RunTogether(kReplicas, [&](int r) { stores[r] = OpenStore(*url); });
     for (int r = 0; r < kReplicas; ++r) {
       ASSERT_THAT(stores[r].status(), IsOk()) << "replica " << r;
-      EXPECT_EQ((*stores[r])->SchemaVersion(), 2) << "replica " << r;
+      EXPECT_EQ((*stores[r])->SchemaVersion(), kLatestSchemaVersion)
+          << "replica " << r;
     }
-    EXPECT_EQ(RawQueryIntAt(*url, "SELECT COUNT(*) FROM schema_migrations"), 2);
+    EXPECT_EQ(RawQueryIntAt(*url, "SELECT COUNT(*) FROM schema_migrations"),
+              kLatestSchemaVersion);
     Key key = SampleKey("k-after-migration", "m");
     ASSERT_THAT((*stores[0])->InsertKey(key), IsOk());
     absl::StatusOr<Key> got = (*stores[kReplicas - 1])->LoadKey(key.id);

@@ -19,6 +19,8 @@ namespace custos::kms::store_samples {
 
 // A fixed instant with a non-zero microsecond part.
 inline const absl::Time kT0 = absl::FromUnixMicros(1700000000123456);
+// The schema version both stores migrate to.
+inline constexpr int kLatestSchemaVersion = 3;
 
 inline KeyPolicy SamplePolicy() {
   KeyPolicy policy;
@@ -84,6 +86,7 @@ inline void ExpectSameKey(const Key& got, const Key& want) {
   EXPECT_EQ(got.deletion_time, want.deletion_time);
   EXPECT_EQ(got.deletion_window, want.deletion_window);
   EXPECT_EQ(got.deletion_elapsed, want.deletion_elapsed);
+  EXPECT_EQ(got.destruction_started, want.destruction_started);
   EXPECT_TRUE(got.policy == want.policy)
       << "got " << PolicyToJson(got.policy) << "\nwant "
       << PolicyToJson(want.policy);

@@ -290,6 +290,28 @@ TEST_F(AuditLogTest, ReopenContinuesSequenceAndChainInANewSegment) {
   ExpectValidChain(lines);
 }
 
+// Node "node-1" and node "node-1-b" share the directory: each continues
+// its own chain, never the other's (their file names share a prefix).
+TEST_F(AuditLogTest, NodeWhoseNameExtendsAnotherKeepsItsOwnChain) {
+  {
+    FileAuditLog::Options options;
+    options.dir = dir_;
+    options.node_id = std::string(kNode) + "-b";
+    absl::StatusOr<std::unique_ptr<FileAuditLog>> other =
+        FileAuditLog::Open(options);
+    ASSERT_THAT(other, IsOk());
+    for (int i = 0; i < 5; ++i) {
+      ASSERT_THAT((*other)->Append(SimpleRecord("b", i)), IsOk());
+    }
+  }
+  std::unique_ptr<FileAuditLog> log = Open();
+  ASSERT_NE(log, nullptr);
+  EXPECT_EQ(log->stats().next_seq, 1u);
+  EXPECT_EQ(log->segment_path(),
+            dir_ + "/audit-" + kNode + "-00000000000000000001.jsonl");
+  ASSERT_THAT(log->Append(SimpleRecord("a", 0)), IsOk());
+}
+
 TEST_F(AuditLogTest, ReopenAfterAnEmptySegmentStillContinues) {
   {
     std::unique_ptr<FileAuditLog> log = Open();
