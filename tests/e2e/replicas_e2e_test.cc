@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <sstream>
@@ -174,6 +175,31 @@ TEST_F(ReplicasE2eTest, KeyCreatedOnOneIsUsedOnTheOther) {
   EXPECT_EQ(plain.plaintext(), dk.plaintext());
   ExpectChainVerifies(*one_);
   ExpectChainVerifies(*two_);
+  // An auditor copies both replicas' segments into one directory and checks
+  // both chains and their signatures in one run, one key per node.
+  const std::string combined = one_->dir() + "/combined";
+  std::filesystem::create_directories(combined);
+  std::vector<std::string> argv = {testing::BinDir() + "/custos", "--json",
+                                   "audit", "verify", combined};
+  for (const CustosdProcess* p : {one_.get(), two_.get()}) {
+    for (const auto& entry :
+         std::filesystem::directory_iterator(p->audit_dir())) {
+      const std::string name = entry.path().filename().string();
+      if (name.rfind("audit-public-key-", 0) == 0) {
+        argv.push_back("--public-key");
+        argv.push_back(entry.path().string());
+      } else if (name.rfind("audit-", 0) == 0) {
+        std::filesystem::copy_file(entry.path(), combined + "/" + name);
+      }
+    }
+  }
+  ProcessResult r =
+      testing::RunProcess(argv, testing::EnvironmentWithout("CUSTOS_"),
+                          "/dev/null", one_->dir() + "/combined");
+  EXPECT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, ::testing::HasSubstr("\"signatures_checked\": true"));
+  EXPECT_THAT(r.out, ::testing::HasSubstr("\"node\": \"replica-1\""));
+  EXPECT_THAT(r.out, ::testing::HasSubstr("\"node\": \"replica-2\""));
 }
 
 TEST_F(ReplicasE2eTest, RotationOnOneIsSeenByTheOther) {
