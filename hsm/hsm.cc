@@ -18,11 +18,10 @@ namespace {
 
 // Indexed by Hsm::Operation.
 constexpr const char* kOperationNames[] = {
-    "GenerateAesKey",      "VerifyAesKey",          "EncryptAesGcm",
-    "EncryptAesGcmMany",   "GenerateAndSealAesGcm", "DecryptAesGcm",
-    "GenerateRandom",      "GenerateSigningKey",    "SignP256",
-    "SigningPublicKeyPem", "DestroyObjects",        "ListKeyObjects",
-    "FindKeyIdsByLabel",
+    "GenerateAesKey",        "VerifyAesKey",   "EncryptAesGcm",
+    "GenerateAndSealAesGcm", "DecryptAesGcm",  "GenerateRandom",
+    "GenerateSigningKey",    "SignP256",       "SigningPublicKeyPem",
+    "DestroyObjects",        "ListKeyObjects", "FindKeyIdsByLabel",
 };
 
 double SecondsSince(std::chrono::steady_clock::time_point start) {
@@ -245,40 +244,6 @@ absl::StatusOr<GcmSealed> Hsm::EncryptAesGcm(absl::string_view id,
                   sealed.ciphertext,
                   session.EncryptAesGcm(key, sealed.iv, aad, plaintext.view()));
               return sealed;
-            });
-      });
-}
-
-absl::StatusOr<std::vector<GcmSealed>> Hsm::EncryptAesGcmMany(
-    absl::string_view id, absl::string_view aad,
-    const std::vector<absl::string_view>& plaintexts) {
-  // Copies: after a timeout the worker may outlive this call's arguments.
-  std::vector<SecretBytes> copies;
-  copies.reserve(plaintexts.size());
-  for (absl::string_view p : plaintexts)
-    copies.push_back(SecretBytes::CopyOf(p));
-  return Call<std::vector<GcmSealed>>(
-      Operation::kEncryptAesGcmMany,
-      [this, id = std::string(id), aad = std::string(aad),
-       copies = std::move(copies)](
-          Session& session) -> absl::StatusOr<std::vector<GcmSealed>> {
-        return WithObject<std::vector<GcmSealed>>(
-            session, id, CKO_SECRET_KEY,
-            [&](CK_OBJECT_HANDLE key)
-                -> absl::StatusOr<std::vector<GcmSealed>> {
-              std::vector<GcmSealed> out(copies.size());
-              CUSTOS_ASSIGN_OR_RETURN(
-                  SecretBytes ivs,
-                  session.GenerateRandom(kGcmIvSize * copies.size()));
-              for (size_t i = 0; i < copies.size(); ++i) {
-                out[i].iv =
-                    std::string(ivs.view().substr(i * kGcmIvSize, kGcmIvSize));
-                CUSTOS_ASSIGN_OR_RETURN(
-                    out[i].ciphertext,
-                    session.EncryptAesGcm(key, out[i].iv, aad,
-                                          copies[i].view()));
-              }
-              return out;
             });
       });
 }

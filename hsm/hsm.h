@@ -78,11 +78,6 @@ class Hsm {
   absl::StatusOr<GcmSealed> EncryptAesGcm(absl::string_view id,
                                           absl::string_view aad,
                                           absl::string_view plaintext);
-  // The same for several plaintexts, in one session (one pool hand-off),
-  // each with its own fresh IV.
-  absl::StatusOr<std::vector<GcmSealed>> EncryptAesGcmMany(
-      absl::string_view id, absl::string_view aad,
-      const std::vector<absl::string_view>& plaintexts);
   // Makes `count` random secrets of `bytes` each with C_GenerateRandom and
   // seals each under key `id`, all in one session: data keys.
   absl::StatusOr<std::vector<SealedSecret>> GenerateAndSealAesGcm(
@@ -124,7 +119,6 @@ class Hsm {
     kGenerateAesKey,
     kVerifyAesKey,
     kEncryptAesGcm,
-    kEncryptAesGcmMany,
     kGenerateAndSealAesGcm,
     kDecryptAesGcm,
     kGenerateRandom,

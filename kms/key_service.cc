@@ -159,8 +159,7 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::RotateFrom(
 absl::StatusOr<KeyService::SealedBatch> KeyService::SealMany(
     std::shared_ptr<const Key> key, const SealInput& input,
     const EncryptionContext& context, Audit& audit) {
-  const size_t n =
-      input.generate_count > 0 ? input.generate_count : input.plaintexts.size();
+  const size_t n = input.generate_count > 0 ? input.generate_count : 1;
   if (n > options_.encryption_limit) {
     // No version could hold them: refuse rather than rotate in vain.
     return absl::InvalidArgumentError(absl::StrCat(
@@ -210,16 +209,11 @@ absl::StatusOr<KeyService::SealedBatch> KeyService::SealMany(
           sealed.push_back(std::move(secret.sealed));
         }
       }
-    } else if (n == 1) {
+    } else {
       absl::StatusOr<hsm::GcmSealed> one =
-          hsm_->EncryptAesGcm(version->hsm_id, aad, input.plaintexts[0]);
+          hsm_->EncryptAesGcm(version->hsm_id, aad, input.plaintext);
       hsm_status = one.status();
       if (one.ok()) sealed.push_back(*std::move(one));
-    } else {
-      absl::StatusOr<std::vector<hsm::GcmSealed>> many =
-          hsm_->EncryptAesGcmMany(version->hsm_id, aad, input.plaintexts);
-      hsm_status = many.status();
-      if (many.ok()) sealed = *std::move(many);
     }
     if (!hsm_status.ok()) {
       if (absl::IsNotFound(hsm_status)) {
@@ -245,7 +239,7 @@ absl::StatusOr<KeyService::SealedData> KeyService::Seal(
     std::shared_ptr<const Key> key, absl::string_view plaintext,
     const EncryptionContext& context, Audit& audit) {
   SealInput input;
-  input.plaintexts.push_back(plaintext);
+  input.plaintext = plaintext;
   CUSTOS_ASSIGN_OR_RETURN(SealedBatch batch,
                           SealMany(std::move(key), input, context, audit));
   return SealedData{std::move(batch.key_id), batch.version,

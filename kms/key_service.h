@@ -329,10 +329,11 @@ class KeyService {
                                      const std::string& expected_key,
                                      const Justification* justification,
                                      Audit& audit);
-  // What SealMany seals: the given plaintexts, or `generate_count` fresh
-  // random data keys of `generate_bytes` each, made by the HSM.
+  // What SealMany seals: one given plaintext (Encrypt, ReEncrypt), or
+  // `generate_count` fresh random data keys of `generate_bytes` each, made
+  // by the HSM (GenerateDataKey(s)).
   struct SealInput {
-    std::vector<absl::string_view> plaintexts;
+    absl::string_view plaintext;
     size_t generate_count = 0;
     size_t generate_bytes = 0;
   };
@@ -347,8 +348,9 @@ class KeyService {
   absl::StatusOr<SealedBatch> MakeDataKeys(const Caller& caller, Rpc rpc,
                                            const DataKeyParams& params,
                                            size_t count, Audit& audit);
-  // Seal for several plaintexts at once: one budget claim and one HSM
-  // session for all of them.
+  // Seals `input` under the key's primary version: one budget claim and one
+  // HSM hand-off for all of it, rotating first if the version's budget is
+  // spent.
   absl::StatusOr<SealedBatch> SealMany(std::shared_ptr<const Key> key,
                                        const SealInput& input,
                                        const EncryptionContext& context,
