@@ -5,6 +5,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/status_macros.h"
 #include "kms/store/rows.h"
 
@@ -206,11 +207,18 @@ absl::StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::Open(
   std::unique_ptr<SqliteStore> store(new SqliteStore(db, path));
   absl::MutexLock lock(&store->mu_);
   sqlite3_busy_timeout(db, 5000);
-  CUSTOS_RETURN_IF_ERROR(store->Exec("PRAGMA journal_mode=WAL"));
-  CUSTOS_RETURN_IF_ERROR(store->Exec("PRAGMA synchronous=FULL"));
-  CUSTOS_RETURN_IF_ERROR(store->Exec("PRAGMA foreign_keys=ON"));
-  CUSTOS_RETURN_IF_ERROR(store->Migrate());
-  return store;
+  // Processes opening a new database together (custosd and the CLI, or
+  // tests) can meet SQLITE_BUSY without the busy handler while one of them
+  // switches the file to WAL: each step is idempotent, so run them again.
+  for (int attempt = 1;; ++attempt) {
+    absl::Status s = store->Exec("PRAGMA journal_mode=WAL");
+    if (s.ok()) s = store->Exec("PRAGMA synchronous=FULL");
+    if (s.ok()) s = store->Exec("PRAGMA foreign_keys=ON");
+    if (s.ok()) s = store->Migrate();
+    if (s.ok()) return store;
+    if (!absl::IsUnavailable(s) || attempt == 50) return s;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
 }
 
 SqliteStore::~SqliteStore() { sqlite3_close(db_); }
