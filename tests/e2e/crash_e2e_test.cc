@@ -158,11 +158,7 @@ class CrashE2eTest : public ::testing::Test {
   }
 
   void ExpectAuditChainVerifies() {
-    ProcessResult r =
-        testing::RunProcess({testing::BinDir() + "/custos", "audit", "verify",
-                             server_->audit_dir()},
-                            testing::EnvironmentWithout("CUSTOS_"), "/dev/null",
-                            server_->dir() + "/verify");
+    ProcessResult r = server_->VerifyAuditLog();
     EXPECT_EQ(r.code, 0) << r;
   }
 

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -278,6 +279,13 @@ absl::Status CustosdProcess::Stop() {
                                ReadAll(log_path()));
   }
   return absl::OkStatus();
+}
+
+ProcessResult CustosdProcess::VerifyAuditLog() const {
+  static std::atomic<int> runs{0};
+  return RunProcess({BinDir() + "/custos", "audit", "verify", audit_dir()},
+                    EnvironmentWithout("CUSTOS_"), "/dev/null",
+                    absl::StrCat(dir_, "/verify", suffix_, "-", ++runs));
 }
 
 std::string CustosdProcess::ReadPki(const std::string& file) const {

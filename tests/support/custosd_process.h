@@ -17,6 +17,7 @@
 
 #include "absl/status/statusor.h"
 #include "custos/v1/kms.grpc.pb.h"
+#include "tests/support/subprocess.h"
 
 namespace custos::testing {
 
@@ -97,6 +98,10 @@ class CustosdProcess {
   absl::StatusOr<std::string> CreateKeyFor(
       const std::string& user,
       const std::vector<custos::v1::KeyOperation>& operations) const;
+
+  // Runs `custos audit verify` offline on this server's audit directory
+  // (code 0: every chain intact).
+  ProcessResult VerifyAuditLog() const;
 
   // The principal of a dev-env identity, e.g. spiffe://custos.test/admin.
   static std::string Principal(const std::string& identity);
