@@ -257,12 +257,14 @@ absl::Status Run(const std::string& config_path) {
   int signal_number = 0;
   sigwait(&signals, &signal_number);
   spdlog::info("signal {}: draining calls and shutting down", signal_number);
-  background.Stop();
   audit_handler.Stop();  // ends open StreamAuditEvents calls
   const auto deadline =
       std::chrono::system_clock::now() + std::chrono::seconds(10);
   server->Shutdown(deadline);
   if (dev_server) dev_server->Shutdown(deadline);
+  // After the calls have drained: the change feed keeps this replica's keys
+  // fresh (usable) while they do; then waits for a pass under way.
+  background.Stop();
   server->Wait();
   spdlog::info("stopped");
   return absl::OkStatus();

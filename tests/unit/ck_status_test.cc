@@ -57,7 +57,7 @@ INSTANTIATE_TEST_SUITE_P(
              "CKR_OBJECT_HANDLE_INVALID", false},
         Case{CKR_MECHANISM_INVALID, absl::StatusCode::kUnimplemented,
              "CKR_MECHANISM_INVALID", false},
-        Case{CKR_GENERAL_ERROR, absl::StatusCode::kInternal,
+        Case{CKR_GENERAL_ERROR, absl::StatusCode::kUnavailable,
              "CKR_GENERAL_ERROR", false}));
 
 TEST(CkStatusTest, OkIsOk) { EXPECT_TRUE(CkStatus(CKR_OK, "C_Encrypt").ok()); }
