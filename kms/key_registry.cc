@@ -130,10 +130,19 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyRegistry::Update(
 absl::Status KeyRegistry::CreateAlias(const AliasRecord& alias) {
   absl::MutexLock write(&write_mu_);
   CUSTOS_RETURN_IF_ERROR(store_->CreateAlias(alias));
-  CUSTOS_ASSIGN_OR_RETURN(Key key, store_->LoadKey(alias.key_id));
+  // Committed: the cache follows in memory, as DeleteAlias's does (a
+  // failed re-read must not report a committed alias as not made). A key
+  // not cached here (another replica's) arrives with the change feed.
   absl::MutexLock lock(&mu_);
   aliases_[alias.name] = alias;
-  PutLocked(std::make_shared<const Key>(std::move(key)));
+  auto it = keys_.find(alias.key_id);
+  if (it != keys_.end()) {
+    Key copy = *it->second;
+    copy.aliases.insert(
+        std::upper_bound(copy.aliases.begin(), copy.aliases.end(), alias.name),
+        alias.name);
+    PutLocked(std::make_shared<const Key>(std::move(copy)));
+  }
   return absl::OkStatus();
 }
 

@@ -462,10 +462,12 @@ absl::Status SqliteStore::CreateAlias(const AliasRecord& alias) {
     Stmt k(db_, "SELECT 1 FROM keys WHERE id = ?");
     CUSTOS_RETURN_IF_ERROR(k.prepared());
     k.Bind(1, alias.key_id);
-    if (k.Step() != SQLITE_ROW) {
+    const int rc = k.Step();
+    if (rc == SQLITE_DONE) {
       return absl::NotFoundError(
           absl::StrCat("key ", alias.key_id, " not found"));
     }
+    if (rc != SQLITE_ROW) return SqliteStatus(db_, rc, "create alias");
   }
   Stmt a(db_, "INSERT INTO aliases (name, key_id, create_us) VALUES (?,?,?)");
   CUSTOS_RETURN_IF_ERROR(a.prepared());
