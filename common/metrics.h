@@ -190,7 +190,7 @@ class CodeCounters {
 
 // The name of a status code as Prometheus labels show it: "OK",
 // "PERMISSION_DENIED", ...; UNKNOWN outside 0..16.
-const char* CodeName(int code);
+std::string CodeName(int code);
 
 // One sample of a callback metric: label values (one per label name) and
 // the value.

@@ -75,8 +75,11 @@ class Hsm::Metrics {
   std::vector<std::unique_ptr<Op>> ops_;
 };
 
-Hsm::Hsm(std::unique_ptr<Metrics> metrics, std::unique_ptr<SessionPool> pool)
-    : metrics_(std::move(metrics)), pool_(std::move(pool)) {}
+Hsm::Hsm(std::unique_ptr<Metrics> metrics, std::unique_ptr<SessionPool> pool,
+         bool shared_token)
+    : shared_token_(shared_token),
+      metrics_(std::move(metrics)),
+      pool_(std::move(pool)) {}
 
 Hsm::~Hsm() = default;
 
@@ -124,7 +127,8 @@ absl::StatusOr<std::unique_ptr<Hsm>> Hsm::Open(const Module& module,
         absl::StrCat("opening sessions on token '", options.token_label,
                      "': ", pool.status().message()));
   }
-  return std::unique_ptr<Hsm>(new Hsm(std::move(metrics), *std::move(pool)));
+  return std::unique_ptr<Hsm>(
+      new Hsm(std::move(metrics), *std::move(pool), options.shared_token));
 }
 
 absl::StatusOr<CK_OBJECT_HANDLE> Hsm::Resolve(Session& session,
@@ -143,13 +147,14 @@ absl::StatusOr<CK_OBJECT_HANDLE> Hsm::Resolve(Session& session,
   query.Ulong(CKA_CLASS, cls).Bytes(CKA_ID, id);
   CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
                           session.FindObjects(query, 2));
-  // An object another process (a replica) has just made may take a moment
-  // to appear: SoftHSM2 notices another process's new files within about
-  // 0.1 s, and a cluster of network HSMs replicates with a lag. Callers
-  // only ask for objects the database says exist, so look again a few
-  // times (0.6 s in all) before calling it missing.
+  // With a shared token, an object another process (a replica) has just
+  // made may take a moment to appear: SoftHSM2 notices another process's
+  // new files within about 0.1 s, and a cluster of network HSMs replicates
+  // with a lag. Callers only ask for objects the database says exist, so
+  // look again a few times (0.6 s in all) before calling it missing.
   for (absl::Duration wait = absl::Milliseconds(10);
-       found.empty() && wait <= absl::Milliseconds(320); wait *= 2) {
+       shared_token_ && found.empty() && wait <= absl::Milliseconds(320);
+       wait *= 2) {
     absl::SleepFor(wait);
     CUSTOS_ASSIGN_OR_RETURN(found, session.FindObjects(query, 2));
   }
@@ -198,14 +203,13 @@ absl::StatusOr<std::string> Hsm::GenerateAesKey(absl::string_view label) {
         CUSTOS_ASSIGN_OR_RETURN(SecretBytes id_bytes,
                                 session.GenerateRandom(kObjectIdSize));
         std::string id(id_bytes.view());
-        // SoftHSM2 shared by several processes (replicas in trials): a
-        // process that writes to the token without having searched it
-        // since another process's write never sees that write (its token
-        // generation counter adopts the other's bump). A search first
-        // makes it take in every object made so far.
-        AttributeTemplate none;
-        none.Ulong(CKA_CLASS, CKO_SECRET_KEY).Bytes(CKA_ID, id);
-        CUSTOS_RETURN_IF_ERROR(session.FindObjects(none, 1).status());
+        if (shared_token_) {
+          // Takes in every object other processes made so far (see
+          // Options::shared_token); the id is new, so nothing matches.
+          AttributeTemplate none;
+          none.Ulong(CKA_CLASS, CKO_SECRET_KEY).Bytes(CKA_ID, id);
+          CUSTOS_RETURN_IF_ERROR(session.FindObjects(none, 1).status());
+        }
         CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE key,
                                 GenerateCmk(session, id, label));
         absl::MutexLock lock(&mu_);

@@ -58,6 +58,15 @@ class Hsm {
     // Where the HSM's and its pool's metrics go; null: none. Must outlive
     // the Hsm.
     metrics::Registry* metrics = nullptr;
+    // Other processes write to this token too (custosd replicas). With
+    // SoftHSM2, a process that writes to a token without having searched
+    // it since another process's write never sees that write (its token
+    // generation counter adopts the other's bump), so GenerateAesKey then
+    // searches first; and an object not found is looked for again for up
+    // to 0.6 s (another process's may still be appearing). The search
+    // reads every object (about 0.8 s with 10,000 keys on SoftHSM2), so a
+    // single process does without both.
+    bool shared_token = false;
   };
 
   // Finds the token by label, reads the PIN file and logs in the pool's
@@ -132,7 +141,8 @@ class Hsm {
   };
   class Metrics;  // hsm.cc
 
-  Hsm(std::unique_ptr<Metrics> metrics, std::unique_ptr<SessionPool> pool);
+  Hsm(std::unique_ptr<Metrics> metrics, std::unique_ptr<SessionPool> pool,
+      bool shared_token);
 
   // Runs `f(Session&) -> StatusOr<T>` on the pool and returns its value,
   // recording the operation's metrics.
@@ -151,6 +161,7 @@ class Hsm {
                                CK_OBJECT_CLASS cls, F use);
   void Forget(const std::string& id, CK_OBJECT_CLASS cls);
 
+  const bool shared_token_;
   // Null without metrics. Declared before pool_, so that it outlives the
   // pool's workers (an operation that timed out may still be running).
   std::unique_ptr<Metrics> metrics_;

@@ -10,6 +10,7 @@
 #include <random>
 #include <thread>
 
+#include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -25,28 +26,6 @@ namespace echo = ::custos::bench::v1;
 using Clock = std::chrono::steady_clock;
 
 constexpr int kOpCount = static_cast<int>(std::size(kAllOps));
-
-const char* CodeName(grpc::StatusCode code) {
-  static const char* const kNames[] = {"OK",
-                                       "CANCELLED",
-                                       "UNKNOWN",
-                                       "INVALID_ARGUMENT",
-                                       "DEADLINE_EXCEEDED",
-                                       "NOT_FOUND",
-                                       "ALREADY_EXISTS",
-                                       "PERMISSION_DENIED",
-                                       "RESOURCE_EXHAUSTED",
-                                       "FAILED_PRECONDITION",
-                                       "ABORTED",
-                                       "OUT_OF_RANGE",
-                                       "UNIMPLEMENTED",
-                                       "INTERNAL",
-                                       "UNAVAILABLE",
-                                       "DATA_LOSS",
-                                       "UNAUTHENTICATED"};
-  const int i = static_cast<int>(code);
-  return i >= 0 && i < 17 ? kNames[i] : "UNKNOWN";
-}
 
 double CpuSeconds() {
   struct rusage usage {};
@@ -185,7 +164,8 @@ class Slot {
                        ? data_keys_response_.data_keys_size()
                        : 1;
       } else {
-        r.errors[CodeName(status.error_code())]++;
+        r.errors[absl::StatusCodeToString(
+            static_cast<absl::StatusCode>(status.error_code()))]++;
       }
     }
     // Data keys in the replies are not used: cleanse them anyway.

@@ -99,6 +99,19 @@ absl::Status Run(const std::string& config_path) {
 
   CUSTOS_ASSIGN_OR_RETURN(TlsMaterial tls, ReadTlsMaterial(config.tls));
 
+  CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<kms::Store> store,
+                          kms::OpenStore(config.storage));
+  CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<kms::KeyRegistry> registry,
+                          kms::KeyRegistry::Load(store.get()));
+  spdlog::info("storage: {} (schema {}), {} keys",
+               kms::RedactStorageUrl(config.storage), store->SchemaVersion(),
+               registry->size());
+  metrics::CallbackHandle key_metrics;  // custos_keys{state}
+  if (metric_registry != nullptr) {
+    CUSTOS_ASSIGN_OR_RETURN(key_metrics,
+                            registry->ExportMetrics(*metric_registry));
+  }
+
   absl::StatusOr<std::unique_ptr<hsm::Module>> module =
       hsm::Module::Load(config.hsm.module);
   if (!module.ok()) {
@@ -114,6 +127,8 @@ absl::Status Run(const std::string& config_path) {
   hsm_options.pool.lease_timeout = config.hsm.lease_timeout;
   hsm_options.pool.max_abandoned = config.hsm.pool_size;
   hsm_options.metrics = metric_registry.get();
+  // Replicas share the token (see Hsm::Options::shared_token).
+  hsm_options.shared_token = store->Shared();
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm =
       hsm::Hsm::Open(**module, hsm_options);
   if (!hsm.ok()) {
@@ -122,19 +137,6 @@ absl::Status Run(const std::string& config_path) {
   }
   spdlog::info("HSM: token '{}' via {}, {} sessions", config.hsm.token_label,
                config.hsm.module, config.hsm.pool_size);
-
-  CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<kms::Store> store,
-                          kms::OpenStore(config.storage));
-  CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<kms::KeyRegistry> registry,
-                          kms::KeyRegistry::Load(store.get()));
-  spdlog::info("storage: {} (schema {}), {} keys",
-               kms::RedactStorageUrl(config.storage), store->SchemaVersion(),
-               registry->size());
-  metrics::CallbackHandle key_metrics;  // custos_keys{state}
-  if (metric_registry != nullptr) {
-    CUSTOS_ASSIGN_OR_RETURN(key_metrics,
-                            registry->ExportMetrics(*metric_registry));
-  }
 
   // The checkpoint signing key lives in the HSM; its public half is written
   // beside the segments for auditors (who should also keep a copy of their

@@ -44,20 +44,10 @@ namespace pb = ::custos::v1;
 using ::custos::testing::CustosdProcess;
 using ::custos::testing::ReadRecords;
 using ::custos::testing::SegmentFiles;
+using ::custos::testing::StringField;
 using Json = nlohmann::json;
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-std::string Field(const Json& record, const char* name) {
-  auto it = record.find(name);
-  if (it == record.end() || !it->is_string()) return "";
-  return it->get<std::string>();
-}
+using ::custos::testing::ReadAll;
 
 // The checkpoint public keys custosd exported next to the segments.
 std::vector<std::string> PublicKeys(const std::string& dir) {
@@ -98,8 +88,9 @@ void ExpectGapFree(const std::vector<Json>& records) {
 size_t CountAllowed(const std::vector<Json>& records,
                     const std::string& operation) {
   return std::count_if(records.begin(), records.end(), [&](const Json& r) {
-    return Field(r, "operation") == operation &&
-           Field(r, "outcome") == "ALLOWED" && Field(r, "code") == "OK";
+    return StringField(r, "operation") == operation &&
+           StringField(r, "outcome") == "ALLOWED" &&
+           StringField(r, "code") == "OK";
   });
 }
 
@@ -216,21 +207,22 @@ TEST_F(AuditE2eTest, EveryRequestAllowedRefusedOrFailedHasExactlyOneRecord) {
   for (const Expected& e : expected) {
     std::vector<Json> found;
     for (const Json& r : records) {
-      if (Field(r, "request_id") == e.request_id) found.push_back(r);
+      if (StringField(r, "request_id") == e.request_id) found.push_back(r);
     }
     ASSERT_EQ(found.size(), 1u) << e.request_id;
     const Json& r = found[0];
-    EXPECT_EQ(Field(r, "principal"), CustosdProcess::Principal(e.identity))
+    EXPECT_EQ(StringField(r, "principal"),
+              CustosdProcess::Principal(e.identity))
         << r.dump();
-    EXPECT_EQ(Field(r, "operation"), e.operation) << r.dump();
-    EXPECT_EQ(Field(r, "outcome"), e.outcome) << r.dump();
-    EXPECT_EQ(Field(r, "code"), e.code) << r.dump();
+    EXPECT_EQ(StringField(r, "operation"), e.operation) << r.dump();
+    EXPECT_EQ(StringField(r, "outcome"), e.outcome) << r.dump();
+    EXPECT_EQ(StringField(r, "code"), e.code) << r.dump();
   }
   // The allowed ones name the key they used.
   for (const Json& r : records) {
-    const std::string rid = Field(r, "request_id");
+    const std::string rid = StringField(r, "request_id");
     if (rid == "t1-create-key" || rid == "t1-gdk-allowed") {
-      EXPECT_EQ(Field(r, "key_id"), key) << r.dump();
+      EXPECT_EQ(StringField(r, "key_id"), key) << r.dump();
     }
     if (rid == "t1-gdk-allowed") {
       EXPECT_EQ(r.value("context", Json::object()),
@@ -364,9 +356,9 @@ TEST_F(AuditE2eTest, KillNineLosesNoRecordOfARepliedRequest) {
   ExpectGapFree(records);
   std::set<std::string> recorded;
   for (const Json& r : records) {
-    if (Field(r, "operation") == "GenerateDataKey" &&
-        Field(r, "outcome") == "ALLOWED") {
-      recorded.insert(Field(r, "request_id"));
+    if (StringField(r, "operation") == "GenerateDataKey" &&
+        StringField(r, "outcome") == "ALLOWED") {
+      recorded.insert(StringField(r, "request_id"));
     }
   }
   int missing = 0;

@@ -34,12 +34,7 @@ using Code = grpc::StatusCode;
 
 constexpr char kSoftHsm[] = "/usr/lib/softhsm/libsofthsm2.so";
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using ::custos::testing::ReadAll;
 
 class CrashE2eTest : public ::testing::Test {
  protected:

@@ -29,12 +29,7 @@ namespace pb = ::custos::v1;
 using ::custos::testing::CustosdProcess;
 using ::testing::HasSubstr;
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using ::custos::testing::ReadAll;
 
 // Every regular file under `dir`, concatenated (for leak checks).
 std::string ReadTree(const std::string& dir) {

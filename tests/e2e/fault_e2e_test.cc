@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "custos/v1/kms.grpc.pb.h"
 #include "nlohmann/json.hpp"
@@ -33,16 +34,7 @@ using Code = grpc::StatusCode;
 constexpr char kSoftHsm[] = "/usr/lib/softhsm/libsofthsm2.so";
 
 std::string CodeName(Code code) {
-  switch (code) {
-    case Code::UNAVAILABLE:
-      return "UNAVAILABLE";
-    case Code::DEADLINE_EXCEEDED:
-      return "DEADLINE_EXCEEDED";
-    case Code::INTERNAL:
-      return "INTERNAL";
-    default:
-      return absl::StrCat("code ", static_cast<int>(code));
-  }
+  return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
 }
 
 class FaultE2eTest : public ::testing::Test {

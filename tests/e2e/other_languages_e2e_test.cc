@@ -37,12 +37,7 @@ using ::testing::Not;
 constexpr char kPython[] = "/usr/bin/python3";
 constexpr char kAlias[] = "alias/other-languages";
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using ::custos::testing::ReadAll;
 
 struct ProgramRun {
   int exit_code = -1;  // -1: killed, timed out or could not start

@@ -35,12 +35,7 @@ using ::custos::testing::ProcessResult;
 using Clock = std::chrono::steady_clock;
 using Code = grpc::StatusCode;
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using ::custos::testing::ReadAll;
 
 class ReplicasE2eTest : public ::testing::Test {
  protected:

@@ -47,12 +47,7 @@ std::string Sha256(const std::string& data) {
   return std::string(reinterpret_cast<char*>(digest), sizeof(digest));
 }
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using ::custos::testing::ReadAll;
 
 // One sample of the server's resources.
 struct Resources {

@@ -73,22 +73,12 @@ namespace pb = ::custos::v1;
 using ::custos::testing::CustosdProcess;
 using ::custos::testing::ProcessResult;
 using ::custos::testing::ReadRecords;
+using ::custos::testing::StringField;
 using ::testing::HasSubstr;
 using Code = grpc::StatusCode;
 using Json = nlohmann::json;
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-std::string Field(const Json& record, const char* name) {
-  auto it = record.find(name);
-  if (it == record.end() || !it->is_string()) return "";
-  return it->get<std::string>();
-}
+using ::custos::testing::ReadAll;
 
 std::string CodeName(Code code) {
   return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
@@ -676,7 +666,8 @@ class StoreFaultE2eTest : public ::testing::Test {
   std::vector<Json> RequestRecords() {
     std::vector<Json> out;
     for (Json& r : ReadRecords(server_->audit_dir())) {
-      if (Field(r, "operation") != "Checkpoint") out.push_back(std::move(r));
+      if (StringField(r, "operation") != "Checkpoint")
+        out.push_back(std::move(r));
     }
     return out;
   }
@@ -706,13 +697,14 @@ class StoreFaultE2eTest : public ::testing::Test {
     std::vector<Json> added(records.begin() + before, records.end());
     ASSERT_LE(added.size(), 2u) << rpc;
     const Json& last = added.back();
-    EXPECT_EQ(Field(last, "operation"), rpc) << last.dump();
-    EXPECT_EQ(Field(last, "outcome"), "FAILED") << last.dump();
-    EXPECT_EQ(Field(last, "code"), CodeName(s.error_code())) << last.dump();
+    EXPECT_EQ(StringField(last, "operation"), rpc) << last.dump();
+    EXPECT_EQ(StringField(last, "outcome"), "FAILED") << last.dump();
+    EXPECT_EQ(StringField(last, "code"), CodeName(s.error_code()))
+        << last.dump();
     if (added.size() == 2) {
-      EXPECT_EQ(Field(added[0], "operation"), rpc) << added[0].dump();
-      EXPECT_EQ(Field(added[0], "outcome"), "ALLOWED") << added[0].dump();
-      EXPECT_THAT(Field(last, "detail"), HasSubstr("was not applied"))
+      EXPECT_EQ(StringField(added[0], "operation"), rpc) << added[0].dump();
+      EXPECT_EQ(StringField(added[0], "outcome"), "ALLOWED") << added[0].dump();
+      EXPECT_THAT(StringField(last, "detail"), HasSubstr("was not applied"))
           << last.dump();
     }
   }

@@ -37,4 +37,10 @@ std::vector<nlohmann::json> ReadRecords(const std::string& dir, int* unparsed) {
   return records;
 }
 
+std::string StringField(const nlohmann::json& record, const char* name) {
+  auto it = record.find(name);
+  if (it == record.end() || !it->is_string()) return "";
+  return it->get<std::string>();
+}
+
 }  // namespace custos::testing

@@ -19,6 +19,10 @@ std::vector<std::string> SegmentFiles(const std::string& dir);
 std::vector<nlohmann::json> ReadRecords(const std::string& dir,
                                         int* unparsed = nullptr);
 
+// The string field `name` of `record`, or "" if it is absent or not a
+// string.
+std::string StringField(const nlohmann::json& record, const char* name);
+
 }  // namespace custos::testing
 
 #endif  // CUSTOS_TESTS_SUPPORT_AUDIT_RECORDS_H_

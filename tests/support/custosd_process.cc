@@ -36,13 +36,6 @@ int FreePort() {
   return port;
 }
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 // Replaces the one line of `text` that starts with `prefix`.
 absl::StatusOr<std::string> ReplaceLine(const std::string& text,
                                         const std::string& prefix,

@@ -29,6 +29,13 @@ std::ostream& operator<<(std::ostream& os, const ProcessResult& r) {
             << r.err;
 }
 
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
 std::vector<std::string> EnvironmentWithout(const std::string& prefix) {
   std::vector<std::string> env;
   for (char** e = environ; *e != nullptr; ++e) {

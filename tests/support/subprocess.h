@@ -24,6 +24,9 @@ ProcessResult RunProcess(const std::vector<std::string>& argv,
                          const std::string& stdin_path,
                          const std::string& scratch_prefix);
 
+// The whole file at `path`, or "" if it cannot be read.
+std::string ReadAll(const std::string& path);
+
 // This process's environment without the variables starting with `prefix`.
 std::vector<std::string> EnvironmentWithout(const std::string& prefix);
 

@@ -252,8 +252,8 @@ TEST(MetricsTest, CodeNamesMatchAbsl) {
     EXPECT_EQ(CodeName(code),
               absl::StatusCodeToString(static_cast<absl::StatusCode>(code)));
   }
-  EXPECT_STREQ(CodeName(-1), "UNKNOWN");
-  EXPECT_STREQ(CodeName(17), "UNKNOWN");
+  EXPECT_EQ(CodeName(-1), "UNKNOWN");
+  EXPECT_EQ(CodeName(17), "UNKNOWN");
 }
 
 TEST(MetricsTest, ConcurrentUpdatesAndScrapesLoseNothing) {
