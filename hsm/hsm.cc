@@ -22,6 +22,7 @@ constexpr const char* kOperationNames[] = {
     "GenerateAndSealAesGcm", "DecryptAesGcm",  "GenerateRandom",
     "GenerateSigningKey",    "SignP256",       "SigningPublicKeyPem",
     "DestroyObjects",        "ListKeyObjects", "FindKeyIdsByLabel",
+    "CreateMarker",          "FindMarkers",
 };
 
 double SecondsSince(std::chrono::steady_clock::time_point start) {
@@ -76,8 +77,9 @@ class Hsm::Metrics {
 };
 
 Hsm::Hsm(std::unique_ptr<Metrics> metrics, std::unique_ptr<SessionPool> pool,
-         bool shared_token)
+         bool shared_token, TokenSummary token)
     : shared_token_(shared_token),
+      token_(std::move(token)),
       metrics_(std::move(metrics)),
       pool_(std::move(pool)) {}
 
@@ -112,6 +114,12 @@ absl::StatusOr<std::unique_ptr<Hsm>> Hsm::Open(const Module& module,
   }
   CUSTOS_ASSIGN_OR_RETURN(CK_SLOT_ID slot,
                           module.FindSlotByTokenLabel(options.token_label));
+  TokenSummary token{slot, options.token_label, "", true};
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<TokenSummary> tokens,
+                          module.ListTokens());
+  for (const TokenSummary& t : tokens) {
+    if (t.slot == slot) token = t;
+  }
   CUSTOS_ASSIGN_OR_RETURN(SecretBytes pin, ReadPinFile(options.pin_file));
   std::unique_ptr<Metrics> metrics;
   SessionPool::Options pool_options = options.pool;
@@ -127,8 +135,8 @@ absl::StatusOr<std::unique_ptr<Hsm>> Hsm::Open(const Module& module,
         absl::StrCat("opening sessions on token '", options.token_label,
                      "': ", pool.status().message()));
   }
-  return std::unique_ptr<Hsm>(
-      new Hsm(std::move(metrics), *std::move(pool), options.shared_token));
+  return std::unique_ptr<Hsm>(new Hsm(std::move(metrics), *std::move(pool),
+                                      options.shared_token, std::move(token)));
 }
 
 absl::StatusOr<CK_OBJECT_HANDLE> Hsm::Resolve(Session& session,
@@ -195,14 +203,26 @@ absl::StatusOr<T> Hsm::WithObject(Session& session, const std::string& id,
   return result;
 }
 
+absl::StatusOr<std::string> Hsm::NewObjectId() {
+  CUSTOS_ASSIGN_OR_RETURN(SecretBytes id, GenerateRandom(kObjectIdSize));
+  return std::string(id.view());
+}
+
 absl::StatusOr<std::string> Hsm::GenerateAesKey(absl::string_view label) {
+  CUSTOS_ASSIGN_OR_RETURN(std::string id, NewObjectId());
+  return GenerateAesKey(id, label);
+}
+
+absl::StatusOr<std::string> Hsm::GenerateAesKey(absl::string_view id,
+                                                absl::string_view label) {
+  if (id.size() != kObjectIdSize) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CKA_ID must be ", kObjectIdSize, " bytes"));
+  }
   return Call<std::string>(
       Operation::kGenerateAesKey,
-      [this, label = std::string(label)](
+      [this, id = std::string(id), label = std::string(label)](
           Session& session) -> absl::StatusOr<std::string> {
-        CUSTOS_ASSIGN_OR_RETURN(SecretBytes id_bytes,
-                                session.GenerateRandom(kObjectIdSize));
-        std::string id(id_bytes.view());
         if (shared_token_) {
           // Takes in every object other processes made so far (see
           // Options::shared_token); the id is new, so nothing matches.
@@ -386,6 +406,65 @@ absl::StatusOr<int> Hsm::DestroyObjects(absl::string_view id) {
     handles_.erase(std::make_pair(cls, key));
   }
   return destroyed;
+}
+
+absl::Status Hsm::CreateMarker(absl::string_view id, absl::string_view label) {
+  return Call<bool>(Operation::kCreateMarker,
+                    [id = std::string(id), label = std::string(label)](
+                        Session& session) -> absl::StatusOr<bool> {
+                      // Data objects have no CKA_ID (PKCS#11 v2.40 section
+                      // 4.5): the marker's id is its value.
+                      AttributeTemplate t;
+                      t.Ulong(CKA_CLASS, CKO_DATA)
+                          .Bool(CKA_TOKEN, true)
+                          .Bool(CKA_PRIVATE, true)
+                          .Bool(CKA_MODIFIABLE, false)
+                          .Bytes(CKA_LABEL, label)
+                          .Bytes(CKA_APPLICATION, "custos")
+                          .Bytes(CKA_VALUE, id);
+                      CUSTOS_RETURN_IF_ERROR(session.CreateObject(t).status());
+                      return true;
+                    })
+      .status();
+}
+
+absl::StatusOr<std::vector<std::string>> Hsm::FindMarkers(
+    absl::string_view label) {
+  return Call<std::vector<std::string>>(
+      Operation::kFindMarkers,
+      [label = std::string(label)](
+          Session& session) -> absl::StatusOr<std::vector<std::string>> {
+        AttributeTemplate query;
+        query.Ulong(CKA_CLASS, CKO_DATA).Bytes(CKA_LABEL, label);
+        CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
+                                session.FindObjects(query, 1024));
+        std::vector<std::string> ids;
+        for (CK_OBJECT_HANDLE object : found) {
+          CUSTOS_ASSIGN_OR_RETURN(std::string id,
+                                  session.GetBytesAttribute(object, CKA_VALUE));
+          ids.push_back(std::move(id));
+        }
+        return ids;
+      });
+}
+
+absl::Status Hsm::DestroyMarker(absl::string_view id, absl::string_view label) {
+  return Call<bool>(Operation::kFindMarkers,
+                    [id = std::string(id), label = std::string(label)](
+                        Session& session) -> absl::StatusOr<bool> {
+                      AttributeTemplate query;
+                      query.Ulong(CKA_CLASS, CKO_DATA)
+                          .Bytes(CKA_LABEL, label)
+                          .Bytes(CKA_VALUE, id);
+                      CUSTOS_ASSIGN_OR_RETURN(
+                          std::vector<CK_OBJECT_HANDLE> found,
+                          session.FindObjects(query, 16));
+                      for (CK_OBJECT_HANDLE object : found) {
+                        CUSTOS_RETURN_IF_ERROR(session.DestroyObject(object));
+                      }
+                      return true;
+                    })
+      .status();
 }
 
 absl::StatusOr<std::vector<HsmObject>> Hsm::ListKeyObjects() {

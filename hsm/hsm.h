@@ -75,8 +75,14 @@ class Hsm {
                                                    const Options& options);
   ~Hsm();
 
-  // Generates an AES-256 CMK version in the HSM (template: key_templates.h),
-  // verifies it, and returns its new random CKA_ID.
+  // A fresh random CKA_ID (kObjectIdSize bytes from the HSM's RNG), for a
+  // caller that records which object it is about to make before making it.
+  absl::StatusOr<std::string> NewObjectId();
+  // Generates an AES-256 CMK version in the HSM (template: key_templates.h)
+  // with CKA_ID `id`, verifies it, and returns `id`.
+  absl::StatusOr<std::string> GenerateAesKey(absl::string_view id,
+                                             absl::string_view label);
+  // The same with a new random CKA_ID.
   absl::StatusOr<std::string> GenerateAesKey(absl::string_view label);
   // Finds the key by CKA_ID and checks its attributes: NOT_FOUND if absent,
   // FAILED_PRECONDITION if it fails the template (then it is never used).
@@ -109,6 +115,17 @@ class Hsm {
   // The public half as a SubjectPublicKeyInfo PEM.
   absl::StatusOr<std::string> SigningPublicKeyPem(absl::string_view id);
 
+  // Creates a token data object (CKO_DATA: private, not modifiable) with
+  // this CKA_LABEL whose CKA_VALUE is `id`: a marker that a deployment
+  // binds itself to. It holds no secret.
+  absl::Status CreateMarker(absl::string_view id, absl::string_view label);
+  // The ids (values) of the markers labelled `label`.
+  absl::StatusOr<std::vector<std::string>> FindMarkers(absl::string_view label);
+  // Destroys the marker labelled `label` with id `id`, if present.
+  absl::Status DestroyMarker(absl::string_view id, absl::string_view label);
+  // The token this Hsm uses, as C_GetTokenInfo described it at Open.
+  const TokenSummary& token() const { return token_; }
+
   // Destroys every object with this CKA_ID; returns how many there were
   // (0 is not an error: destruction is idempotent).
   absl::StatusOr<int> DestroyObjects(absl::string_view id);
@@ -137,12 +154,14 @@ class Hsm {
     kDestroyObjects,
     kListKeyObjects,
     kFindKeyIdsByLabel,
+    kCreateMarker,
+    kFindMarkers,
     kCount,
   };
   class Metrics;  // hsm.cc
 
   Hsm(std::unique_ptr<Metrics> metrics, std::unique_ptr<SessionPool> pool,
-      bool shared_token);
+      bool shared_token, TokenSummary token);
 
   // Runs `f(Session&) -> StatusOr<T>` on the pool and returns its value,
   // recording the operation's metrics.
@@ -162,6 +181,7 @@ class Hsm {
   void Forget(const std::string& id, CK_OBJECT_CLASS cls);
 
   const bool shared_token_;
+  const TokenSummary token_;
   // Null without metrics. Declared before pool_, so that it outlives the
   // pool's workers (an operation that timed out may still be running).
   std::unique_ptr<Metrics> metrics_;

@@ -145,6 +145,16 @@ absl::Status Session::DestroyObject(CK_OBJECT_HANDLE object) {
   return CkStatus(fn_->C_DestroyObject(handle_, object), "C_DestroyObject");
 }
 
+absl::StatusOr<CK_OBJECT_HANDLE> Session::CreateObject(
+    AttributeTemplate& attrs) {
+  CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;
+  absl::Status s = CkStatus(
+      fn_->C_CreateObject(handle_, attrs.data(), attrs.size(), &object),
+      "C_CreateObject");
+  if (!s.ok()) return s;
+  return object;
+}
+
 absl::StatusOr<std::string> Session::GetBytesAttribute(CK_OBJECT_HANDLE object,
                                                        CK_ATTRIBUTE_TYPE type) {
   CK_ATTRIBUTE attr = {type, nullptr, 0};

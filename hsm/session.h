@@ -63,6 +63,9 @@ class Session {
   absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> FindObjects(
       AttributeTemplate& attrs, size_t max_objects);
   absl::Status DestroyObject(CK_OBJECT_HANDLE object);
+  // C_CreateObject (PKCS#11 v2.40 section 5.7), for data objects only: no
+  // key material is ever imported.
+  absl::StatusOr<CK_OBJECT_HANDLE> CreateObject(AttributeTemplate& attrs);
 
   // Reads one variable-length attribute (CKA_ID, CKA_LABEL, CKA_EC_POINT).
   absl::StatusOr<std::string> GetBytesAttribute(CK_OBJECT_HANDLE object,

@@ -125,11 +125,11 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::CreateKey(
         key.policy = params.policy;
         key.policy.version = 1;
         if (!params.alias.empty()) key.aliases.push_back(params.alias);
-        // Until the row commits (or the object is destroyed again), a
-        // concurrent Reconcile must not take the new object for an orphan.
+        // Until the row commits (or the object is discarded), a concurrent
+        // Reconcile must not take the new object for garbage.
         absl::ReaderMutexLock material(&material_mu_);
         CUSTOS_ASSIGN_OR_RETURN(std::string hsm_id,
-                                hsm_->GenerateAesKey(HsmLabel(key.id, 1)));
+                                GenerateVersionMaterial(key.id, 1));
         KeyVersion v1;
         v1.number = 1;
         v1.state = VersionState::kEnabled;
@@ -140,7 +140,7 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::CreateKey(
         absl::Status s = audit.RecordBeforeCommit();
         if (s.ok()) s = registry_->Insert(std::move(key));
         if (!s.ok()) {
-          hsm_->DestroyObjects(hsm_id).IgnoreError();
+          DiscardUncommitted(id, 1, hsm_id);
           return s;
         }
         return registry_->Find(id);

@@ -25,6 +25,9 @@ class KeyRegistry {
  public:
   // Loads every key from `store`, which must outlive the registry.
   static absl::StatusOr<std::unique_ptr<KeyRegistry>> Load(Store* store);
+  // The store behind the cache, for what the cache does not hold
+  // (generate-intents, the deployment).
+  Store* store() const { return store_; }
 
   // The key named by id ("k-...") or alias ("alias/..."); NOT_FOUND if none.
   // With a shared store, a key id not in the cache is looked up in the

@@ -113,13 +113,14 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::RotateFrom(
                      "; only ENABLED keys rotate"));
   }
   const uint32_t number = static_cast<uint32_t>(current->versions.size()) + 1;
-  // Generate first, commit second: a crash in between leaves an HSM object
-  // without a row, which the reconciler removes; never a row without an
-  // object, and never a primary version that is not durable. A reconcile
-  // running meanwhile waits for the commit (material_mu_).
+  // Intent, generate, commit: a crash in between leaves an HSM object that
+  // the database names as an uncommitted intent, which the reconciler
+  // removes; never a row without an object, and never a primary version
+  // that is not durable. A reconcile running meanwhile waits for the
+  // commit (material_mu_).
   absl::ReaderMutexLock material(&material_mu_);
   CUSTOS_ASSIGN_OR_RETURN(std::string hsm_id,
-                          hsm_->GenerateAesKey(HsmLabel(key_id, number)));
+                          GenerateVersionMaterial(key_id, number));
   const absl::Time now = options_.now();
   absl::StatusOr<std::shared_ptr<const Key>> updated =
       registry_->Update(key_id, [&](Key& k) -> absl::Status {
@@ -143,8 +144,8 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::RotateFrom(
         return audit->RecordBeforeCommit();
       });
   if (!updated.ok()) {
-    // The version never became durable: its object must not linger.
-    hsm_->DestroyObjects(hsm_id).IgnoreError();
+    // The version did not become durable: its object must not linger.
+    DiscardUncommitted(key_id, number, hsm_id);
     if (absl::IsAborted(updated.status())) {
       // Another replica rotated first, this cache not yet knowing it: that
       // rotation is this one's result, as when two calls race here.

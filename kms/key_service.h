@@ -16,10 +16,12 @@
 #ifndef CUSTOS_KMS_KEY_SERVICE_H_
 #define CUSTOS_KMS_KEY_SERVICE_H_
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -168,8 +170,16 @@ struct MaintenanceReport {
   int rotated = 0;
   int destroyed_keys = 0;
   int destroyed_objects = 0;
+  // Objects of interrupted creates and rotations (an intent never
+  // committed as a version), destroyed.
   int orphans_destroyed = 0;
-  int orphans_waiting = 0;  // seen, not yet destroyed (orphan_grace)
+  int orphans_waiting = 0;  // such objects within orphan_grace
+  // Objects no row names (no intent, no version): reported, never
+  // destroyed.
+  int quarantined = 0;
+  // Most Custos objects on the token were quarantined, so nothing was
+  // destroyed at all (the wrong database?).
+  bool refused = false;
   int missing_objects = 0;
   int failures = 0;
 };
@@ -188,11 +198,11 @@ class KeyService {
     // Shortest rotation period accepted. Tests shorten it.
     absl::Duration min_rotation_period = absl::Hours(24);
     std::function<absl::Time()> now = [] { return absl::Now(); };
-    // How long Reconcile leaves an HSM object that no key version owns
-    // before destroying it: it must be seen so by reconciles at least this
-    // far apart. Zero destroys at once, which is right when this process
-    // makes every key (material_mu_ orders its own creates); with replicas,
-    // another may have generated an object whose row it has not committed.
+    // How old a generate-intent must be before Reconcile takes its object
+    // (with no version) for the garbage of an interrupted create. Zero is
+    // right when this process makes every key (material_mu_ orders its own
+    // creates); with replicas, another may be between its generate and its
+    // commit.
     absl::Duration orphan_grace = absl::ZeroDuration();
     // A clock that only moves forward (steady, not stepped with the wall
     // clock): deletion windows are counted on it.
@@ -284,14 +294,19 @@ class KeyService {
   // (leadership changed), so that time another process counted is never
   // counted twice.
   void ForgetDeletionProgress();
-  // Reconciliation of the HSM with the database, once after start-up:
-  // destroys HSM objects that no version row owns (left by a crash between
-  // generating a key and committing its row) and objects of destroyed
-  // versions; reports version rows whose object is missing. Logs what it
-  // did. Safe while calls are served: an object that a CreateKey or a
-  // rotation is about to commit is never taken for an orphan (see
-  // material_mu_).
+  // Reconciliation of the HSM with the database, once after start-up
+  // (key_material.cc): destroys only what the database positively calls
+  // garbage (objects of destroyed versions, and of generate-intents never
+  // committed as a version, left by a crash), each after its audit record;
+  // quarantines Custos objects that no row names (reported in the log, the
+  // audit log and quarantined_objects(), never destroyed); refuses to
+  // destroy anything when most objects are quarantined; reports version
+  // rows whose object is missing. Safe while calls are served: an object
+  // that a CreateKey or a rotation is about to commit is never taken for
+  // garbage (see material_mu_).
   absl::StatusOr<MaintenanceReport> Reconcile();
+  // How many objects the last Reconcile quarantined (a metric).
+  int quarantined_objects() const { return quarantined_objects_.load(); }
 
   const Options& options() const { return options_; }
 
@@ -377,6 +392,35 @@ class KeyService {
   void CountDeletionWindows(MaintenanceReport& report);
   Counter& CounterFor(const std::string& key_id, uint32_t version);
 
+  // Key material (key_material.cc). Callers of the first two hold
+  // material_mu_ shared until the version commits or is discarded.
+  //
+  // Commits a generate-intent for (key_id, version), then generates the
+  // version's AES key in the HSM under the intent's CKA_ID.
+  absl::StatusOr<std::string> GenerateVersionMaterial(const std::string& key_id,
+                                                      uint32_t version);
+  // After a commit that failed: destroys the object if the database shows
+  // that no version owns it; otherwise (or if the database cannot say)
+  // leaves it to Reconcile.
+  void DiscardUncommitted(const std::string& key_id, uint32_t version,
+                          const std::string& hsm_id);
+  // Records (durably), destroys, and clears the intent of, an object the
+  // database calls garbage.
+  absl::Status DestroyGarbage(const std::string& key_id, uint32_t version,
+                              const std::string& hsm_id, absl::string_view why);
+  // Writes a record of work on HSM material by the service itself.
+  absl::Status RecordMaterialEvent(const std::string& key_id, uint32_t version,
+                                   const std::string& operation,
+                                   const std::string& detail);
+  // The CKA_IDs of the versions in a registry snapshot: those whose
+  // material must exist, and those whose material must be gone.
+  struct VersionIds {
+    std::set<std::string> live;
+    std::set<std::string> dead;
+  };
+  static VersionIds LiveAndDeadIds(
+      const std::vector<std::shared_ptr<const Key>>& keys);
+
   const Options options_;
   hsm::Hsm* const hsm_;
   KeyRegistry* const registry_;
@@ -385,9 +429,9 @@ class KeyService {
 
   absl::Mutex rotate_mu_;  // one rotation at a time
   // Orders the making of key material against Reconcile. CreateKey and
-  // RotateFrom hold it shared from generating a version's HSM object until
-  // its row is committed (and the registry updated) or the object is
-  // destroyed again. Reconcile lists the HSM without it, then holds it
+  // RotateFrom hold it shared from recording a version's generate-intent
+  // until its row is committed (and the registry updated) or the object is
+  // discarded. Reconcile lists the HSM without it, then holds it
   // exclusively while it re-checks each object no version owned and
   // destroys the orphans: by then every object it listed is either owned by
   // a committed row or gone. Lock order: rotate_mu_, material_mu_,
@@ -406,10 +450,7 @@ class KeyService {
   absl::Mutex window_mu_;
   absl::flat_hash_map<std::string, WindowMark> window_marks_
       ABSL_GUARDED_BY(window_mu_);
-  // When Reconcile first saw each object that no version owns (monotonic).
-  absl::Mutex orphans_mu_;
-  absl::flat_hash_map<std::string, absl::Duration> orphans_seen_
-      ABSL_GUARDED_BY(orphans_mu_);
+  std::atomic<int> quarantined_objects_{0};
   absl::Mutex counters_mu_;
   absl::flat_hash_map<std::string, std::unique_ptr<Counter>> counters_
       ABSL_GUARDED_BY(counters_mu_);

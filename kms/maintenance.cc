@@ -1,7 +1,6 @@
 // KeyService: background work (scheduled rotation, the deletion executor)
 // and the reconciliation of the HSM with the database after start-up.
 #include <algorithm>
-#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
@@ -14,25 +13,6 @@ namespace custos::kms {
 namespace {
 
 Caller SystemCaller() { return Caller{kSystemPrincipal, "", ""}; }
-
-// The CKA_IDs of the versions in a registry snapshot: those whose material
-// must exist, and those whose material must be gone.
-struct VersionIds {
-  std::set<std::string> live;
-  std::set<std::string> dead;
-};
-
-VersionIds LiveAndDeadIds(const std::vector<std::shared_ptr<const Key>>& keys) {
-  VersionIds ids;
-  for (const std::shared_ptr<const Key>& key : keys) {
-    for (const KeyVersion& v : key->versions) {
-      bool destroyed = v.state == VersionState::kDestroyed ||
-                       key->state == KeyState::kDestroyed;
-      (destroyed ? ids.dead : ids.live).insert(v.hsm_id);
-    }
-  }
-  return ids;
-}
 
 // Whether a pending key's window has ended: on the wall clock and on the
 // monotonic count both, so that neither clock stepped alone ends it early.
@@ -117,12 +97,18 @@ absl::Status KeyService::DestroyKeyMaterial(const std::string& key_id,
         k.destruction_started = true;
         return absl::OkStatus();
       }));
-  // Destroy the HSM objects, then record it: after a crash in between, the
-  // key is still PENDING_DELETION with its destruction begun, and the next
-  // pass (on whichever replica leads) destroys what is left and records.
-  // The row never claims DESTROYED while material remains.
+  // Record what is about to be destroyed, durably, then destroy the HSM
+  // objects, then commit DESTROYED: after a crash in between, the key is
+  // still PENDING_DELETION with its destruction begun, and the next pass
+  // (on whichever replica leads) records again, destroys what is left and
+  // commits. The row never claims DESTROYED while material remains, and no
+  // material goes without a record.
   for (const KeyVersion& v : key->versions) {
     if (v.state == VersionState::kDestroyed) continue;
+    CUSTOS_RETURN_IF_ERROR(
+        RecordMaterialEvent(key_id, v.number, "DestroyHsmObject",
+                            absl::StrCat("object ", hsm::ObjectIdHex(v.hsm_id),
+                                         ": the key's deletion window ended")));
     CUSTOS_ASSIGN_OR_RETURN(int n, hsm_->DestroyObjects(v.hsm_id));
     report.destroyed_objects += n;
   }
@@ -197,96 +183,17 @@ MaintenanceReport KeyService::RunScheduledWork() {
   return report;
 }
 
-absl::StatusOr<MaintenanceReport> KeyService::Reconcile() {
-  MaintenanceReport report;
-  // The versions committed before the listing. Each one's object was made
-  // before its row committed, so the listing holds it unless it was
-  // destroyed since.
-  const VersionIds before = LiveAndDeadIds(registry_->All());
-  // The slow part (it reads every object on the token) runs unlocked,
-  // while calls are served and keys are created.
-  CUSTOS_ASSIGN_OR_RETURN(std::vector<hsm::HsmObject> objects,
-                          hsm_->ListKeyObjects());
-  std::set<std::string> present;
-  std::vector<const hsm::HsmObject*> candidates;
-  for (const hsm::HsmObject& o : objects) {
-    if (o.object_class != CKO_SECRET_KEY) continue;
-    present.insert(o.id);
-    const bool ours = o.label.rfind(kHsmLabelPrefix, 0) == 0;
-    if (!ours) continue;  // not a Custos object: leave it alone
-    if (before.live.count(o.id) == 0) candidates.push_back(&o);
-  }
-
-  // A candidate may belong to a CreateKey or rotation that generated it
-  // before the listing and has not committed yet. Those hold material_mu_
-  // shared until they commit or destroy the object: once this lock is ours,
-  // every listed object is either owned by a committed row, seen in the
-  // registry now, or already gone. Objects made after the listing were
-  // never candidates. lifecycle_mu_ keeps the deletion executor from being
-  // half way (objects destroyed, row not yet) while missing objects are
-  // counted.
-  absl::MutexLock orphans(&orphans_mu_);
-  absl::WriterMutexLock material(&material_mu_);
-  absl::MutexLock lifecycle(&lifecycle_mu_);
-  const VersionIds now = LiveAndDeadIds(registry_->All());
-  const absl::Duration mono = options_.monotonic_now();
-  absl::flat_hash_map<std::string, absl::Duration> seen;
-  for (const hsm::HsmObject* o : candidates) {
-    if (now.live.count(o->id) != 0) continue;  // committed meanwhile
-    if (options_.orphan_grace > absl::ZeroDuration() &&
-        now.dead.count(o->id) == 0) {
-      auto first = orphans_seen_.find(o->id);
-      const absl::Duration first_seen =
-          first == orphans_seen_.end() ? mono : first->second;
-      seen[o->id] = first_seen;
-      if (mono - first_seen < options_.orphan_grace) {
-        ++report.orphans_waiting;
-        spdlog::warn(
-            "reconcile: HSM object {} ({}) has no key version; it is "
-            "destroyed if still unclaimed after {}",
-            hsm::ObjectIdHex(o->id), o->label,
-            absl::FormatDuration(options_.orphan_grace));
-        continue;
-      }
-    }
-    // Either a version that was destroyed in the database but not yet in
-    // the HSM, or an object generated just before a crash whose row was
-    // never committed (so no blob was ever issued under it).
-    absl::StatusOr<int> n = hsm_->DestroyObjects(o->id);
-    if (!n.ok()) {
-      ++report.failures;
-      spdlog::error("reconcile: could not destroy HSM object {} ({}): {}",
-                    hsm::ObjectIdHex(o->id), o->label, n.status().message());
-      continue;
-    }
-    if (*n == 0) continue;  // its creator destroyed it after a failed commit
-    report.destroyed_objects += *n;
-    const bool dead = now.dead.count(o->id) != 0;
-    if (!dead) ++report.orphans_destroyed;
-    spdlog::warn("reconcile: destroyed HSM object {} ({}): {}",
-                 hsm::ObjectIdHex(o->id), o->label,
-                 dead ? "its version is destroyed in the database"
-                      : "no key version owns it (left by an interrupted "
-                        "create or rotate)");
-  }
-  orphans_seen_ = std::move(seen);
-  // Missing: live before the listing and still live now. A version
-  // committed after the listing may be absent from it without being lost.
-  for (const std::string& id : before.live) {
-    if (present.count(id) == 0 && now.live.count(id) != 0) {
-      ++report.missing_objects;
-      spdlog::error(
-          "reconcile: HSM object {} of an enabled key version is missing: "
-          "data wrapped under it cannot be decrypted",
-          hsm::ObjectIdHex(id));
+KeyService::VersionIds KeyService::LiveAndDeadIds(
+    const std::vector<std::shared_ptr<const Key>>& keys) {
+  VersionIds ids;
+  for (const std::shared_ptr<const Key>& key : keys) {
+    for (const KeyVersion& v : key->versions) {
+      bool destroyed = v.state == VersionState::kDestroyed ||
+                       key->state == KeyState::kDestroyed;
+      (destroyed ? ids.dead : ids.live).insert(v.hsm_id);
     }
   }
-  spdlog::info(
-      "reconcile: {} HSM objects, {} live versions; destroyed {} orphans and "
-      "{} objects in all; {} orphans waiting; {} missing",
-      objects.size(), now.live.size(), report.orphans_destroyed,
-      report.destroyed_objects, report.orphans_waiting, report.missing_objects);
-  return report;
+  return ids;
 }
 
 }  // namespace custos::kms

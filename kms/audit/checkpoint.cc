@@ -9,9 +9,15 @@
 
 namespace custos::kms {
 
-absl::StatusOr<std::unique_ptr<HsmAuditSigner>> HsmAuditSigner::Create(
-    hsm::Hsm* hsm, const std::string& node_id) {
-  const std::string label = absl::StrCat("custos:audit:", node_id);
+namespace {
+
+std::string SignerLabel(const std::string& node_id) {
+  return absl::StrCat("custos:audit:", node_id);
+}
+
+// The signing key's CKA_ID, or empty if the token has none.
+absl::StatusOr<std::string> FindSigner(hsm::Hsm* hsm,
+                                       const std::string& label) {
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> ids,
                           hsm->FindKeyIdsByLabel(CKO_PRIVATE_KEY, label));
   if (ids.size() > 1) {
@@ -19,7 +25,32 @@ absl::StatusOr<std::unique_ptr<HsmAuditSigner>> HsmAuditSigner::Create(
         absl::StrCat("audit: several HSM signing keys are labelled '", label,
                      "'; remove the extra ones"));
   }
-  std::string key_id = ids.empty() ? std::string() : std::move(ids[0]);
+  return ids.empty() ? std::string() : std::move(ids[0]);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<HsmAuditSigner>> HsmAuditSigner::Open(
+    hsm::Hsm* hsm, const std::string& node_id) {
+  const std::string label = SignerLabel(node_id);
+  CUSTOS_ASSIGN_OR_RETURN(std::string key_id, FindSigner(hsm, label));
+  if (key_id.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "audit: the token has no checkpoint signing key for node '", node_id,
+        "' (label '", label,
+        "'). custosd never makes one by itself: a lost key must not be "
+        "replaced silently. For a new node run: custosd --config FILE "
+        "--init; if the key was lost, restore the token"));
+  }
+  CUSTOS_ASSIGN_OR_RETURN(std::string pem, hsm->SigningPublicKeyPem(key_id));
+  return std::unique_ptr<HsmAuditSigner>(
+      new HsmAuditSigner(hsm, std::move(key_id), std::move(pem)));
+}
+
+absl::StatusOr<std::unique_ptr<HsmAuditSigner>> HsmAuditSigner::Create(
+    hsm::Hsm* hsm, const std::string& node_id) {
+  const std::string label = SignerLabel(node_id);
+  CUSTOS_ASSIGN_OR_RETURN(std::string key_id, FindSigner(hsm, label));
   if (key_id.empty()) {
     CUSTOS_ASSIGN_OR_RETURN(key_id, hsm->GenerateSigningKey(label));
   }

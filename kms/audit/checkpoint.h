@@ -38,7 +38,14 @@ class AuditSigner {
 // start.
 class HsmAuditSigner : public AuditSigner {
  public:
+  // The node's signing key (labelled "custos:audit:NODE"), generated in
+  // the HSM if it has none: for `custosd --init` and tests.
   static absl::StatusOr<std::unique_ptr<HsmAuditSigner>> Create(
+      hsm::Hsm* hsm, const std::string& node_id);
+  // The node's existing signing key; FAILED_PRECONDITION if there is none.
+  // custosd never makes one silently: a lost key would otherwise be
+  // replaced by a new one that verifies a rewritten history as well.
+  static absl::StatusOr<std::unique_ptr<HsmAuditSigner>> Open(
       hsm::Hsm* hsm, const std::string& node_id);
   absl::StatusOr<std::string> Sign(absl::string_view message) override;
   const std::string& public_key_pem() const override { return pem_; }

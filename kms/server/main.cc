@@ -1,9 +1,15 @@
 // custosd: the Custos key management server.
 //
+//   custosd --config /etc/custos/custos.yaml --init   (once per deployment
+//                                                      and node)
 //   custosd --config /etc/custos/custos.yaml
 //
-// Start-up: read the config (errors name the field), forbid core dumps, load
-// the PKCS#11 module and log in, open the database and the audit log, then
+// --init creates the database (never made otherwise), binds it to the HSM
+// token (kms/deployment.h) and makes the node's audit signing key, then
+// exits. Start-up: read the config (errors name the field), forbid core
+// dumps, open the database (it must exist), load the PKCS#11 module and log
+// in, check that the database and the token are a pair, open the audit log
+// with the node's existing signing key, then
 // serve gRPC over mutual TLS (plus health checking and reflection) until
 // SIGTERM or SIGINT, when it stops accepting calls, drains the ones in
 // flight, and closes the HSM. The reconciliation of the HSM with the
@@ -40,6 +46,7 @@
 #include "kms/audit/checkpoint.h"
 #include "kms/audit_api.h"
 #include "kms/authorizer.h"
+#include "kms/deployment.h"
 #include "kms/key_registry.h"
 #include "kms/key_service.h"
 #include "kms/server/audit_handler.h"
@@ -85,6 +92,69 @@ void SetUpLogging(const std::string& level) {
   spdlog::set_level(spdlog::level::from_str(level));
 }
 
+absl::StatusOr<std::unique_ptr<hsm::Hsm>> OpenHsm(
+    const Config& config, const hsm::Module& module, bool shared_token,
+    metrics::Registry* metric_registry) {
+  hsm::Hsm::Options hsm_options;
+  hsm_options.token_label = config.hsm.token_label;
+  hsm_options.pin_file = config.hsm.pin_file;
+  hsm_options.pool.size = config.hsm.pool_size;
+  hsm_options.pool.call_timeout = config.hsm.call_timeout;
+  hsm_options.pool.lease_timeout = config.hsm.lease_timeout;
+  hsm_options.pool.max_abandoned = config.hsm.pool_size;
+  hsm_options.metrics = metric_registry;
+  // Replicas share the token (see Hsm::Options::shared_token).
+  hsm_options.shared_token = shared_token;
+  absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm =
+      hsm::Hsm::Open(module, hsm_options);
+  if (!hsm.ok()) {
+    return absl::Status(hsm.status().code(),
+                        absl::StrCat("hsm: ", hsm.status().message()));
+  }
+  return hsm;
+}
+
+absl::StatusOr<std::unique_ptr<hsm::Module>> LoadModule(const Config& config) {
+  absl::StatusOr<std::unique_ptr<hsm::Module>> module =
+      hsm::Module::Load(config.hsm.module);
+  if (!module.ok()) {
+    return absl::Status(
+        module.status().code(),
+        absl::StrCat("hsm.module: ", module.status().message()));
+  }
+  return module;
+}
+
+// custosd --init: see the file comment. Idempotent: a second run on an
+// initialised node changes nothing and says so.
+absl::Status Init(const std::string& config_path) {
+  CUSTOS_ASSIGN_OR_RETURN(Config config, LoadConfig(config_path));
+  SetUpLogging(config.log_level);
+  ForbidCoreDumps();
+  CUSTOS_ASSIGN_OR_RETURN(
+      std::unique_ptr<kms::Store> store,
+      kms::OpenStore(config.storage, kms::OpenMode::kCreate));
+  CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<hsm::Module> module,
+                          LoadModule(config));
+  CUSTOS_ASSIGN_OR_RETURN(
+      std::unique_ptr<hsm::Hsm> hsm,
+      OpenHsm(config, *module, store->Shared(), /*metric_registry=*/nullptr));
+  CUSTOS_ASSIGN_OR_RETURN(kms::InitOutcome outcome,
+                          kms::InitDeployment(*store, *hsm, absl::Now()));
+  CUSTOS_ASSIGN_OR_RETURN(
+      std::unique_ptr<kms::HsmAuditSigner> signer,
+      kms::HsmAuditSigner::Create(hsm.get(), config.node_id));
+  CUSTOS_RETURN_IF_ERROR(WritePublicKey(config, signer->public_key_pem()));
+  std::cout << (outcome == kms::InitOutcome::kCreated
+                    ? "initialised: database "
+                    : "already initialised: database ")
+            << kms::RedactStorageUrl(config.storage) << " bound to token '"
+            << hsm->token().label << "' (serial " << hsm->token().serial
+            << "); node " << config.node_id << " signs checkpoints with key "
+            << signer->fingerprint() << "\n";
+  return absl::OkStatus();
+}
+
 absl::Status Run(const std::string& config_path) {
   CUSTOS_ASSIGN_OR_RETURN(Config config, LoadConfig(config_path));
   SetUpLogging(config.log_level);
@@ -99,8 +169,20 @@ absl::Status Run(const std::string& config_path) {
 
   CUSTOS_ASSIGN_OR_RETURN(TlsMaterial tls, ReadTlsMaterial(config.tls));
 
-  CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<kms::Store> store,
-                          kms::OpenStore(config.storage));
+  CUSTOS_ASSIGN_OR_RETURN(
+      std::unique_ptr<kms::Store> store,
+      kms::OpenStore(config.storage, kms::OpenMode::kExisting));
+  CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<hsm::Module> module,
+                          LoadModule(config));
+  CUSTOS_ASSIGN_OR_RETURN(
+      std::unique_ptr<hsm::Hsm> hsm,
+      OpenHsm(config, *module, store->Shared(), metric_registry.get()));
+  spdlog::info("HSM: token '{}' (serial {}) via {}, {} sessions",
+               config.hsm.token_label, hsm->token().serial, config.hsm.module,
+               config.hsm.pool_size);
+  // Before anything reads keys or reconciles: the database and the token
+  // must be a pair.
+  CUSTOS_RETURN_IF_ERROR(kms::CheckDeployment(*store, *hsm));
   CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<kms::KeyRegistry> registry,
                           kms::KeyRegistry::Load(store.get()));
   spdlog::info("storage: {} (schema {}), {} keys",
@@ -112,38 +194,11 @@ absl::Status Run(const std::string& config_path) {
                             registry->ExportMetrics(*metric_registry));
   }
 
-  absl::StatusOr<std::unique_ptr<hsm::Module>> module =
-      hsm::Module::Load(config.hsm.module);
-  if (!module.ok()) {
-    return absl::Status(
-        module.status().code(),
-        absl::StrCat("hsm.module: ", module.status().message()));
-  }
-  hsm::Hsm::Options hsm_options;
-  hsm_options.token_label = config.hsm.token_label;
-  hsm_options.pin_file = config.hsm.pin_file;
-  hsm_options.pool.size = config.hsm.pool_size;
-  hsm_options.pool.call_timeout = config.hsm.call_timeout;
-  hsm_options.pool.lease_timeout = config.hsm.lease_timeout;
-  hsm_options.pool.max_abandoned = config.hsm.pool_size;
-  hsm_options.metrics = metric_registry.get();
-  // Replicas share the token (see Hsm::Options::shared_token).
-  hsm_options.shared_token = store->Shared();
-  absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm =
-      hsm::Hsm::Open(**module, hsm_options);
-  if (!hsm.ok()) {
-    return absl::Status(hsm.status().code(),
-                        absl::StrCat("hsm: ", hsm.status().message()));
-  }
-  spdlog::info("HSM: token '{}' via {}, {} sessions", config.hsm.token_label,
-               config.hsm.module, config.hsm.pool_size);
-
   // The checkpoint signing key lives in the HSM; its public half is written
   // beside the segments for auditors (who should also keep a copy of their
   // own: a key next to the log it vouches for proves nothing by itself).
-  CUSTOS_ASSIGN_OR_RETURN(
-      std::unique_ptr<kms::HsmAuditSigner> signer,
-      kms::HsmAuditSigner::Create(hsm->get(), config.node_id));
+  CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<kms::HsmAuditSigner> signer,
+                          kms::HsmAuditSigner::Open(hsm.get(), config.node_id));
   CUSTOS_RETURN_IF_ERROR(WritePublicKey(config, signer->public_key_pem()));
   kms::FileAuditLog::Options audit_options;
   audit_options.dir = config.audit_dir;
@@ -165,8 +220,21 @@ absl::Status Run(const std::string& config_path) {
   service_options.min_rotation_period = config.testing.min_rotation_period;
   // Replicas may hold an HSM object generated but not yet committed.
   if (store->Shared()) service_options.orphan_grace = absl::Minutes(10);
-  kms::KeyService service(service_options, hsm->get(), registry.get(),
+  kms::KeyService service(service_options, hsm.get(), registry.get(),
                           audit.get(), &authorizer);
+  metrics::CallbackHandle quarantine_metric;
+  if (metric_registry != nullptr) {
+    CUSTOS_ASSIGN_OR_RETURN(
+        quarantine_metric,
+        metric_registry->AddCallback(
+            "custos_hsm_quarantined_objects",
+            "Custos HSM objects that no database row names, found by the "
+            "last reconciliation: kept, never destroyed automatically.",
+            metrics::Registry::Type::kGauge, {}, [&service] {
+              return std::vector<metrics::Sample>{
+                  {{}, static_cast<double>(service.quarantined_objects())}};
+            }));
+  }
 
   kms::AuditReader audit_reader(config.audit_dir, config.node_id);
   kms::AuditApi audit_api(&audit_reader, audit.get(), &authorizer,
@@ -293,10 +361,16 @@ int main(int argc, char** argv) {
       "custosd: the Custos key management server.\n"
       "Example: custosd --config /etc/custos/custos.yaml"};
   std::string config;
+  bool init = false;
   app.add_option("--config", config, "YAML configuration file")->required();
+  app.add_flag("--init", init,
+               "Create the database, bind it to the HSM token and make this "
+               "node's audit signing key, then exit (once per deployment and "
+               "node; a second run changes nothing)");
   app.set_version_flag("--version", "custosd 0.1.0");
   CLI11_PARSE(app, argc, argv);
-  absl::Status s = custos::server::Run(config);
+  absl::Status s =
+      init ? custos::server::Init(config) : custos::server::Run(config);
   if (!s.ok()) {
     spdlog::critical("{}", s.message());
     std::cerr << "custosd: " << s.message() << "\n";

@@ -126,6 +126,21 @@ UPDATE keys SET deletion_window_us = GREATEST(0, deletion_us - update_us)
     {3, R"sql(
 ALTER TABLE keys ADD COLUMN destruction_started INTEGER NOT NULL DEFAULT 0;
 )sql"},
+    {4, R"sql(
+CREATE TABLE deployment (
+  singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+  id BYTEA NOT NULL,
+  token_label TEXT NOT NULL,
+  token_serial TEXT NOT NULL,
+  create_us BIGINT NOT NULL
+);
+CREATE TABLE material_intents (
+  hsm_id BYTEA PRIMARY KEY,
+  key_id TEXT NOT NULL,
+  number BIGINT NOT NULL,
+  create_us BIGINT NOT NULL
+);
+)sql"},
 };
 
 // The version columns in rows::kVersionColumns' order, bytes as hex.
@@ -396,11 +411,11 @@ class PostgresLeadership : public Leadership {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<PostgresStore>> PostgresStore::Open(
-    const std::string& url) {
+    const std::string& url, OpenMode mode) {
   CUSTOS_ASSIGN_OR_RETURN(PGconn * conn, Connect(url));
   std::unique_ptr<PostgresStore> store(new PostgresStore(conn, url));
   absl::MutexLock lock(&store->mu_);
-  CUSTOS_RETURN_IF_ERROR(store->Migrate());
+  CUSTOS_RETURN_IF_ERROR(store->Migrate(mode));
   return store;
 }
 
@@ -418,7 +433,7 @@ absl::Status PostgresStore::EnsureConnected() {
   return absl::OkStatus();
 }
 
-absl::Status PostgresStore::Migrate() {
+absl::Status PostgresStore::Migrate(OpenMode mode) {
   Transaction tx(conn_);
   CUSTOS_RETURN_IF_ERROR(tx.Begin());
   // Replicas starting together wait here for the first to finish.
@@ -427,6 +442,17 @@ absl::Status PostgresStore::Migrate() {
             absl::StrCat("SELECT pg_advisory_xact_lock(", kMigrationLock, ")"),
             {}, "migrate")
           .status());
+  if (mode == OpenMode::kExisting) {
+    CUSTOS_ASSIGN_OR_RETURN(
+        pg::Result has,
+        Query(conn_, "SELECT to_regclass('schema_migrations') IS NOT NULL", {},
+              "read schema"));
+    if (pg::Row(has, 0).Text(0) != "t") {
+      return NotInitialisedError(absl::StrCat("the PostgreSQL database ",
+                                              RedactStorageUrl(url_),
+                                              " has no Custos schema"));
+    }
+  }
   CUSTOS_RETURN_IF_ERROR(
       Exec(conn_,
            "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -749,6 +775,84 @@ absl::StatusOr<std::vector<AliasRecord>> PostgresStore::ListAliases() {
     out.push_back({row.Text(0), row.Text(1), FromMicros(row.Int(2))});
   }
   return out;
+}
+
+absl::StatusOr<std::optional<Deployment>> PostgresStore::LoadDeployment() {
+  absl::MutexLock lock(&mu_);
+  CUSTOS_RETURN_IF_ERROR(EnsureConnected());
+  CUSTOS_ASSIGN_OR_RETURN(
+      pg::Result q,
+      Query(conn_,
+            "SELECT encode(id, 'hex'), token_label, token_serial, create_us "
+            "FROM deployment",
+            {}, "load deployment"));
+  if (q.rows() == 0) return std::nullopt;
+  pg::Row row(q, 0);
+  return Deployment{row.Blob(0), row.Text(1), row.Text(2),
+                    FromMicros(row.Int(3))};
+}
+
+absl::Status PostgresStore::InsertDeployment(const Deployment& deployment) {
+  if (!Storable(deployment.token_label) || !Storable(deployment.token_serial)) {
+    return absl::InvalidArgumentError("token label or serial is not UTF-8");
+  }
+  absl::MutexLock lock(&mu_);
+  CUSTOS_RETURN_IF_ERROR(EnsureConnected());
+  absl::Status s =
+      Exec(conn_,
+           "INSERT INTO deployment (singleton, id, token_label, "
+           "token_serial, create_us) VALUES (1, decode($1, 'hex'), $2, $3, "
+           "$4)",
+           {absl::BytesToHexString(deployment.id), Text(deployment.token_label),
+            Text(deployment.token_serial), Int(Micros(deployment.create_time))},
+           "record deployment")
+          .status();
+  if (absl::IsAlreadyExists(s)) {
+    return absl::AlreadyExistsError("the database already has a deployment");
+  }
+  return s;
+}
+
+absl::Status PostgresStore::InsertIntent(const MaterialIntent& intent) {
+  if (!Storable(intent.key_id)) {
+    return absl::InvalidArgumentError("key id is not UTF-8");
+  }
+  absl::MutexLock lock(&mu_);
+  CUSTOS_RETURN_IF_ERROR(EnsureConnected());
+  return Exec(conn_,
+              "INSERT INTO material_intents (hsm_id, key_id, number, "
+              "create_us) VALUES (decode($1, 'hex'), $2, $3, $4)",
+              {absl::BytesToHexString(intent.hsm_id), Text(intent.key_id),
+               Int(intent.version), Int(Micros(intent.create_time))},
+              "record generate-intent")
+      .status();
+}
+
+absl::StatusOr<std::vector<MaterialIntent>> PostgresStore::ListIntents() {
+  absl::MutexLock lock(&mu_);
+  CUSTOS_RETURN_IF_ERROR(EnsureConnected());
+  CUSTOS_ASSIGN_OR_RETURN(
+      pg::Result q,
+      Query(conn_,
+            "SELECT encode(hsm_id, 'hex'), key_id, number, create_us "
+            "FROM material_intents ORDER BY create_us",
+            {}, "list intents"));
+  std::vector<MaterialIntent> out;
+  for (int i = 0; i < q.rows(); ++i) {
+    pg::Row row(q, i);
+    out.push_back({row.Blob(0), row.Text(1), static_cast<uint32_t>(row.Int(2)),
+                   FromMicros(row.Int(3))});
+  }
+  return out;
+}
+
+absl::Status PostgresStore::DeleteIntent(absl::string_view hsm_id) {
+  absl::MutexLock lock(&mu_);
+  CUSTOS_RETURN_IF_ERROR(EnsureConnected());
+  return Exec(conn_,
+              "DELETE FROM material_intents WHERE hsm_id = decode($1, 'hex')",
+              {absl::BytesToHexString(hsm_id)}, "delete intent")
+      .status();
 }
 
 absl::StatusOr<std::unique_ptr<ChangeFeed>> PostgresStore::WatchChanges() {

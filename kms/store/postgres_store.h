@@ -39,8 +39,10 @@ class PostgresStore : public Store {
   // Connects to `url` (a libpq URI: postgresql://user@host:port/db?...) and
   // migrates the schema. UNAVAILABLE if the server cannot be reached; the
   // message never holds the password.
+  // With OpenMode::kExisting a database without the Custos schema is
+  // FAILED_PRECONDITION (see OpenMode).
   static absl::StatusOr<std::unique_ptr<PostgresStore>> Open(
-      const std::string& url);
+      const std::string& url, OpenMode mode);
   ~PostgresStore() override;
 
   absl::StatusOr<std::vector<Key>> LoadAllKeys() override;
@@ -50,6 +52,11 @@ class PostgresStore : public Store {
   absl::Status CreateAlias(const AliasRecord& alias) override;
   absl::Status DeleteAlias(absl::string_view alias) override;
   absl::StatusOr<std::vector<AliasRecord>> ListAliases() override;
+  absl::StatusOr<std::optional<Deployment>> LoadDeployment() override;
+  absl::Status InsertDeployment(const Deployment& deployment) override;
+  absl::Status InsertIntent(const MaterialIntent& intent) override;
+  absl::StatusOr<std::vector<MaterialIntent>> ListIntents() override;
+  absl::Status DeleteIntent(absl::string_view hsm_id) override;
   int SchemaVersion() const override { return schema_version_; }
 
   bool Shared() const override { return true; }
@@ -59,7 +66,7 @@ class PostgresStore : public Store {
  private:
   PostgresStore(PGconn* conn, std::string url)
       : conn_(conn), url_(std::move(url)) {}
-  absl::Status Migrate() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Migrate(OpenMode mode) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Re-establishes a broken connection; UNAVAILABLE if it stays broken.
   absl::Status EnsureConnected() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Key> LoadKeyLocked(absl::string_view id, bool for_update)

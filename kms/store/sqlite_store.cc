@@ -1,5 +1,11 @@
 #include "kms/store/sqlite_store.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
@@ -63,6 +69,23 @@ UPDATE keys SET deletion_window_us = MAX(0, deletion_us - update_us)
     // Key::destruction_started.
     {3, R"sql(
 ALTER TABLE keys ADD COLUMN destruction_started INTEGER NOT NULL DEFAULT 0;
+)sql"},
+    // The deployment and its token (Deployment), and generate-intents
+    // (MaterialIntent).
+    {4, R"sql(
+CREATE TABLE deployment (
+  singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+  id BLOB NOT NULL,
+  token_label TEXT NOT NULL,
+  token_serial TEXT NOT NULL,
+  create_us INTEGER NOT NULL
+);
+CREATE TABLE material_intents (
+  hsm_id BLOB PRIMARY KEY,
+  key_id TEXT NOT NULL,
+  number INTEGER NOT NULL,
+  create_us INTEGER NOT NULL
+);
 )sql"},
 };
 
@@ -192,12 +215,28 @@ std::string SelectKeys() {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::Open(
-    const std::string& path) {
+    const std::string& path, OpenMode mode) {
+  struct stat st;
+  const bool exists = stat(path.c_str(), &st) == 0;
+  if (!exists && mode == OpenMode::kExisting) {
+    return NotInitialisedError(
+        absl::StrCat("the SQLite database '", path, "' does not exist"));
+  }
+  if (!exists) {
+    // Created here, owner-only, before SQLite opens it: key policies and
+    // the key inventory are nobody else's business.
+    const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
+    if (fd < 0 && errno != EEXIST) {
+      return absl::UnavailableError(
+          absl::StrCat("storage: cannot create SQLite database '", path,
+                       "': ", strerror(errno)));
+    }
+    if (fd >= 0) close(fd);
+  }
   sqlite3* db = nullptr;
-  int rc = sqlite3_open_v2(
-      path.c_str(), &db,
-      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
-      nullptr);
+  int rc =
+      sqlite3_open_v2(path.c_str(), &db,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX, nullptr);
   if (rc != SQLITE_OK) {
     std::string msg = db ? sqlite3_errmsg(db) : "out of memory";
     sqlite3_close(db);
@@ -207,6 +246,14 @@ absl::StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::Open(
   std::unique_ptr<SqliteStore> store(new SqliteStore(db, path));
   absl::MutexLock lock(&store->mu_);
   sqlite3_busy_timeout(db, 5000);
+  if (mode == OpenMode::kExisting) {
+    // Before anything writes to it (WAL mode would).
+    CUSTOS_ASSIGN_OR_RETURN(bool has_schema, store->HasSchema());
+    if (!has_schema) {
+      return NotInitialisedError(absl::StrCat("the SQLite database '", path,
+                                              "' has no Custos schema"));
+    }
+  }
   // Processes opening a new database together (custosd and the CLI, or
   // tests) can meet SQLITE_BUSY without the busy handler while one of them
   // switches the file to WAL: each step is idempotent, so run them again.
@@ -219,6 +266,22 @@ absl::StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::Open(
     if (!absl::IsUnavailable(s) || attempt == 50) return s;
     absl::SleepFor(absl::Milliseconds(20));
   }
+}
+
+absl::StatusOr<bool> SqliteStore::HasSchema() {
+  Stmt q(db_,
+         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+         "name = 'schema_migrations'");
+  if (!q.prepared().ok()) {
+    // Not a database at all (a file of something else).
+    return absl::FailedPreconditionError(
+        absl::StrCat("storage: '", path_,
+                     "' is not a SQLite database: ", sqlite3_errmsg(db_)));
+  }
+  const int rc = q.Step();
+  if (rc == SQLITE_ROW) return true;
+  if (rc == SQLITE_DONE) return false;
+  return SqliteStatus(db_, rc, "read schema");
 }
 
 SqliteStore::~SqliteStore() { sqlite3_close(db_); }
@@ -506,6 +569,71 @@ absl::StatusOr<std::vector<AliasRecord>> SqliteStore::ListAliases() {
   }
   if (rc != SQLITE_DONE) return SqliteStatus(db_, rc, "list aliases");
   return out;
+}
+
+absl::StatusOr<std::optional<Deployment>> SqliteStore::LoadDeployment() {
+  absl::MutexLock lock(&mu_);
+  Stmt q(db_,
+         "SELECT id, token_label, token_serial, create_us FROM deployment");
+  CUSTOS_RETURN_IF_ERROR(q.prepared());
+  const int rc = q.Step();
+  if (rc == SQLITE_DONE) return std::nullopt;
+  if (rc != SQLITE_ROW) return SqliteStatus(db_, rc, "load deployment");
+  return Deployment{q.Blob(0), q.Text(1), q.Text(2), FromMicros(q.Int(3))};
+}
+
+absl::Status SqliteStore::InsertDeployment(const Deployment& deployment) {
+  absl::MutexLock lock(&mu_);
+  Stmt w(db_,
+         "INSERT INTO deployment (singleton, id, token_label, token_serial, "
+         "create_us) VALUES (1, ?, ?, ?, ?)");
+  CUSTOS_RETURN_IF_ERROR(w.prepared());
+  w.BindBlob(1, deployment.id)
+      .Bind(2, deployment.token_label)
+      .Bind(3, deployment.token_serial)
+      .Bind(4, Micros(deployment.create_time));
+  absl::Status s = SqliteStatus(db_, w.Step(), "record deployment");
+  if (absl::IsAlreadyExists(s)) {
+    return absl::AlreadyExistsError("the database already has a deployment");
+  }
+  return s;
+}
+
+absl::Status SqliteStore::InsertIntent(const MaterialIntent& intent) {
+  absl::MutexLock lock(&mu_);
+  Stmt w(db_,
+         "INSERT INTO material_intents (hsm_id, key_id, number, create_us) "
+         "VALUES (?, ?, ?, ?)");
+  CUSTOS_RETURN_IF_ERROR(w.prepared());
+  w.BindBlob(1, intent.hsm_id)
+      .Bind(2, intent.key_id)
+      .Bind(3, int64_t{intent.version})
+      .Bind(4, Micros(intent.create_time));
+  return SqliteStatus(db_, w.Step(), "record generate-intent");
+}
+
+absl::StatusOr<std::vector<MaterialIntent>> SqliteStore::ListIntents() {
+  absl::MutexLock lock(&mu_);
+  Stmt q(db_,
+         "SELECT hsm_id, key_id, number, create_us FROM material_intents "
+         "ORDER BY create_us");
+  CUSTOS_RETURN_IF_ERROR(q.prepared());
+  std::vector<MaterialIntent> out;
+  int rc;
+  while ((rc = q.Step()) == SQLITE_ROW) {
+    out.push_back({q.Blob(0), q.Text(1), static_cast<uint32_t>(q.Int(2)),
+                   FromMicros(q.Int(3))});
+  }
+  if (rc != SQLITE_DONE) return SqliteStatus(db_, rc, "list intents");
+  return out;
+}
+
+absl::Status SqliteStore::DeleteIntent(absl::string_view hsm_id) {
+  absl::MutexLock lock(&mu_);
+  Stmt d(db_, "DELETE FROM material_intents WHERE hsm_id = ?");
+  CUSTOS_RETURN_IF_ERROR(d.prepared());
+  d.BindBlob(1, hsm_id);
+  return SqliteStatus(db_, d.Step(), "delete intent");
 }
 
 }  // namespace custos::kms

@@ -19,9 +19,10 @@ namespace custos::kms {
 
 class SqliteStore : public Store {
  public:
-  // Opens or creates the database at `path` and migrates it.
+  // Opens the database at `path` (creating it, mode 0600, only with
+  // OpenMode::kCreate) and migrates it.
   static absl::StatusOr<std::unique_ptr<SqliteStore>> Open(
-      const std::string& path);
+      const std::string& path, OpenMode mode);
   ~SqliteStore() override;
 
   absl::StatusOr<std::vector<Key>> LoadAllKeys() override;
@@ -31,6 +32,11 @@ class SqliteStore : public Store {
   absl::Status CreateAlias(const AliasRecord& alias) override;
   absl::Status DeleteAlias(absl::string_view alias) override;
   absl::StatusOr<std::vector<AliasRecord>> ListAliases() override;
+  absl::StatusOr<std::optional<Deployment>> LoadDeployment() override;
+  absl::Status InsertDeployment(const Deployment& deployment) override;
+  absl::Status InsertIntent(const MaterialIntent& intent) override;
+  absl::StatusOr<std::vector<MaterialIntent>> ListIntents() override;
+  absl::Status DeleteIntent(absl::string_view hsm_id) override;
   int SchemaVersion() const override { return schema_version_; }
 
  private:
@@ -38,6 +44,8 @@ class SqliteStore : public Store {
       : db_(db), path_(std::move(path)) {}
   absl::Status Migrate() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<int> ReadSchemaVersion() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether the database holds the Custos schema (schema_migrations).
+  absl::StatusOr<bool> HasSchema() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Exec(const char* sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Key> LoadKeyLocked(absl::string_view id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

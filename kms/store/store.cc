@@ -27,7 +27,18 @@ std::string RedactStorageUrl(absl::string_view url) {
   return absl::StrCat(url.substr(0, colon + 1), "***", url.substr(at));
 }
 
-absl::StatusOr<std::unique_ptr<Store>> OpenStore(const std::string& url) {
+absl::Status NotInitialisedError(absl::string_view what) {
+  return absl::FailedPreconditionError(absl::StrCat(
+      "storage: ", what,
+      ". custosd never creates a database by itself: a database moved "
+      "away, a typo in `storage` or an unmounted volume must not look like "
+      "a new, empty one. Check `storage` (and restore the database if it "
+      "was lost); to set up a NEW deployment run: custosd --config FILE "
+      "--init"));
+}
+
+absl::StatusOr<std::unique_ptr<Store>> OpenStore(const std::string& url,
+                                                 OpenMode mode) {
   constexpr absl::string_view kSqlite = "sqlite:";
   if (absl::StartsWith(url, kSqlite)) {
     std::string path = url.substr(kSqlite.size());
@@ -38,13 +49,13 @@ absl::StatusOr<std::unique_ptr<Store>> OpenStore(const std::string& url) {
           "custos.db");
     }
     CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<SqliteStore> store,
-                            SqliteStore::Open(path));
+                            SqliteStore::Open(path, mode));
     return std::unique_ptr<Store>(std::move(store));
   }
   if (absl::StartsWith(url, "postgresql://") ||
       absl::StartsWith(url, "postgres://")) {
     CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<PostgresStore> store,
-                            PostgresStore::Open(url));
+                            PostgresStore::Open(url, mode));
     return std::unique_ptr<Store>(std::move(store));
   }
   return absl::InvalidArgumentError(

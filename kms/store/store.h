@@ -8,6 +8,7 @@
 #define CUSTOS_KMS_STORE_STORE_H_
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,28 @@ namespace custos::kms {
 struct AliasRecord {
   std::string name;  // "alias/..."
   std::string key_id;
+  absl::Time create_time;
+};
+
+// The deployment a database belongs to, and the HSM token it is bound to.
+// Written once, by `custosd --init`; custosd refuses to start when the token
+// it opens is not this one (see docs/operations.md, "Initialising").
+struct Deployment {
+  std::string id;  // the marker object's id (its CKA_VALUE on the token)
+  std::string token_label;
+  std::string token_serial;
+  absl::Time create_time;
+};
+
+// A generate-intent: the CKA_ID that a key version's material is about to
+// get, committed before the HSM generates it. An intent whose object no
+// version row ever names is garbage (left by a crash between generating
+// and committing); an HSM object that neither an intent nor a version
+// names was never made by this database and is never destroyed by it.
+struct MaterialIntent {
+  std::string hsm_id;  // raw CKA_ID
+  std::string key_id;
+  uint32_t version = 0;
   absl::Time create_time;
 };
 
@@ -78,6 +101,17 @@ class Store {
   virtual absl::Status DeleteAlias(absl::string_view alias) = 0;
   virtual absl::StatusOr<std::vector<AliasRecord>> ListAliases() = 0;
 
+  // The deployment this database belongs to; nullopt before `--init`.
+  virtual absl::StatusOr<std::optional<Deployment>> LoadDeployment() = 0;
+  // Records the deployment; ALREADY_EXISTS if one is recorded.
+  virtual absl::Status InsertDeployment(const Deployment& deployment) = 0;
+
+  // Generate-intents (see MaterialIntent). Recording one twice is an
+  // error (ALREADY_EXISTS); deleting an absent one is not.
+  virtual absl::Status InsertIntent(const MaterialIntent& intent) = 0;
+  virtual absl::StatusOr<std::vector<MaterialIntent>> ListIntents() = 0;
+  virtual absl::Status DeleteIntent(absl::string_view hsm_id) = 0;
+
   // The schema version after migrations.
   virtual int SchemaVersion() const = 0;
 
@@ -97,11 +131,27 @@ class Store {
 // `url` fit for logs and errors: a password in it is replaced by "***".
 std::string RedactStorageUrl(absl::string_view url);
 
+// How OpenStore treats a database that does not exist yet.
+enum class OpenMode {
+  // custosd: the database must exist and hold the Custos schema. A missing
+  // file, an empty file or an empty PostgreSQL database is
+  // FAILED_PRECONDITION: a database moved away, a typo in the path or an
+  // unmounted volume must never look like a new, empty deployment.
+  kExisting,
+  // `custosd --init` and tests: creates the SQLite file (mode 0600) and the
+  // schema if they are missing.
+  kCreate,
+};
+
 // Opens the store named by `url`: "sqlite:///abs/path.db",
 // "sqlite:relative/path.db", or a libpq URI "postgresql://user@host:port/db"
-// (also "postgres://"). Creates the SQLite database if needed and applies
-// pending migrations. INVALID_ARGUMENT names the url and the forms accepted.
-absl::StatusOr<std::unique_ptr<Store>> OpenStore(const std::string& url);
+// (also "postgres://"), and applies pending migrations to a database that
+// has the schema. INVALID_ARGUMENT names the url and the forms accepted.
+absl::StatusOr<std::unique_ptr<Store>> OpenStore(const std::string& url,
+                                                 OpenMode mode);
+
+// The message for a database without the Custos schema, naming the fix.
+absl::Status NotInitialisedError(absl::string_view what);
 
 }  // namespace custos::kms
 

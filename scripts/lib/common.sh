@@ -4,6 +4,10 @@
 
 CUSTOS_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CUSTOS_BUILD=${CUSTOS_BUILD:-$CUSTOS_ROOT/build}
+# ccache: paths relative to the checkout and no build directory in the hash,
+# so that a fresh clone elsewhere (CI) reuses what an earlier build compiled.
+export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$CUSTOS_ROOT}
+export CCACHE_NOHASHDIR=${CCACHE_NOHASHDIR:-1}
 
 # Every package the build, the tests and the demo use.
 CUSTOS_PACKAGES=(

@@ -40,7 +40,8 @@ struct Result {
 Result Run(hsm::Hsm* hsm, const std::string& dir, bool sync, int threads,
            double seconds) {
   std::filesystem::create_directories(dir);
-  auto store = kms::OpenStore("sqlite://" + dir + "/custos.db");
+  auto store =
+      kms::OpenStore("sqlite://" + dir + "/custos.db", kms::OpenMode::kCreate);
   auto registry = kms::KeyRegistry::Load(store->get());
   kms::FileAuditLog::Options audit_options;
   audit_options.dir = dir + "/audit";

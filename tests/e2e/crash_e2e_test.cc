@@ -1,9 +1,10 @@
 // Crashes at each step of key creation, rotation and deletion: custosd is
 // stopped inside the step (the fault module makes the next PKCS#11 call
 // hang) and killed with SIGKILL, then restarted. After each restart: every
-// blob issued before the kill decrypts, HSM objects left without a row are
-// found and destroyed by the reconciler, deletion finishes, and the audit
-// chain verifies offline.
+// blob issued before the kill decrypts, HSM objects whose generate-intent
+// never became a version are destroyed by the reconciler (after their
+// audit record), intents with no object are cleared, deletion finishes, and
+// the audit chain verifies offline.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -23,6 +24,7 @@
 #include "custos/v1/kms.grpc.pb.h"
 #include "tests/support/custosd_process.h"
 #include "tests/support/subprocess.h"
+#include "tests/support/test_token.h"
 
 namespace custos {
 namespace {
@@ -152,6 +154,27 @@ class CrashE2eTest : public ::testing::Test {
     ASSERT_TRUE(server_->Restart().ok());
   }
 
+  // Every audit record written so far, as text.
+  std::string AuditText() {
+    std::string all;
+    for (const auto& entry :
+         std::filesystem::directory_iterator(server_->audit_dir())) {
+      if (entry.path().extension() == ".jsonl") {
+        all += ReadAll(entry.path().string());
+      }
+    }
+    return all;
+  }
+
+  // Generate-intents left in the database.
+  int Intents() {
+    testing::CommandResult r =
+        testing::RunCommand("sqlite3 " + server_->database_path() +
+                            " 'SELECT COUNT(*) FROM material_intents'");
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return std::atoi(r.output.c_str());
+  }
+
   void ExpectAuditChainVerifies() {
     ProcessResult r = server_->VerifyAuditLog();
     EXPECT_EQ(r.code, 0) << r;
@@ -182,11 +205,34 @@ TEST_F(CrashE2eTest, KilledBetweenGeneratingAndCommittingAKey) {
   EXPECT_EQ(HsmObjects().size(), objects)
       << "the orphan object was destroyed by the reconciler";
   EXPECT_THAT(ReadAll(server_->log_path()),
-              ::testing::HasSubstr("destroyed 1 orphans"));
+              ::testing::HasSubstr("(1 from interrupted creates)"));
+  EXPECT_THAT(AuditText(),
+              ::testing::HasSubstr("its generate-intent was never committed"));
+  EXPECT_EQ(Intents(), 0);
   pb::ListKeysResponse after;
   grpc::ClientContext ctx;
   ASSERT_TRUE(Kms()->ListKeys(&ctx, pb::ListKeysRequest(), &after).ok());
   EXPECT_EQ(after.keys_size(), listed.keys_size());
+  EXPECT_TRUE(Decrypt(before).ok());
+  ExpectAuditChainVerifies();
+}
+
+TEST_F(CrashE2eTest, KilledBetweenTheIntentAndTheGenerate) {
+  const std::string key = NewKey();
+  pb::GenerateDataKeyResponse before = DataKey(key);
+  const size_t objects = HsmObjects().size();
+  // The intent is committed; C_GenerateKey never returns.
+  CrashInside("hang C_GenerateKey ms=60000 times=1", [&] {
+    pb::CreateKeyRequest req;
+    pb::Key made;
+    grpc::ClientContext ctx;
+    EXPECT_FALSE(Kms()->CreateKey(&ctx, req, &made).ok());
+  });
+  WaitForReconcile(1);
+  EXPECT_EQ(HsmObjects().size(), objects);
+  EXPECT_EQ(Intents(), 0) << "the intent with no object was not cleared";
+  EXPECT_THAT(AuditText(),
+              ::testing::Not(::testing::HasSubstr("\"DestroyHsmObject\"")));
   EXPECT_TRUE(Decrypt(before).ok());
   ExpectAuditChainVerifies();
 }

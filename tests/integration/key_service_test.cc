@@ -42,6 +42,7 @@
 #include "common/status_macros.h"
 #include "common/testing/status_matchers.h"
 #include "hsm/hsm.h"
+#include "hsm/key_templates.h"
 #include "hsm/module.h"
 #include "kms/audit/audit_log.h"
 #include "kms/authorizer.h"
@@ -254,8 +255,9 @@ class KeyServiceTest : public ::testing::Test {
     auto stack = std::make_unique<Stack>();
     stack->dir = dir;
     stack->db_path = dir + "/custos.db";
-    CUSTOS_ASSIGN_OR_RETURN(stack->store,
-                            OpenStore("sqlite://" + stack->db_path));
+    CUSTOS_ASSIGN_OR_RETURN(
+        stack->store,
+        OpenStore("sqlite://" + stack->db_path, OpenMode::kCreate));
     CUSTOS_ASSIGN_OR_RETURN(stack->registry,
                             KeyRegistry::Load(stack->store.get()));
     FileAuditLog::Options audit_options;
@@ -610,6 +612,10 @@ TEST_F(KeyServiceAuditTest, EveryCallAppendsOneChainedRecord) {
   expected.push_back({kAdmin, "ScheduleKeyDeletion", "ALLOWED", key->id});
   clock_.Advance(absl::Hours(24 * 7 + 1));
   EXPECT_EQ(service().RunScheduledWork().destroyed_keys, 1);
+  // The executor records each version's destruction before destroying it,
+  // then the key's.
+  expected.push_back(
+      {kSystemPrincipal, "DestroyHsmObject", "ALLOWED", key->id});
   expected.push_back(
       {kSystemPrincipal, "ScheduleKeyDeletion", "ALLOWED", key->id});
 
@@ -1177,8 +1183,9 @@ TEST_F(KeyServiceRotationTest, EncryptionCounterSurvivesARestart) {
   }
   // What the database holds, read by a fresh store: at least what was used.
   {
-    CUSTOS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Store> store,
-                                OpenStore("sqlite://" + dir + "/custos.db"));
+    CUSTOS_ASSERT_OK_AND_ASSIGN(
+        std::unique_ptr<Store> store,
+        OpenStore("sqlite://" + dir + "/custos.db", OpenMode::kCreate));
     CUSTOS_ASSERT_OK_AND_ASSIGN(Key stored, store->LoadKey(key_id));
     ASSERT_EQ(stored.versions.size(), 1u);
     EXPECT_GE(stored.versions[0].encryptions_reserved, 25u);
@@ -1592,7 +1599,49 @@ TEST_F(KeyServiceMaintenanceTest, ScheduledRotationRunsOncePerPeriod) {
 // ---------------------------------------------------------------------------
 // 8. Reconcile.
 
-class KeyServiceReconcileTest : public KeyServiceTest {};
+// Refuses every record: a full or unwritable audit disk.
+class FailingAuditLog : public AuditLog {
+ public:
+  void AppendAsync(AuditRecord record, AppendDone done) override {
+    std::move(done)(absl::UnavailableError("audit directory is full"));
+  }
+};
+
+class KeyServiceReconcileTest : public KeyServiceTest {
+ protected:
+  // The suite shares one token: destroys the Custos objects that this
+  // test's database does not own (other tests' keys), which the reconciler
+  // itself would only quarantine.
+  void ClearOtherTestsObjects() {
+    absl::StatusOr<std::vector<hsm::HsmObject>> objects =
+        hsm_->ListKeyObjects();
+    ASSERT_TRUE(objects.ok()) << objects.status();
+    std::set<std::string> ours;
+    for (const auto& key : stack_->registry->All()) {
+      for (const KeyVersion& v : key->versions) ours.insert(v.hsm_id);
+    }
+    for (const hsm::HsmObject& o : *objects) {
+      if (o.object_class == CKO_SECRET_KEY &&
+          o.label.rfind(kHsmLabelPrefix, 0) == 0 && ours.count(o.id) == 0) {
+        CUSTOS_ASSERT_OK(hsm_->DestroyObjects(o.id).status());
+      }
+    }
+  }
+  // An object generated as an interrupted create leaves it: its intent
+  // committed, no version.
+  std::string InterruptedCreate(const std::string& key_id, Store* store) {
+    absl::StatusOr<std::string> id = hsm_->NewObjectId();
+    EXPECT_TRUE(id.ok());
+    EXPECT_TRUE(store->InsertIntent({*id, key_id, 1, clock_.Now()}).ok());
+    EXPECT_TRUE(hsm_->GenerateAesKey(*id, HsmLabel(key_id, 1)).ok());
+    return *id;
+  }
+  std::string AuditText() {
+    std::string all;
+    for (const auto& line : AuditLines()) all += line + "\n";
+    return all;
+  }
+};
 
 // Runs KeyService::Reconcile on a thread of its own, started on
 // construction and joined on destruction.
@@ -1649,7 +1698,7 @@ class HookedAuditLog : public AuditLog {
 constexpr absl::Duration kReconcileRunsFreely = absl::Seconds(1);
 
 TEST_F(KeyServiceReconcileTest, KeyCreatedDuringAReconcileKeepsItsMaterial) {
-  CUSTOS_ASSERT_OK(service().Reconcile());  // other tests' objects
+  ClearOtherTestsObjects();
   // A service whose CreateKey starts a reconcile after generating the new
   // key's object and before committing its row, and gives that reconcile
   // every chance to finish first.
@@ -1679,7 +1728,7 @@ TEST_F(KeyServiceReconcileTest, KeyCreatedDuringAReconcileKeepsItsMaterial) {
 
 TEST_F(KeyServiceReconcileTest,
        VersionRotatedDuringAReconcileKeepsItsMaterial) {
-  CUSTOS_ASSERT_OK(service().Reconcile());  // other tests' objects
+  ClearOtherTestsObjects();
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey());
   CUSTOS_ASSERT_OK_AND_ASSIGN(DataKeyResult v1, DataKey(key->id, kContext));
   // RotateKey reads the clock when its audit record starts, then in
@@ -1707,40 +1756,110 @@ TEST_F(KeyServiceReconcileTest,
   CUSTOS_EXPECT_OK(Open(v1.blob, kContext));
 }
 
-TEST_F(KeyServiceReconcileTest, DestroysOrphansAndLeavesForeignObjects) {
-  // Objects other tests of this suite left behind belong to no row here.
-  CUSTOS_ASSERT_OK(service().Reconcile());
+TEST_F(KeyServiceReconcileTest,
+       DestroysUncommittedIntentsAndQuarantinesObjectsNoRowNames) {
+  ClearOtherTestsObjects();
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey());
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> other, NewKey());
   CUSTOS_ASSERT_OK_AND_ASSIGN(DataKeyResult dk, DataKey(key->id, kContext));
+  const std::string garbage =
+      InterruptedCreate("k-orphanaaaaaaaaaaaaaaaaaaa", stack_->store.get());
   CUSTOS_ASSERT_OK_AND_ASSIGN(
-      std::string orphan,
-      hsm_->GenerateAesKey(HsmLabel("k-orphanaaaaaaaaaaaaaaaaaaa", 1)));
+      std::string unnamed,
+      hsm_->GenerateAesKey(HsmLabel("k-unnamedaaaaaaaaaaaaaaaaaa", 1)));
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::string foreign,
                               hsm_->GenerateAesKey("another-app:key"));
 
   CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport report, service().Reconcile());
   EXPECT_EQ(report.orphans_destroyed, 1);
   EXPECT_EQ(report.destroyed_objects, 1);
+  EXPECT_EQ(report.quarantined, 1);
+  EXPECT_FALSE(report.refused);
   EXPECT_EQ(report.missing_objects, 0);
   EXPECT_EQ(report.failures, 0);
+  EXPECT_EQ(service().quarantined_objects(), 1);
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::vector<hsm::HsmObject> objects,
                               hsm_->ListKeyObjects());
-  EXPECT_THAT(HsmIds(objects), ::testing::Not(::testing::Contains(orphan)));
+  EXPECT_THAT(HsmIds(objects), ::testing::Not(::testing::Contains(garbage)));
+  EXPECT_THAT(HsmIds(objects), ::testing::Contains(unnamed));
   EXPECT_THAT(HsmIds(objects), ::testing::Contains(foreign));
   EXPECT_THAT(HsmIds(objects), ::testing::Contains(key->versions[0].hsm_id));
   CUSTOS_EXPECT_OK(Open(dk.blob, kContext));
-  // Running it again changes nothing.
+  // The destruction and the quarantine are both in the audit log, and the
+  // garbage's intent is gone.
+  const std::string audit = AuditText();
+  EXPECT_THAT(audit, HasSubstr("\"DestroyHsmObject\""));
+  EXPECT_THAT(audit, HasSubstr(hsm::ObjectIdHex(garbage)));
+  EXPECT_THAT(audit, HasSubstr("\"QuarantineHsmObjects\""));
+  EXPECT_THAT(audit, HasSubstr(hsm::ObjectIdHex(unnamed)));
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::vector<MaterialIntent> intents,
+                              stack_->store->ListIntents());
+  EXPECT_THAT(intents, ::testing::IsEmpty());
+  // Running it again destroys nothing more; the quarantine stays.
   CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport again, service().Reconcile());
   EXPECT_EQ(again.destroyed_objects, 0);
-  EXPECT_EQ(again.orphans_destroyed, 0);
-  CUSTOS_EXPECT_OK(hsm_->DestroyObjects(foreign));
+  EXPECT_EQ(again.quarantined, 1);
+  CUSTOS_EXPECT_OK(hsm_->DestroyObjects(foreign).status());
+  CUSTOS_EXPECT_OK(hsm_->DestroyObjects(unnamed).status());
 }
 
-// With replicas (orphan_grace > 0), an object no version owns is destroyed
-// only when reconciles that far apart have both found it unclaimed: another
-// replica may have generated it and be about to commit its row.
+// When most Custos objects on the token are named by no row (the wrong
+// database, an older backup), nothing at all is destroyed, not even what
+// the database calls garbage.
+TEST_F(KeyServiceReconcileTest, RefusesToActWhenMostObjectsAreUnnamed) {
+  ClearOtherTestsObjects();
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey());
+  const std::string garbage =
+      InterruptedCreate("k-orphancccccccccccccccccccc", stack_->store.get());
+  std::vector<std::string> unnamed;
+  for (int i = 0; i < 3; ++i) {
+    CUSTOS_ASSERT_OK_AND_ASSIGN(
+        std::string id,
+        hsm_->GenerateAesKey(HsmLabel("k-unnamedbbbbbbbbbbbbbbbbbb", i + 1)));
+    unnamed.push_back(id);
+  }
+  CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport report, service().Reconcile());
+  EXPECT_TRUE(report.refused);
+  EXPECT_EQ(report.quarantined, 3);
+  EXPECT_EQ(report.destroyed_objects, 0);
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::vector<hsm::HsmObject> objects,
+                              hsm_->ListKeyObjects());
+  EXPECT_THAT(HsmIds(objects), ::testing::Contains(garbage));
+  EXPECT_THAT(AuditText(), ::testing::Not(HasSubstr("\"DestroyHsmObject\"")));
+  for (const std::string& id : unnamed) {
+    CUSTOS_EXPECT_OK(hsm_->DestroyObjects(id).status());
+  }
+  // With the pairing sane again, the garbage goes.
+  CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport after, service().Reconcile());
+  EXPECT_FALSE(after.refused);
+  EXPECT_EQ(after.orphans_destroyed, 1);
+}
+
+// An audit log that cannot record the destruction stops it: the object
+// stays (and is destroyed by a later pass that can record it).
+TEST_F(KeyServiceReconcileTest, NoDestructionWithoutItsAuditRecord) {
+  ClearOtherTestsObjects();
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey());
+  const std::string garbage =
+      InterruptedCreate("k-orphandddddddddddddddddddd", stack_->store.get());
+  FailingAuditLog failing;
+  KeyService refusing(Options(), hsm_, stack_->registry.get(), &failing,
+                      &authorizer_);
+  CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport report, refusing.Reconcile());
+  EXPECT_EQ(report.destroyed_objects, 0);
+  EXPECT_EQ(report.failures, 1);
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::vector<hsm::HsmObject> objects,
+                              hsm_->ListKeyObjects());
+  EXPECT_THAT(HsmIds(objects), ::testing::Contains(garbage));
+  CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport later, service().Reconcile());
+  EXPECT_EQ(later.orphans_destroyed, 1);
+}
+
+// With replicas (orphan_grace > 0), the object of an intent with no version
+// is destroyed only once the intent is that old: another replica may have
+// generated it and be about to commit its row.
 TEST_F(KeyServiceReconcileTest, OrphanGraceWaitsBeforeDestroying) {
-  CUSTOS_ASSERT_OK(service().Reconcile());  // other tests' objects
+  ClearOtherTestsObjects();
   KeyService::Options options = Options();
   options.orphan_grace = absl::Minutes(10);
   const std::string shared = dir_ + "/shared";
@@ -1748,9 +1867,8 @@ TEST_F(KeyServiceReconcileTest, OrphanGraceWaitsBeforeDestroying) {
                               OpenStack(shared, options, dir_ + "/audit-a"));
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Stack> b,
                               OpenStack(shared, options, dir_ + "/audit-b"));
-  CUSTOS_ASSERT_OK_AND_ASSIGN(
-      std::string orphan,
-      hsm_->GenerateAesKey(HsmLabel("k-orphanbbbbbbbbbbbbbbbbbbb", 1)));
+  const std::string orphan =
+      InterruptedCreate("k-orphanbbbbbbbbbbbbbbbbbbb", a->store.get());
   // Replica b makes a key that a's cache has not seen yet.
   CUSTOS_ASSERT_OK_AND_ASSIGN(
       std::shared_ptr<const Key> key,

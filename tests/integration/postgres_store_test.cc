@@ -103,7 +103,8 @@ class PostgresStoreTest : public ::testing::Test {
   }
 
   std::unique_ptr<Store> Open() {
-    absl::StatusOr<std::unique_ptr<Store>> store = OpenStore(url_);
+    absl::StatusOr<std::unique_ptr<Store>> store =
+        OpenStore(url_, OpenMode::kCreate);
     EXPECT_THAT(store.status(), IsOk());
     return store.ok() ? *std::move(store) : nullptr;
   }
@@ -134,7 +135,8 @@ class PostgresStoreTest : public ::testing::Test {
 };
 
 TEST_F(PostgresStoreTest, ServesAgainAfterTheServerRestarts) {
-  absl::StatusOr<std::unique_ptr<Store>> store = OpenStore(url_);
+  absl::StatusOr<std::unique_ptr<Store>> store =
+      OpenStore(url_, OpenMode::kCreate);
   ASSERT_THAT(store.status(), IsOk());
   Key key = SampleKey("k-restart", "r");
   ASSERT_THAT((*store)->InsertKey(key), IsOk());
@@ -160,7 +162,8 @@ TEST_F(PostgresStoreTest, ServesAgainAfterTheServerRestarts) {
 // (after crash recovery) the store serves again, with every change it
 // committed before the crash.
 TEST_F(PostgresStoreTest, ServerCrashIsUnavailableUntilItRecovers) {
-  absl::StatusOr<std::unique_ptr<Store>> store = OpenStore(url_);
+  absl::StatusOr<std::unique_ptr<Store>> store =
+      OpenStore(url_, OpenMode::kCreate);
   ASSERT_THAT(store.status(), IsOk());
   Key key = SampleKey("k-crash", "c");
   ASSERT_THAT((*store)->InsertKey(key), IsOk());
@@ -205,7 +208,8 @@ TEST_F(PostgresStoreTest, UnreachableServerIsUnavailableWithoutThePassword) {
   // Port 1: nothing listens there, and nobody unprivileged can.
   const absl::Time start = absl::Now();
   EXPECT_THAT(
-      OpenStore("postgresql://custos:s3cret@127.0.0.1:1/custos"),
+      OpenStore("postgresql://custos:s3cret@127.0.0.1:1/custos",
+                OpenMode::kCreate),
       StatusIs(absl::StatusCode::kUnavailable,
                AllOf(HasSubstr("127.0.0.1"), Not(HasSubstr("s3cret")))));
   EXPECT_LT(absl::Now() - start, absl::Seconds(10));
@@ -214,7 +218,8 @@ TEST_F(PostgresStoreTest, UnreachableServerIsUnavailableWithoutThePassword) {
 TEST_F(PostgresStoreTest, MissingDatabaseIsRefusedNamingIt) {
   absl::Status s =
       OpenStore(absl::StrCat("postgresql://custos@127.0.0.1:", server_->port(),
-                             "/no_such_database"))
+                             "/no_such_database"),
+                OpenMode::kCreate)
           .status();
   EXPECT_FALSE(s.ok());
   EXPECT_THAT(std::string(s.message()), HasSubstr("no_such_database"));

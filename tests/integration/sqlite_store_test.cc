@@ -46,7 +46,8 @@ class SqliteStoreTest : public ::testing::Test {
   }
 
   std::unique_ptr<Store> Open() {
-    absl::StatusOr<std::unique_ptr<Store>> store = OpenStore(url_);
+    absl::StatusOr<std::unique_ptr<Store>> store =
+        OpenStore(url_, OpenMode::kCreate);
     EXPECT_THAT(store, IsOk());
     return store.ok() ? *std::move(store) : nullptr;
   }
@@ -81,7 +82,8 @@ TEST_F(SqliteStoreTest, OpensAbsoluteUrl) {
 TEST_F(SqliteStoreTest, OpensRelativeUrlAgainstWorkingDirectory) {
   const std::filesystem::path old_cwd = std::filesystem::current_path();
   ASSERT_EQ(chdir(dir_.c_str()), 0);
-  absl::StatusOr<std::unique_ptr<Store>> store = OpenStore("sqlite:rel.db");
+  absl::StatusOr<std::unique_ptr<Store>> store =
+      OpenStore("sqlite:rel.db", OpenMode::kCreate);
   std::filesystem::current_path(old_cwd);
   ASSERT_THAT(store, IsOk());
   EXPECT_TRUE(std::filesystem::exists(dir_ + "/rel.db"));
@@ -91,7 +93,7 @@ TEST_F(SqliteStoreTest, RefusesOtherSchemesNamingTheUrl) {
   for (const std::string url :
        {"pgsql://db.example.org/custos", "mysql://x", "/var/lib/custos.db",
         "SQLITE:///tmp/x.db", "POSTGRESQL://db/custos", ""}) {
-    EXPECT_THAT(OpenStore(url),
+    EXPECT_THAT(OpenStore(url, OpenMode::kCreate),
                 StatusIs(absl::StatusCode::kInvalidArgument,
                          AllOf(HasSubstr("'" + url + "'"), HasSubstr("sqlite"),
                                HasSubstr("postgresql"))))
@@ -99,21 +101,23 @@ TEST_F(SqliteStoreTest, RefusesOtherSchemesNamingTheUrl) {
   }
   // Named, but without the password a mistyped URL may carry.
   EXPECT_THAT(
-      OpenStore("mysql://custos:s3cret@db.example.org/custos"),
+      OpenStore("mysql://custos:s3cret@db.example.org/custos",
+                OpenMode::kCreate),
       StatusIs(absl::StatusCode::kInvalidArgument,
                AllOf(HasSubstr("db.example.org"), Not(HasSubstr("s3cret")))));
 }
 
 TEST_F(SqliteStoreTest, RefusesSqliteUrlWithoutPath) {
   for (const std::string url : {"sqlite:", "sqlite://"}) {
-    EXPECT_THAT(OpenStore(url),
+    EXPECT_THAT(OpenStore(url, OpenMode::kCreate),
                 StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("path")))
         << url;
   }
 }
 
 TEST_F(SqliteStoreTest, UnopenablePathIsUnavailable) {
-  EXPECT_THAT(OpenStore("sqlite://" + dir_ + "/no/such/dir/custos.db"),
+  EXPECT_THAT(OpenStore("sqlite://" + dir_ + "/no/such/dir/custos.db",
+                        OpenMode::kCreate),
               StatusIs(absl::StatusCode::kUnavailable, HasSubstr("custos.db")));
 }
 
@@ -139,6 +143,7 @@ TEST_F(SqliteStoreTest, MigrationTwoKeepsThePendingWindow) {
       "ALTER TABLE keys DROP COLUMN deletion_window_us;"
       "ALTER TABLE keys DROP COLUMN deletion_elapsed_us;"
       "ALTER TABLE keys DROP COLUMN destruction_started;"
+      "DROP TABLE deployment; DROP TABLE material_intents;"
       "DELETE FROM schema_migrations WHERE version >= 2;");
   std::unique_ptr<Store> store = Open();
   ASSERT_NE(store, nullptr);

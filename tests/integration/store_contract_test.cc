@@ -20,9 +20,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <latch>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -136,7 +138,8 @@ class StoreContractTest : public ::testing::TestWithParam<std::string> {
 
   std::unique_ptr<Store> Open() { return OpenAt(url_); }
   std::unique_ptr<Store> OpenAt(const std::string& url) {
-    absl::StatusOr<std::unique_ptr<Store>> store = OpenStore(url);
+    absl::StatusOr<std::unique_ptr<Store>> store =
+        OpenStore(url, OpenMode::kCreate);
     EXPECT_THAT(store, IsOk()) << url;
     return store.ok() ? *std::move(store) : nullptr;
   }
@@ -252,8 +255,93 @@ TEST_P(StoreContractTest, RefusesSchemaNewerThanItKnows) {
   RawExec(absl::StrCat(
       "INSERT INTO schema_migrations(version, applied_us) VALUES (",
       kLatestSchemaVersion + 1, ", 0)"));
-  EXPECT_THAT(OpenStore(url_), StatusIs(absl::StatusCode::kFailedPrecondition,
-                                        HasSubstr("newer")));
+  EXPECT_THAT(
+      OpenStore(url_, OpenMode::kCreate),
+      StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("newer")));
+}
+
+// ---- Never a database by accident, the deployment, generate-intents ----
+
+TEST_P(StoreContractTest, ExistingModeRefusesADatabaseWithoutTheSchema) {
+  // A missing SQLite file, or an empty PostgreSQL database: neither is
+  // created or given a schema.
+  EXPECT_THAT(
+      OpenStore(url_, OpenMode::kExisting),
+      StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("--init")));
+  if (!postgres()) {
+    EXPECT_FALSE(std::filesystem::exists(SqlitePath(url_)));
+    // An empty file (a truncated or freshly touched database) is refused
+    // too, and left empty.
+    std::ofstream(SqlitePath(url_)).close();
+    EXPECT_THAT(OpenStore(url_, OpenMode::kExisting),
+                StatusIs(absl::StatusCode::kFailedPrecondition,
+                         HasSubstr("no Custos schema")));
+    EXPECT_EQ(std::filesystem::file_size(SqlitePath(url_)), 0u);
+  } else {
+    EXPECT_EQ(RawQueryInt("SELECT COUNT(*) FROM pg_tables WHERE "
+                          "tablename = 'schema_migrations'"),
+              0);
+  }
+  { ASSERT_NE(Open(), nullptr); }  // kCreate
+  absl::StatusOr<std::unique_ptr<Store>> store =
+      OpenStore(url_, OpenMode::kExisting);
+  ASSERT_THAT(store, IsOk());
+  EXPECT_EQ((*store)->SchemaVersion(), kLatestSchemaVersion);
+}
+
+TEST_P(StoreContractTest, CreatedSqliteFileIsOwnerOnly) {
+  if (postgres()) GTEST_SKIP() << "SQLite only";
+  { ASSERT_NE(Open(), nullptr); }
+  const auto perms = std::filesystem::status(SqlitePath(url_)).permissions();
+  EXPECT_EQ(perms & (std::filesystem::perms::group_all |
+                     std::filesystem::perms::others_all),
+            std::filesystem::perms::none);
+}
+
+TEST_P(StoreContractTest, DeploymentIsRecordedOnce) {
+  std::unique_ptr<Store> store = Open();
+  ASSERT_NE(store, nullptr);
+  absl::StatusOr<std::optional<Deployment>> none = store->LoadDeployment();
+  ASSERT_THAT(none, IsOk());
+  EXPECT_FALSE(none->has_value());
+  const absl::Time t = absl::FromUnixMicros(1700000000123456);
+  Deployment d{std::string("\x00\x01marker\xff", 9), "custos", "0123abcd", t};
+  ASSERT_THAT(store->InsertDeployment(d), IsOk());
+  EXPECT_THAT(store->InsertDeployment(d),
+              StatusIs(absl::StatusCode::kAlreadyExists));
+  std::unique_ptr<Store> again = Open();
+  absl::StatusOr<std::optional<Deployment>> loaded = again->LoadDeployment();
+  ASSERT_THAT(loaded, IsOk());
+  ASSERT_TRUE(loaded->has_value());
+  EXPECT_EQ((*loaded)->id, d.id);
+  EXPECT_EQ((*loaded)->token_label, "custos");
+  EXPECT_EQ((*loaded)->token_serial, "0123abcd");
+  EXPECT_EQ((*loaded)->create_time, t);
+}
+
+TEST_P(StoreContractTest, IntentsRoundTrip) {
+  std::unique_ptr<Store> store = Open();
+  ASSERT_NE(store, nullptr);
+  const std::string a(16, '\xaa'), b(16, '\x00');
+  const absl::Time t = absl::FromUnixMicros(1700000000000001);
+  ASSERT_THAT(store->InsertIntent({a, "k-a", 1, t}), IsOk());
+  ASSERT_THAT(store->InsertIntent({b, "k-b", 7, t + absl::Seconds(1)}), IsOk());
+  EXPECT_THAT(store->InsertIntent({a, "k-a", 1, t}),
+              StatusIs(absl::StatusCode::kAlreadyExists));
+  absl::StatusOr<std::vector<MaterialIntent>> intents = store->ListIntents();
+  ASSERT_THAT(intents, IsOk());
+  ASSERT_EQ(intents->size(), 2u);
+  EXPECT_EQ((*intents)[0].hsm_id, a);
+  EXPECT_EQ((*intents)[0].key_id, "k-a");
+  EXPECT_EQ((*intents)[1].hsm_id, b);
+  EXPECT_EQ((*intents)[1].version, 7u);
+  EXPECT_EQ((*intents)[1].create_time, t + absl::Seconds(1));
+  ASSERT_THAT(store->DeleteIntent(a), IsOk());
+  ASSERT_THAT(store->DeleteIntent(a), IsOk());  // absent: not an error
+  intents = store->ListIntents();
+  ASSERT_THAT(intents, IsOk());
+  ASSERT_EQ(intents->size(), 1u);
+  EXPECT_EQ((*intents)[0].hsm_id, b);
 }
 
 // ---- Round trips ----
@@ -1093,7 +1181,8 @@ TEST_P(StoreContractTest, ReplicasOpeningAFreshDatabaseAtOnceBothSucceed) {
     absl::StatusOr<std::string> url = NewDatabase();
     ASSERT_THAT(url, IsOk());
     absl::StatusOr<std::unique_ptr<Store>> stores[kReplicas];
-    RunTogether(kReplicas, [&](int r) { stores[r] = OpenStore(*url); });
+    RunTogether(kReplicas,
+                [&](int r) { stores[r] = OpenStore(*url, OpenMode::kCreate); });
     for (int r = 0; r < kReplicas; ++r) {
       ASSERT_THAT(stores[r].status(), IsOk()) << "replica " << r;
       EXPECT_EQ((*stores[r])->SchemaVersion(), kLatestSchemaVersion)

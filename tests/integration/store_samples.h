@@ -20,7 +20,7 @@ namespace custos::kms::store_samples {
 // A fixed instant with a non-zero microsecond part.
 inline const absl::Time kT0 = absl::FromUnixMicros(1700000000123456);
 // The schema version both stores migrate to.
-inline constexpr int kLatestSchemaVersion = 3;
+inline constexpr int kLatestSchemaVersion = 4;
 
 inline KeyPolicy SamplePolicy() {
   KeyPolicy policy;

@@ -152,6 +152,13 @@ absl::StatusOr<std::unique_ptr<CustosdProcess>> CustosdProcess::Start(
   absl::Status written =
       WriteFileAtomically(p->dir_ + "/custos.yaml", config, 0600);
   if (!written.ok()) return written;
+  if (!p->options_.skip_init) {
+    ProcessResult init = p->RunCustosd({"--init"});
+    if (init.code != 0) {
+      return absl::InternalError(
+          absl::StrCat("custosd --init failed: ", init.out, init.err));
+    }
+  }
   absl::Status launched = p->Launch();
   if (!launched.ok()) return launched;
   return p;
@@ -197,9 +204,45 @@ absl::StatusOr<std::unique_ptr<CustosdProcess>> CustosdProcess::StartReplica(
   config += "\n" + p->options_.extra_config + "\n";
   absl::Status written = WriteFileAtomically(p->config_path(), config, 0600);
   if (!written.ok()) return written;
+  if (!p->options_.skip_init) {  // this node's audit signing key
+    ProcessResult init = p->RunCustosd({"--init"});
+    if (init.code != 0) {
+      return absl::InternalError(
+          absl::StrCat("custosd --init failed: ", init.out, init.err));
+    }
+  }
   absl::Status launched = p->Launch();
   if (!launched.ok()) return launched;
   return p;
+}
+
+ProcessResult CustosdProcess::RunCustosd(
+    const std::vector<std::string>& args) const {
+  std::vector<std::string> argv = {BinDir() + "/custosd", "--config",
+                                   config_path()};
+  argv.insert(argv.end(), args.begin(), args.end());
+  std::vector<std::string> env = EnvironmentWithout("SOFTHSM2_CONF=");
+  env.push_back("SOFTHSM2_CONF=" + softhsm_conf());
+  for (const auto& [name, value] : options_.env) {
+    env.push_back(name + "=" + value);
+  }
+  return RunProcess(argv, env, "/dev/null",
+                    absl::StrCat(dir_, "/custosd-run", suffix_));
+}
+
+ProcessResult CustosdProcess::StartExpectingFailure() const {
+  // A server that starts after all is stopped by timeout(1) (code 124)
+  // rather than hang the test.
+  std::vector<std::string> argv = {"/usr/bin/timeout", "30",
+                                   BinDir() + "/custosd", "--config",
+                                   config_path()};
+  std::vector<std::string> env = EnvironmentWithout("SOFTHSM2_CONF=");
+  env.push_back("SOFTHSM2_CONF=" + softhsm_conf());
+  for (const auto& [name, value] : options_.env) {
+    env.push_back(name + "=" + value);
+  }
+  return RunProcess(argv, env, "/dev/null",
+                    absl::StrCat(dir_, "/custosd-start", suffix_));
 }
 
 absl::Status CustosdProcess::Launch() {

@@ -44,6 +44,9 @@ class CustosdProcess {
     std::string storage_url;
     // Replaces node_id (required by StartReplica).
     std::string node_id;
+    // Start without running `custosd --init` first (the database then
+    // exists only if the test made it).
+    bool skip_init = false;
   };
 
   static absl::StatusOr<std::unique_ptr<CustosdProcess>> Start(Options options);
@@ -59,6 +62,12 @@ class CustosdProcess {
 
   // Starts the server again on the same directory and port.
   absl::Status Restart();
+  // Runs `custosd --config CONFIG ARGS...` to completion in the server's
+  // environment (SOFTHSM2_CONF, Options::env), e.g. {"--init"}.
+  ProcessResult RunCustosd(const std::vector<std::string>& args) const;
+  // Starts the server once without waiting for it to serve, and returns
+  // how it exited: for start-ups that must fail.
+  ProcessResult StartExpectingFailure() const;
   // Sends `signal` and waits for the process to end.
   void Kill(int signal);
   // SIGTERM, then waits; an error if it did not exit cleanly.

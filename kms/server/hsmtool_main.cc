@@ -1,6 +1,13 @@
 // custos-hsmtool: drives the hsm/ layer by hand against a PKCS#11 token, for
 // the demo, operators checking an HSM before starting custosd, and tests that
-// need a second process. It never prints key material or the PIN.
+// need a second process. With --config (custosd's configuration) it also
+// lists the quarantine, the Custos objects no database row names, and
+// destroys one of them when the operator names it, recording it first in
+// the node's audit log (custosd must be stopped on that node: the log has
+// one writer). It never prints key material or the PIN.
+#include <pwd.h>
+#include <unistd.h>
+
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -13,6 +20,12 @@
 #include "hsm/hsm.h"
 #include "hsm/key_templates.h"
 #include "hsm/module.h"
+#include "kms/audit/audit_log.h"
+#include "kms/audit/checkpoint.h"
+#include "kms/deployment.h"
+#include "kms/quarantine.h"
+#include "kms/server/config.h"
+#include "kms/store/store.h"
 
 namespace {
 
@@ -24,6 +37,7 @@ struct Flags {
   std::string pin_file;
   std::string label = "custos-hsmtool";
   std::string id_hex;
+  std::string config;  // custosd's YAML, for `quarantine`
 };
 
 absl::StatusOr<std::string> ParseId(const std::string& hex) {
@@ -34,6 +48,77 @@ absl::StatusOr<std::string> ParseId(const std::string& hex) {
         "--id must be the key's CKA_ID in hex, as generate-key printed it");
   }
   return absl::HexStringToBytes(hex);
+}
+
+// Who runs the tool, for the audit record: the Unix account.
+std::string OperatorName() {
+  const uid_t uid = getuid();
+  const passwd* pw = getpwuid(uid);
+  return absl::StrCat(
+      "custos:operator:", pw != nullptr ? pw->pw_name : std::to_string(uid),
+      " (custos-hsmtool)");
+}
+
+// `quarantine list` and `quarantine destroy --id HEX`, on the database and
+// token that custosd's configuration names.
+absl::Status RunQuarantine(const std::string& command, const Flags& flags) {
+  if (flags.config.empty()) {
+    return absl::InvalidArgumentError(
+        "--config: quarantine needs custosd's configuration file (it names "
+        "the database, the token and the audit directory)");
+  }
+  CUSTOS_ASSIGN_OR_RETURN(custos::server::Config config,
+                          custos::server::LoadConfig(flags.config));
+  CUSTOS_ASSIGN_OR_RETURN(
+      std::unique_ptr<custos::kms::Store> store,
+      custos::kms::OpenStore(config.storage, custos::kms::OpenMode::kExisting));
+  CUSTOS_ASSIGN_OR_RETURN(auto module,
+                          custos::hsm::Module::Load(config.hsm.module));
+  Hsm::Options options;
+  options.token_label = config.hsm.token_label;
+  options.pin_file = config.hsm.pin_file;
+  options.pool.size = 1;
+  options.shared_token = store->Shared();
+  CUSTOS_ASSIGN_OR_RETURN(auto hsm, Hsm::Open(*module, options));
+  CUSTOS_RETURN_IF_ERROR(custos::kms::CheckDeployment(*store, *hsm));
+  if (command == "list") {
+    CUSTOS_ASSIGN_OR_RETURN(std::vector<custos::hsm::HsmObject> objects,
+                            custos::kms::FindQuarantined(*store, *hsm));
+    std::printf("%-34s %s\n", "CKA_ID", "CKA_LABEL");
+    for (const auto& o : objects) {
+      std::printf("%-34s %s\n", custos::hsm::ObjectIdHex(o.id).c_str(),
+                  o.label.c_str());
+    }
+    std::printf("%zu quarantined object(s): named by no row of %s\n",
+                objects.size(),
+                custos::kms::RedactStorageUrl(config.storage).c_str());
+    return absl::OkStatus();
+  }
+  CUSTOS_ASSIGN_OR_RETURN(std::string id, ParseId(flags.id_hex));
+  CUSTOS_ASSIGN_OR_RETURN(auto signer, custos::kms::HsmAuditSigner::Open(
+                                           hsm.get(), config.node_id));
+  custos::kms::FileAuditLog::Options audit_options;
+  audit_options.dir = config.audit_dir;
+  audit_options.node_id = config.node_id;
+  audit_options.signer = signer.get();
+  audit_options.checkpoint_every = config.audit_checkpoint_every;
+  audit_options.checkpoint_interval = config.audit_checkpoint_interval;
+  audit_options.max_segment_bytes = config.audit_max_segment_bytes;
+  audit_options.max_segment_age = config.audit_max_segment_age;
+  absl::StatusOr<std::unique_ptr<custos::kms::FileAuditLog>> audit =
+      custos::kms::FileAuditLog::Open(audit_options);
+  if (!audit.ok()) {
+    return absl::Status(
+        audit.status().code(),
+        absl::StrCat(audit.status().message(), " (stop custosd on node ",
+                     config.node_id, " first: its audit log has one writer)"));
+  }
+  CUSTOS_RETURN_IF_ERROR(custos::kms::DestroyQuarantined(
+      *store, *hsm, **audit, id, OperatorName(), absl::Now()));
+  std::cout << "destroyed quarantined object " << flags.id_hex
+            << " (recorded in the audit log of node " << config.node_id
+            << ")\n";
+  return absl::OkStatus();
 }
 
 absl::Status RunCommand(const std::string& command, const Flags& flags) {
@@ -124,6 +209,8 @@ int main(int argc, char** argv) {
   app.add_option("--token", flags.token, "token label");
   app.add_option("--pin-file", flags.pin_file,
                  "file holding the user PIN (mode 0400 or 0600)");
+  app.add_option("--config", flags.config,
+                 "custosd's configuration (for quarantine)");
   app.require_subcommand(1);
   app.add_subcommand("tokens", "list the module's tokens");
   app.add_subcommand("list", "list key objects (CKA_ID, class, label)");
@@ -140,9 +227,28 @@ int main(int argc, char** argv) {
         ->add_option("--id", flags.id_hex, "CKA_ID in hex")
         ->required();
   }
+  CLI::App* quarantine = app.add_subcommand(
+      "quarantine",
+      "Custos objects that no database row names (needs --config)");
+  quarantine->require_subcommand(1);
+  quarantine->add_subcommand("list", "list the quarantined objects");
+  quarantine
+      ->add_subcommand("destroy",
+                       "destroy ONE quarantined object, named by its CKA_ID, "
+                       "after recording it in the audit log (stop custosd "
+                       "on this node first)")
+      ->add_option("--id", flags.id_hex, "CKA_ID in hex, as list prints it")
+      ->required();
   CLI11_PARSE(app, argc, argv);
   std::string command = app.get_subcommands().front()->get_name();
-  absl::Status s = RunCommand(command, flags);
+  absl::Status s;
+  if (command == "quarantine") {
+    const std::string sub = quarantine->get_subcommands().front()->get_name();
+    command += " " + sub;
+    s = RunQuarantine(sub, flags);
+  } else {
+    s = RunCommand(command, flags);
+  }
   if (!s.ok()) {
     std::cerr << "custos-hsmtool " << command << ": " << s.message() << "\n";
     return 1;
