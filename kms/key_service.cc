@@ -118,6 +118,13 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::RotateFrom(
   // removes; never a row without an object, and never a primary version
   // that is not durable. A reconcile running meanwhile waits for the
   // commit (material_mu_).
+  //
+  // The record first: an audit log that cannot write stops the rotation
+  // before any key material exists.
+  if (audit != nullptr) {
+    audit->SetKey(key_id, number);
+    CUSTOS_RETURN_IF_ERROR(audit->RecordBeforeCommit());
+  }
   absl::ReaderMutexLock material(&material_mu_);
   CUSTOS_ASSIGN_OR_RETURN(std::string hsm_id,
                           GenerateVersionMaterial(key_id, number));
@@ -139,9 +146,7 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::RotateFrom(
         if (k.rotation_period > absl::ZeroDuration()) {
           k.next_rotation_time = now + k.rotation_period;
         }
-        if (audit == nullptr) return absl::OkStatus();
-        audit->SetKey(key_id, number);
-        return audit->RecordBeforeCommit();
+        return absl::OkStatus();
       });
   if (!updated.ok()) {
     // The version did not become durable: its object must not linger.

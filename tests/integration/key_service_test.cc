@@ -1697,6 +1697,57 @@ class HookedAuditLog : public AuditLog {
 // to list this token and destroy what it takes for an orphan (a few ms).
 constexpr absl::Duration kReconcileRunsFreely = absl::Seconds(1);
 
+// Passes every call on to another store, and runs a hook (once) on the
+// thread of the first InsertKey, before passing it on: CreateKey's commit,
+// after its HSM object was generated.
+class HookedStore : public Store {
+ public:
+  HookedStore(Store* next, std::function<void()> hook)
+      : next_(next), hook_(std::move(hook)) {}
+  absl::StatusOr<std::vector<Key>> LoadAllKeys() override {
+    return next_->LoadAllKeys();
+  }
+  absl::StatusOr<Key> LoadKey(absl::string_view id) override {
+    return next_->LoadKey(id);
+  }
+  absl::Status InsertKey(const Key& key) override {
+    if (hook_) std::exchange(hook_, nullptr)();
+    return next_->InsertKey(key);
+  }
+  absl::StatusOr<Key> UpdateKey(absl::string_view id, Mutator mutate) override {
+    return next_->UpdateKey(id, mutate);
+  }
+  absl::Status CreateAlias(const AliasRecord& alias) override {
+    return next_->CreateAlias(alias);
+  }
+  absl::Status DeleteAlias(absl::string_view alias) override {
+    return next_->DeleteAlias(alias);
+  }
+  absl::StatusOr<std::vector<AliasRecord>> ListAliases() override {
+    return next_->ListAliases();
+  }
+  absl::StatusOr<std::optional<Deployment>> LoadDeployment() override {
+    return next_->LoadDeployment();
+  }
+  absl::Status InsertDeployment(const Deployment& deployment) override {
+    return next_->InsertDeployment(deployment);
+  }
+  absl::Status InsertIntent(const MaterialIntent& intent) override {
+    return next_->InsertIntent(intent);
+  }
+  absl::StatusOr<std::vector<MaterialIntent>> ListIntents() override {
+    return next_->ListIntents();
+  }
+  absl::Status DeleteIntent(absl::string_view hsm_id) override {
+    return next_->DeleteIntent(hsm_id);
+  }
+  int SchemaVersion() const override { return next_->SchemaVersion(); }
+
+ private:
+  Store* const next_;
+  std::function<void()> hook_;
+};
+
 TEST_F(KeyServiceReconcileTest, KeyCreatedDuringAReconcileKeepsItsMaterial) {
   ClearOtherTestsObjects();
   // A service whose CreateKey starts a reconcile after generating the new
@@ -1705,11 +1756,13 @@ TEST_F(KeyServiceReconcileTest, KeyCreatedDuringAReconcileKeepsItsMaterial) {
   std::unique_ptr<BackgroundReconcile> reconcile;
   bool finished_before_commit = false;
   KeyService* hooked_service = nullptr;
-  HookedAuditLog hooked_log(stack_->audit.get(), "CreateKey", [&] {
+  HookedStore hooked_store(stack_->store.get(), [&] {
     reconcile = std::make_unique<BackgroundReconcile>(hooked_service);
     finished_before_commit = reconcile->FinishesWithin(kReconcileRunsFreely);
   });
-  KeyService hooked(Options(), hsm_, stack_->registry.get(), &hooked_log,
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<KeyRegistry> registry,
+                              KeyRegistry::Load(&hooked_store));
+  KeyService hooked(Options(), hsm_, registry.get(), stack_->audit.get(),
                     &authorizer_);
   hooked_service = &hooked;
 
@@ -1721,7 +1774,9 @@ TEST_F(KeyServiceReconcileTest, KeyCreatedDuringAReconcileKeepsItsMaterial) {
       << "the reconcile did not wait for the key's row to commit";
   EXPECT_EQ(report.orphans_destroyed, 0);
   EXPECT_EQ(report.destroyed_objects, 0);
+  EXPECT_EQ(report.quarantined, 0);
   EXPECT_EQ(report.missing_objects, 0);
+  CUSTOS_ASSERT_OK(stack_->registry->Refresh(key->id));  // made elsewhere
   CUSTOS_ASSERT_OK_AND_ASSIGN(DataKeyResult dk, DataKey(key->id, kContext));
   CUSTOS_EXPECT_OK(Open(dk.blob, kContext));
 }
@@ -1732,11 +1787,12 @@ TEST_F(KeyServiceReconcileTest,
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey());
   CUSTOS_ASSERT_OK_AND_ASSIGN(DataKeyResult v1, DataKey(key->id, kContext));
   // RotateKey reads the clock when its audit record starts, then in
-  // RotateFrom after generating the new version's object and before
-  // committing its row: the reconcile starts there.
+  // RotateFrom for the generate-intent, and again after generating the new
+  // version's object and before committing its row: the reconcile starts
+  // there.
   std::unique_ptr<BackgroundReconcile> reconcile;
   bool finished_before_commit = false;
-  clock_.RunInsideCall(2, [&] {
+  clock_.RunInsideCall(3, [&] {
     reconcile = std::make_unique<BackgroundReconcile>(&service());
     finished_before_commit = reconcile->FinishesWithin(kReconcileRunsFreely);
   });
