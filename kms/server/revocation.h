@@ -3,14 +3,17 @@
 //
 // Why not gRPC's own `TlsCredentialsOptions::set_crl_directory`: in gRPC
 // 1.51 it hands the directory to OpenSSL's hashed-directory lookup
-// (`X509_STORE_load_locations`) of the SSL_CTX, which loads a CRL the first
-// time a handshake needs it and never reads that file again; the SSL_CTX is
-// only rebuilt when the certificate provider reports new certificates. A
-// CRL updated in place (a new revocation) would thus not be seen until the
-// server certificate or client CA changed, files must be named by
-// `openssl rehash`, and a resumed TLS session skips the check. Custos checks
-// every handshake's peer certificate itself (an ExternalCertificateVerifier,
-// see server_settings.cc) against the lists kept here.
+// (`X509_STORE_load_locations`) of the SSL_CTX, which reads a CRL file the
+// first time a handshake needs it and never again (it finds a new file with
+// the next suffix, `<hash>.r1`, but not a changed one), and the SSL_CTX is
+// only rebuilt when the certificate provider reports new certificates. So
+// a revocation added to an existing CRL is not seen until the server
+// certificate or client CA changes, files must be named by `openssl
+// rehash`, and a client that resumes an earlier TLS session is not checked
+// at all (each seen with a test program against gRPC 1.51; 1.51 has no
+// CrlProvider). Custos checks every handshake's peer certificates itself
+// (an ExternalCertificateVerifier, see server_settings.cc) against the
+// lists kept here.
 #ifndef CUSTOS_KMS_SERVER_REVOCATION_H_
 #define CUSTOS_KMS_SERVER_REVOCATION_H_
 
