@@ -70,8 +70,11 @@ absl::Status CheckTlsMaterial(const Config::Tls& config,
         "leaf first"));
   }
   auto bio = MemBio(tls.key);
+  // A callback that gives no passphrase: without one OpenSSL would prompt
+  // on the terminal for an encrypted key.
+  pem_password_cb* no_passphrase = [](char*, int, int, void*) { return 0; };
   std::unique_ptr<EVP_PKEY, PkeyFree> key(
-      bio ? PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr)
+      bio ? PEM_read_bio_PrivateKey(bio.get(), nullptr, no_passphrase, nullptr)
           : nullptr);
   ERR_clear_error();
   if (key == nullptr) {
