@@ -10,8 +10,9 @@
 // a revocation added to an existing CRL is not seen until the server
 // certificate or client CA changes, files must be named by `openssl
 // rehash`, and a client that resumes an earlier TLS session is not checked
-// at all (each seen with a test program against gRPC 1.51; 1.51 has no
-// CrlProvider). Custos checks every handshake's peer certificates itself
+// at all. (A test program against gRPC 1.51 showed the in-place change
+// ignored, the `.r1` file read and the resumed session accepted; 1.51 has
+// no CrlProvider.) Custos checks every handshake's peer certificates itself
 // (an ExternalCertificateVerifier, see server_settings.cc) against the
 // lists kept here.
 #ifndef CUSTOS_KMS_SERVER_REVOCATION_H_

@@ -22,6 +22,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "custos/v1/audit.grpc.pb.h"
 #include "custos/v1/kms.grpc.pb.h"
 #include "tests/support/custosd_process.h"
 #include "tests/support/subprocess.h"
@@ -354,6 +355,14 @@ TEST_F(TlsReloadE2eTest, MaxConnectionAgeEndsARevokedClientsOpenConnection) {
   std::shared_ptr<grpc::Channel> b = server_->Channel("service-b");
   ASSERT_TRUE(Call(a).ok());
   ASSERT_TRUE(Call(b).ok());
+  // An audit stream lasts no longer than its connection (as
+  // docs/operations.md warns): it ends with UNAVAILABLE.
+  grpc::ClientContext stream_context;
+  stream_context.set_deadline(std::chrono::system_clock::now() +
+                              std::chrono::seconds(30));
+  auto stream =
+      pb::AuditService::NewStub(server_->Channel("auditor"))
+          ->StreamAuditEvents(&stream_context, pb::StreamAuditEventsRequest());
 
   absl::StatusOr<std::string> crl =
       custos::testing::MakeCrl(DevCa(), {server_->ReadPki("service-a.pem")});
@@ -380,6 +389,12 @@ TEST_F(TlsReloadE2eTest, MaxConnectionAgeEndsARevokedClientsOpenConnection) {
     std::this_thread::sleep_for(std::chrono::milliseconds(250));
   }
   EXPECT_FALSE(Call(a).ok());
+  pb::AuditEvent event;
+  while (stream->Read(&event)) {
+  }
+  grpc::Status stream_end = stream->Finish();
+  EXPECT_EQ(stream_end.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << stream_end.error_message();
   ExpectSameProcess();
 }
 
