@@ -63,7 +63,8 @@ void WaitForStopSignal() {
 
 absl::Status ServeEcho(const server::Config& config, const std::string& listen,
                        EchoMode mode) {
-  absl::StatusOr<server::TlsMaterial> tls = server::ReadTlsMaterial(config.tls);
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> tls =
+      server::ServerTlsCredentials(config.tls);
   if (!tls.ok()) return tls.status();
 
   std::unique_ptr<hsm::Module> module;
@@ -95,7 +96,7 @@ absl::Status ServeEcho(const server::Config& config, const std::string& listen,
   grpc::ServerBuilder builder;
   const std::string address = listen.empty() ? config.listen : listen;
   int port = 0;
-  builder.AddListeningPort(address, server::MutualTlsCredentials(*tls), &port);
+  builder.AddListeningPort(address, *tls, &port);
   builder.RegisterService(&service);
   server::ApplyLimits(config.limits, &builder);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();

@@ -196,10 +196,17 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
                           &c.maintenance_interval));
     CUSTOS_CFG(Get(root, "log_level", "log_level", &c.log_level));
     if (YAML::Node tls = root["tls"]) {
-      CUSTOS_CFG(OnlyKnown(tls, "tls", {"cert", "key", "client_ca"}));
+      CUSTOS_CFG(OnlyKnown(
+          tls, "tls",
+          {"cert", "key", "client_ca", "crl_dir", "reload_interval_seconds"}));
       CUSTOS_CFG(Get(tls, "cert", "tls.cert", &c.tls.cert));
       CUSTOS_CFG(Get(tls, "key", "tls.key", &c.tls.key));
       CUSTOS_CFG(Get(tls, "client_ca", "tls.client_ca", &c.tls.client_ca));
+      // Rotation and revocation.
+      CUSTOS_CFG(Get(tls, "crl_dir", "tls.crl_dir", &c.tls.crl_dir));
+      CUSTOS_CFG(GetWhole(tls, "reload_interval_seconds",
+                          "tls.reload_interval_seconds", 1, 3600, " of seconds",
+                          &c.tls.reload_interval_seconds));
     }
     if (YAML::Node hsm = root["hsm"]) {
       CUSTOS_CFG(OnlyKnown(hsm, "hsm",
@@ -223,8 +230,10 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
       c.hsm.lease_timeout = absl::Milliseconds(lease_ms);
     }
     if (YAML::Node limits = root["limits"]) {
-      CUSTOS_CFG(OnlyKnown(limits, "limits",
-                           {"max_message_bytes", "max_concurrent_streams"}));
+      CUSTOS_CFG(OnlyKnown(
+          limits, "limits",
+          {"max_message_bytes", "max_concurrent_streams",
+           "max_connection_age_seconds", "max_connection_age_grace_seconds"}));
       // A request must hold a 4 KiB plaintext and its framing.
       CUSTOS_CFG(GetWhole(
           limits, "max_message_bytes", "limits.max_message_bytes", 4096 + 1024,
@@ -233,6 +242,18 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
                           "limits.max_concurrent_streams", 1,
                           std::numeric_limits<int>::max(), "",
                           &c.limits.max_concurrent_streams));
+      // Connection age (gRPC takes milliseconds in an int: a day at most).
+      for (const auto& [key, out] :
+           {std::pair{"max_connection_age_seconds",
+                      &c.limits.max_connection_age},
+            std::pair{"max_connection_age_grace_seconds",
+                      &c.limits.max_connection_age_grace}}) {
+        const std::string field = absl::StrCat("limits.", key);
+        CUSTOS_CFG(GetSeconds(limits, key, field, out));
+        if (*out > absl::Hours(24)) {
+          return FieldError(field, "must be at most 86400 (a day)");
+        }
+      }
     }
     if (YAML::Node dev = root["development"]) {
       CUSTOS_CFG(OnlyKnown(dev, "development",
@@ -323,6 +344,7 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
   c.tls.cert = Resolve(c.tls.cert, base_dir);
   c.tls.key = Resolve(c.tls.key, base_dir);
   c.tls.client_ca = Resolve(c.tls.client_ca, base_dir);
+  c.tls.crl_dir = Resolve(c.tls.crl_dir, base_dir);
   c.hsm.pin_file = Resolve(c.hsm.pin_file, base_dir);
   c.audit_dir = Resolve(c.audit_dir, base_dir);
   return c;

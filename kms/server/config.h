@@ -23,6 +23,12 @@ struct Config {
     std::string cert;       // server certificate chain (PEM)
     std::string key;        // its private key (PEM)
     std::string client_ca;  // CA bundle that client certificates chain to
+    // Certificate rotation and revocation (docs/operations.md): CRLs of
+    // the client CAs (optional), and how often custosd re-reads these
+    // files and cert, key and client_ca (whole seconds: gRPC's file
+    // watcher counts in seconds).
+    std::string crl_dir;
+    int reload_interval_seconds = 5;
   } tls;
   struct Hsm {
     std::string module;
@@ -43,6 +49,10 @@ struct Config {
   struct Limits {
     int max_message_bytes = 64 * 1024;  // largest request
     int max_concurrent_streams = 256;
+    // Connections end at this age (plus the grace for calls in flight), so
+    // that a revoked client certificate stops working.
+    absl::Duration max_connection_age = absl::Minutes(5);
+    absl::Duration max_connection_age_grace = absl::Seconds(30);
   } limits;
   uint64_t encryption_limit = uint64_t{1} << 30;
   absl::Duration maintenance_interval = absl::Seconds(10);

@@ -167,7 +167,10 @@ absl::Status Run(const std::string& config_path) {
     metric_registry = std::make_unique<metrics::Registry>();
   }
 
-  CUSTOS_ASSIGN_OR_RETURN(TlsMaterial tls, ReadTlsMaterial(config.tls));
+  // Mutual TLS from files re-read while serving (tls.*: certificate
+  // rotation and revocation); the files are checked here.
+  CUSTOS_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> tls,
+                          ServerTlsCredentials(config.tls));
 
   CUSTOS_ASSIGN_OR_RETURN(
       std::unique_ptr<kms::Store> store,
@@ -261,8 +264,7 @@ absl::Status Run(const std::string& config_path) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int bound_port = 0;
-  builder.AddListeningPort(config.listen, MutualTlsCredentials(tls),
-                           &bound_port);
+  builder.AddListeningPort(config.listen, tls, &bound_port);
   builder.RegisterService(&kms_handler);
   builder.RegisterService(&crypto_handler);
   builder.RegisterService(&audit_handler);

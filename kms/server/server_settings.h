@@ -21,15 +21,23 @@ struct TlsMaterial {
   std::string client_ca;
 };
 
-// Reads the files the config names; errors name the field.
+// Reads the files the config names and checks them: a certificate chain, a
+// private key that belongs to its first certificate, and at least one CA
+// certificate. Errors name the field and the fix.
 absl::StatusOr<TlsMaterial> ReadTlsMaterial(const Config::Tls& tls);
 
-// Server credentials that require and verify a client certificate.
-std::shared_ptr<grpc::ServerCredentials> MutualTlsCredentials(
-    const TlsMaterial& tls);
+// Server credentials that require and verify a client certificate (TLS 1.2
+// or 1.3). gRPC's FileWatcherCertificateProvider re-reads tls.cert, tls.key
+// and tls.client_ca every tls.reload_interval_seconds, and new connections
+// use what it read. With tls.crl_dir, every handshake's client certificate
+// is also checked against the CRLs there, re-read as often (see
+// revocation.h). Checks the files first (ReadTlsMaterial); errors name the
+// field.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerTlsCredentials(
+    const Config::Tls& tls);
 
-// Message size and stream limits, and no port sharing, applied to every
-// custosd listener.
+// Message size and stream limits, the maximum connection age, and no port
+// sharing, applied to every custosd listener.
 void ApplyLimits(const Config::Limits& limits, grpc::ServerBuilder* builder);
 
 }  // namespace custos::server

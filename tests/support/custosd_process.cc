@@ -112,6 +112,10 @@ absl::StatusOr<std::unique_ptr<CustosdProcess>> CustosdProcess::Start(
     config = absl::StrReplaceAll(
         config, {{"\n  pool_size:", "\n  " + setting + "\n  pool_size:"}});
   }
+  for (const std::string& setting : p->options_.tls_settings) {
+    config = absl::StrReplaceAll(config,
+                                 {{"\ntls:\n", "\ntls:\n  " + setting + "\n"}});
+  }
   // Rewrite the lines (yaml-cpp keeps the first of duplicate keys, so
   // appending them would not do).
   if (!p->options_.storage_dir.empty()) {

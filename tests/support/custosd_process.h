@@ -30,6 +30,9 @@ class CustosdProcess {
     std::string hsm_module;
     // More settings under `hsm:`, one "name: value" per line.
     std::vector<std::string> hsm_settings;
+    // More settings under `tls:`, one "name: value" per line (e.g.
+    // "crl_dir: /path").
+    std::vector<std::string> tls_settings;
     // Extra environment for the server process.
     std::vector<std::pair<std::string, std::string>> env;
     // The directory of the SQLite database (custos.db), instead of

@@ -36,6 +36,12 @@ struct NamesFree {
 struct ExtFree {
   void operator()(X509_EXTENSION* e) const { X509_EXTENSION_free(e); }
 };
+struct CrlFree {
+  void operator()(X509_CRL* c) const { X509_CRL_free(c); }
+};
+struct TimeFree {
+  void operator()(ASN1_TIME* t) const { ASN1_TIME_free(t); }
+};
 using X509Ptr = std::unique_ptr<X509, X509Free>;
 using PkeyPtr = std::unique_ptr<EVP_PKEY, PkeyFree>;
 using BioPtr = std::unique_ptr<BIO, BioFree>;
@@ -283,6 +289,83 @@ absl::StatusOr<KeyAndCert> MakeCert(const KeyAndCert& issuer,
 
 absl::StatusOr<KeyAndCert> MakeSelfSigned(const CertSpec& spec) {
   return Build(spec, nullptr, nullptr);
+}
+
+absl::StatusOr<std::string> MakeCrl(
+    const KeyAndCert& issuer, const std::vector<std::string>& revoked_cert_pems,
+    absl::Duration next_update) {
+  absl::StatusOr<PkeyPtr> key = ReadKey(issuer.key_pem);
+  if (!key.ok()) return key.status();
+  absl::StatusOr<X509Ptr> ca = ReadCert(issuer.cert_pem);
+  if (!ca.ok()) return ca.status();
+  std::unique_ptr<X509_CRL, CrlFree> crl(X509_CRL_new());
+  std::unique_ptr<ASN1_TIME, TimeFree> last(ASN1_TIME_new());
+  std::unique_ptr<ASN1_TIME, TimeFree> next(ASN1_TIME_new());
+  if (crl == nullptr || last == nullptr || next == nullptr ||
+      X509_CRL_set_version(crl.get(), X509_CRL_VERSION_2) != 1 ||
+      X509_CRL_set_issuer_name(crl.get(), X509_get_subject_name(ca->get())) !=
+          1) {
+    return OpensslError("X509_CRL_new");
+  }
+  absl::Status s = SetTime(last.get(), -absl::Hours(1));
+  if (!s.ok()) return s;
+  s = SetTime(next.get(), next_update);
+  if (!s.ok()) return s;
+  if (X509_CRL_set1_lastUpdate(crl.get(), last.get()) != 1 ||
+      X509_CRL_set1_nextUpdate(crl.get(), next.get()) != 1) {
+    return OpensslError("CRL times");
+  }
+  for (const std::string& pem : revoked_cert_pems) {
+    absl::StatusOr<X509Ptr> cert = ReadCert(pem);
+    if (!cert.ok()) return cert.status();
+    X509_REVOKED* entry = X509_REVOKED_new();
+    if (entry == nullptr ||
+        X509_REVOKED_set_serialNumber(
+            entry, X509_get_serialNumber(cert->get())) != 1 ||
+        X509_REVOKED_set_revocationDate(entry, last.get()) != 1 ||
+        X509_CRL_add0_revoked(crl.get(), entry) != 1) {
+      X509_REVOKED_free(entry);
+      return OpensslError("CRL entry");
+    }
+  }
+  if (X509_CRL_sort(crl.get()) != 1 ||
+      X509_CRL_sign(crl.get(), key->get(), EVP_sha256()) == 0) {
+    return OpensslError("X509_CRL_sign");
+  }
+  BioPtr bio(BIO_new(BIO_s_mem()));
+  if (bio == nullptr || PEM_write_bio_X509_CRL(bio.get(), crl.get()) != 1) {
+    return OpensslError("PEM_write_bio_X509_CRL");
+  }
+  char* data = nullptr;
+  long len = BIO_get_mem_data(bio.get(), &data);
+  return std::string(data, static_cast<size_t>(len));
+}
+
+absl::StatusOr<std::string> CrlPemToDer(const std::string& crl_pem) {
+  BioPtr bio(BIO_new_mem_buf(crl_pem.data(), static_cast<int>(crl_pem.size())));
+  std::unique_ptr<X509_CRL, CrlFree> crl(
+      bio ? PEM_read_bio_X509_CRL(bio.get(), nullptr, nullptr, nullptr)
+          : nullptr);
+  if (crl == nullptr) return OpensslError("read CRL");
+  unsigned char* der = nullptr;
+  const int len = i2d_X509_CRL(crl.get(), &der);
+  if (len <= 0) return OpensslError("i2d_X509_CRL");
+  std::string out(reinterpret_cast<char*>(der), static_cast<size_t>(len));
+  OPENSSL_free(der);
+  return out;
+}
+
+absl::StatusOr<std::string> SerialHex(const std::string& cert_pem) {
+  absl::StatusOr<X509Ptr> cert = ReadCert(cert_pem);
+  if (!cert.ok()) return cert.status();
+  std::unique_ptr<BIGNUM, BnFree> bn(
+      ASN1_INTEGER_to_BN(X509_get0_serialNumber(cert->get()), nullptr));
+  if (bn == nullptr) return OpensslError("ASN1_INTEGER_to_BN");
+  char* hex = BN_bn2hex(bn.get());
+  if (hex == nullptr) return OpensslError("BN_bn2hex");
+  std::string out(hex);
+  OPENSSL_free(hex);
+  return out;
 }
 
 }  // namespace custos::testing

@@ -1,8 +1,8 @@
 // A certificate factory for tests: P-256 CAs, client and server leaves, CA
-// leaves and self-signed look-alikes, built in memory with the OpenSSL 3 API
-// (no `openssl` command). Every certificate is X.509 v3 with a random 127-bit
-// serial, subject and authority key identifiers, and a SHA-256 ECDSA
-// signature. Keys are PKCS#8 PEM. Pure functions; thread-safe.
+// leaves and self-signed look-alikes, and CRLs, built in memory with the
+// OpenSSL 3 API (no `openssl` command). Every certificate is X.509 v3 with a
+// random 127-bit serial, subject and authority key identifiers, and a SHA-256
+// ECDSA signature. Keys are PKCS#8 PEM. Pure functions; thread-safe.
 #ifndef CUSTOS_TESTS_SUPPORT_TEST_CERTS_H_
 #define CUSTOS_TESTS_SUPPORT_TEST_CERTS_H_
 
@@ -43,6 +43,17 @@ absl::StatusOr<KeyAndCert> MakeCert(const KeyAndCert& issuer,
 // A self-signed leaf that copies `spec` (a look-alike of a real client,
 // unknown CA).
 absl::StatusOr<KeyAndCert> MakeSelfSigned(const CertSpec& spec);
+
+// A version 2 CRL signed by `issuer` that revokes the certificates
+// `revoked_cert_pems` (by serial number; reason unspecified), issued an hour
+// ago and due again at now + `next_update` (negative: already overdue). PEM.
+absl::StatusOr<std::string> MakeCrl(
+    const KeyAndCert& issuer, const std::vector<std::string>& revoked_cert_pems,
+    absl::Duration next_update = absl::Hours(24 * 7));
+// The DER form of a PEM CRL.
+absl::StatusOr<std::string> CrlPemToDer(const std::string& crl_pem);
+// A PEM certificate's serial number in upper-case hex, e.g. "1A2B...".
+absl::StatusOr<std::string> SerialHex(const std::string& cert_pem);
 
 }  // namespace custos::testing
 

@@ -540,5 +540,58 @@ admins: [x]
       << c.status();
 }
 
+// Certificate rotation and revocation (tls.crl_dir,
+// tls.reload_interval_seconds) and the maximum connection age.
+TEST(ConfigTlsReloadTest, DefaultsReloadEveryFiveSecondsAndAgeFiveMinutes) {
+  absl::StatusOr<Config> c = ParseConfig(kMinimal, kBase);
+  ASSERT_THAT(c, IsOk());
+  EXPECT_THAT(c->tls.crl_dir, IsEmpty());  // no revocation checks
+  EXPECT_EQ(c->tls.reload_interval_seconds, 5);
+  EXPECT_EQ(c->limits.max_connection_age, absl::Minutes(5));
+  EXPECT_EQ(c->limits.max_connection_age_grace, absl::Seconds(30));
+}
+
+TEST(ConfigTlsReloadTest, ReadsTheFieldsAndResolvesTheCrlDirectory) {
+  const std::string yaml =
+      Replace("  client_ca: tls/clients-ca.pem\n",
+              "  client_ca: tls/clients-ca.pem\n  crl_dir: tls/crl\n"
+              "  reload_interval_seconds: 2\n") +
+      "limits: {max_connection_age_seconds: 1.5, "
+      "max_connection_age_grace_seconds: 0.5}\n";
+  absl::StatusOr<Config> c = ParseConfig(yaml, kBase);
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(c->tls.crl_dir, "/etc/custos/tls/crl");
+  EXPECT_EQ(c->tls.reload_interval_seconds, 2);
+  EXPECT_EQ(c->limits.max_connection_age, absl::Milliseconds(1500));
+  EXPECT_EQ(c->limits.max_connection_age_grace, absl::Milliseconds(500));
+}
+
+TEST(ConfigTlsReloadTest, OutOfRangeValuesAreRefusedByName) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {Replace("  key: tls/server.key\n",
+               "  key: tls/server.key\n  reload_interval_seconds: 0\n"),
+       "tls.reload_interval_seconds"},
+      {Replace("  key: tls/server.key\n",
+               "  key: tls/server.key\n  reload_interval_seconds: 0.5\n"),
+       "tls.reload_interval_seconds"},
+      {Replace("  key: tls/server.key\n",
+               "  key: tls/server.key\n  crl_dirs: x\n"),
+       "tls.crl_dirs"},
+      {std::string(kMinimal) + "limits: {max_connection_age_seconds: 0}\n",
+       "limits.max_connection_age_seconds"},
+      {std::string(kMinimal) + "limits: {max_connection_age_seconds: 86401}\n",
+       "limits.max_connection_age_seconds"},
+      {std::string(kMinimal) +
+           "limits: {max_connection_age_grace_seconds: .inf}\n",
+       "limits.max_connection_age_grace_seconds"},
+  };
+  for (const auto& [yaml, field] : cases) {
+    EXPECT_THAT(ParseConfig(yaml, kBase),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         HasSubstr("config: " + field)))
+        << yaml;
+  }
+}
+
 }  // namespace
 }  // namespace custos::server
