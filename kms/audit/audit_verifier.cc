@@ -443,7 +443,7 @@ absl::StatusOr<AuditVerifyReport> VerifyAuditDirectoryWith(
     // Where the first record past the tail bound after the last checkpoint
     // is ("FILE:LINE"), if there is one.
     std::string first_over_bound;
-    std::string last_path;  // the newest segment, and its line count
+    std::string last_path;  // the newest segment with records, its lines
     uint64_t last_lines = 0;
     char prev_hash[kHexHashSize];
     std::memcpy(prev_hash, kAuditGenesisHash, kHexHashSize);
@@ -556,9 +556,11 @@ absl::StatusOr<AuditVerifyReport> VerifyAuditDirectoryWith(
         return absl::UnavailableError(
             absl::StrCat("cannot read ", path, ": ", reader.error()));
       }
-      if (line_no > 0) previous_segment = seg.name;
-      last_path = path;
-      last_lines = line_no;
+      if (line_no > 0) {
+        previous_segment = seg.name;
+        last_path = path;
+        last_lines = line_no;
+      }
     }
     summary.last_seq = expected - 1;
     summary.unsigned_tail = summary.last_seq - last_checkpoint_at;
