@@ -1056,12 +1056,15 @@ int Main(int argc, char** argv) {
       "(auditors)");
   verify_dir->excludes(verify_server);
   verify_server->excludes(verify_dir);
+  // The server checks its own log with its own key: flags for an offline
+  // check would be silently unused there.
   verify
       ->add_option("--max-unsigned-tail", a.max_unsigned_tail,
                    "with --public-key: most records allowed after a node's "
                    "last checkpoint (twice the server's "
                    "audit_checkpoint_every)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->excludes(verify_server);
   auto add_filters = [&](CLI::App* cmd) {
     cmd->add_option("--principal", a.principal, "only this caller");
     cmd->add_option("--key", a.key, "only this key id");
@@ -1089,8 +1092,9 @@ int Main(int argc, char** argv) {
       ->add_option("--public-key", a.public_keys,
                    "checkpoint key (PEM); repeat the flag for each node "
                    "whose segments DIR holds")
-      ->allow_extra_args(false);
-  verify->callback([&command, verify, verify_dir, verify_server] {
+      ->allow_extra_args(false)
+      ->excludes(verify_server);
+  verify->callback([&command, verify_dir, verify_server] {
     command = "audit verify";
     if (verify_dir->count() == 0 && verify_server->count() == 0) {
       throw CLI::RequiredError(

@@ -857,6 +857,13 @@ TEST_F(CliTest, AuditVerifyChecksTheGivenDirectoryInEitherFlagOrder) {
   r = Cli({"audit", "verify", "--server", copy}, auditor);
   EXPECT_EQ(r.code, 2) << r;
   EXPECT_EQ(r.out, "");
+  // The server uses its own key: an offline flag with --server is refused
+  // rather than ignored.
+  r = Cli({"audit", "verify", "--server", "--public-key", pem}, auditor);
+  EXPECT_EQ(r.code, 2) << r;
+  EXPECT_THAT(r.err, HasSubstr("--server")) << r;
+  r = Cli({"audit", "verify", "--max-unsigned-tail", "5", "--server"}, auditor);
+  EXPECT_EQ(r.code, 2) << r;
 }
 
 // With a key, a node's records must be signed: its log must hold a valid
