@@ -34,6 +34,10 @@ class KeyService::Audit {
     record_.has_justification = justification != nullptr;
     if (justification != nullptr) record_.justification = *justification;
   }
+  // Records the policy the call sets (canonical JSON; see AuditRecord).
+  void SetPolicy(const KeyPolicy& policy) {
+    record_.policy = PolicyToCanonicalJson(policy);
+  }
   void AddDetail(absl::string_view detail) {
     if (!record_.detail.empty()) record_.detail += "; ";
     record_.detail.append(std::string(detail.substr(0, 256)));

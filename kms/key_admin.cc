@@ -124,6 +124,7 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::CreateKey(
         key.create_time = key.update_time = now;
         key.policy = params.policy;
         key.policy.version = 1;
+        audit.SetPolicy(key.policy);
         if (!params.alias.empty()) key.aliases.push_back(params.alias);
         // The record first: an audit log that cannot write stops the call
         // before any key material exists (material is only destroyed after
@@ -496,6 +497,7 @@ absl::StatusOr<KeyPolicy> KeyService::SetKeyPolicy(const Caller& caller,
           k.update_time = options_.now();
           audit.AddDetail(absl::StrCat("policy_version=", next,
                                        " bindings=", policy.bindings.size()));
+          audit.SetPolicy(k.policy);
           return audit.RecordBeforeCommit();
         }));
     return updated->policy;

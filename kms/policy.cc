@@ -696,6 +696,14 @@ std::string PolicyToJson(const KeyPolicy& policy) {
                    OrderedJson::error_handler_t::replace);
 }
 
+std::string PolicyToCanonicalJson(const KeyPolicy& policy) {
+  // Json keeps object members in a std::map: dump() writes them sorted.
+  const Json sorted =
+      Json::parse(PolicyToJson(policy), nullptr, /*allow_exceptions=*/false);
+  return sorted.dump(/*indent=*/-1, /*indent_char=*/' ',
+                     /*ensure_ascii=*/false, Json::error_handler_t::replace);
+}
+
 absl::StatusOr<KeyPolicy> PolicyFromJson(absl::string_view json) {
   if (json.size() > kMaxPolicyJsonBytes) {
     return Invalid("policy",

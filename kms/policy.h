@@ -176,6 +176,11 @@ std::string PolicyToJson(const KeyPolicy& policy);
 // Never throws.
 absl::StatusOr<KeyPolicy> PolicyFromJson(absl::string_view json);
 
+// PolicyToJson's document in canonical form: object keys sorted bytewise,
+// no whitespace, so that equal policies give equal bytes (the audit log
+// records policies this way). Never throws.
+std::string PolicyToCanonicalJson(const KeyPolicy& policy);
+
 }  // namespace custos::kms
 
 #endif  // CUSTOS_KMS_POLICY_H_

@@ -4,11 +4,17 @@
 // 0 ok, 1 failure, 2 usage, 3 refused, 4 rejected (see docs/cli.md).
 #include <google/protobuf/util/json_util.h>
 #include <openssl/crypto.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <ext/stdio_filebuf.h>
 
+#include <atomic>
+#include <climits>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -29,6 +35,7 @@
 #include "clients/cpp/client.h"
 #include "clients/cpp/envelope.h"
 #include "kms/audit/audit_verifier.h"
+#include "kms/policy.h"
 #include "nlohmann/json.hpp"
 
 namespace custos::cli {
@@ -46,12 +53,15 @@ struct Globals {
 // Everything the subcommands' flags fill in.
 struct Args {
   std::string key, alias, description, policy_file,
-      input = "-", output = "-", state, label, dir, destination_key;
+      input = "-", output = "-", state, label, dir, destination_key, expect_key;
   std::vector<std::string> labels, context, destination_context, public_keys;
   std::string rotation_period;
   uint32_t days = 0, bytes = 0, page_size = 0;
   uint64_t expected_version = 0;
   bool no_plaintext = false, all = false, force = false;
+  // audit verify: ask the server instead of reading DIR; the tail bound.
+  bool server = false;
+  uint64_t max_unsigned_tail = kms::kDefaultMaxUnsignedTail;
   // audit list / tail filters
   std::string principal, operation, outcome, since, until;
   uint64_t from_seq = 0;
@@ -180,8 +190,41 @@ void PrintKey(const Globals& g, const pb::Key& key) {
   }
 }
 
+// The temporary output file while it exists, for the SIGINT/SIGTERM
+// handler: a handler may only do async-signal-safe work (unlink, on a path
+// in a fixed buffer), and must find a path that is whole. Set by Files.
+char g_partial_output[PATH_MAX];
+volatile sig_atomic_t g_partial_output_set = 0;
+
+// Removes the partial output, then dies of the same signal (exit status
+// 128 + signal, as the shell expects of an interrupted command).
+extern "C" void RemovePartialOutputAndDie(int signal_number) {
+  if (g_partial_output_set != 0) unlink(g_partial_output);
+  struct sigaction default_action = {};
+  default_action.sa_handler = SIG_DFL;
+  sigaction(signal_number, &default_action, nullptr);
+  raise(signal_number);
+}
+
+// Decrypted plaintext and data keys pass through this process's memory:
+// no core dump may hold them, and no same-user process may read them
+// (PR_SET_DUMPABLE 0 also refuses ptrace and /proc/PID/mem). A partial
+// output file must not outlive an interrupted encrypt or decrypt.
+void HardenProcess() {
+  const struct rlimit no_core = {0, 0};
+  setrlimit(RLIMIT_CORE, &no_core);
+  prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+  struct sigaction action = {};
+  action.sa_handler = RemovePartialOutputAndDie;
+  sigemptyset(&action.sa_mask);
+  for (int signal_number : {SIGINT, SIGTERM, SIGHUP}) {
+    sigaction(signal_number, &action, nullptr);
+  }
+}
+
 // Opens input ("-" is stdin) and output ("-" is stdout; files are written
-// to a temporary name and renamed only on success).
+// to a temporary name and renamed only on success, and the temporary file
+// is removed on failure, SIGINT, SIGTERM or SIGHUP).
 class Files {
  public:
   absl::Status Open(const std::string& input, const std::string& output) {
@@ -207,6 +250,12 @@ class Files {
         return absl::UnavailableError(
             absl::StrCat("cannot create a file in '", dir, "'"));
       }
+      // mkstemp succeeded, so the path fits (PATH_MAX includes the NUL).
+      if (temp_.size() < sizeof(g_partial_output)) {
+        std::memcpy(g_partial_output, temp_.c_str(), temp_.size() + 1);
+        std::atomic_signal_fence(std::memory_order_seq_cst);
+        g_partial_output_set = 1;
+      }
       out_buf_ = std::make_unique<__gnu_cxx::stdio_filebuf<char>>(
           fd_, std::ios::out | std::ios::binary);
       file_out_ = std::make_unique<std::ostream>(out_buf_.get());
@@ -229,6 +278,9 @@ class Files {
       return absl::UnavailableError(
           absl::StrCat("cannot rename to '", final_, "': ", ec.message()));
     }
+    // A signal from here on finds no temporary file (unlink fails harmlessly
+    // in between) and must not touch the output.
+    g_partial_output_set = 0;
     temp_.clear();
     return absl::OkStatus();
   }
@@ -239,6 +291,7 @@ class Files {
       std::error_code ec;
       std::filesystem::remove(temp_, ec);
     }
+    g_partial_output_set = 0;
   }
 
  private:
@@ -264,6 +317,51 @@ client::EnvelopeOptions ProgressOptions() {
   return options;
 }
 
+// The proto enums KeyOperation and JustificationReason have the numbers of
+// kms's (kms/policy.h), so values convert by cast.
+void PolicyToProto(const kms::KeyPolicy& in, pb::KeyPolicy* out) {
+  out->Clear();
+  out->set_version(in.version);
+  for (const kms::PolicyBinding& b : in.bindings) {
+    pb::PolicyBinding* binding = out->add_bindings();
+    for (const std::string& p : b.principals) binding->add_principals(p);
+    for (kms::KeyOperation op : b.operations) {
+      binding->add_operations(static_cast<pb::KeyOperation>(op));
+    }
+    binding->mutable_required_context()->insert(b.required_context.begin(),
+                                                b.required_context.end());
+    binding->set_require_justification(b.require_justification);
+    for (kms::JustificationReason r : b.allowed_reasons) {
+      binding->add_allowed_reasons(static_cast<pb::JustificationReason>(r));
+    }
+  }
+}
+
+kms::KeyPolicy PolicyFromProto(const pb::KeyPolicy& in) {
+  kms::KeyPolicy out;
+  out.version = in.version();
+  for (const pb::PolicyBinding& b : in.bindings()) {
+    kms::PolicyBinding binding;
+    binding.principals.assign(b.principals().begin(), b.principals().end());
+    for (int op : b.operations()) {
+      binding.operations.push_back(static_cast<kms::KeyOperation>(op));
+    }
+    binding.required_context.insert(b.required_context().begin(),
+                                    b.required_context().end());
+    binding.require_justification = b.require_justification();
+    for (int r : b.allowed_reasons()) {
+      binding.allowed_reasons.push_back(
+          static_cast<kms::JustificationReason>(r));
+    }
+    out.bindings.push_back(std::move(binding));
+  }
+  return out;
+}
+
+// Reads a policy file with the server's own strict parser
+// (kms::PolicyFromJson): a field given twice, an unknown field or a wrong
+// type is refused here, naming the field, rather than one reading of it
+// silently winning.
 absl::Status ReadPolicyFile(const std::string& path, pb::KeyPolicy* policy) {
   std::ifstream in(path);
   if (!in) {
@@ -272,17 +370,23 @@ absl::Status ReadPolicyFile(const std::string& path, pb::KeyPolicy* policy) {
   }
   std::stringstream text;
   text << in.rdbuf();
-  google::protobuf::util::JsonParseOptions options;
-  options.ignore_unknown_fields = false;
-  auto s =
-      google::protobuf::util::JsonStringToMessage(text.str(), policy, options);
-  if (!s.ok()) {
+  absl::StatusOr<kms::KeyPolicy> parsed = kms::PolicyFromJson(text.str());
+  if (!parsed.ok()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("policy file '", path,
-                     "': ", std::string(s.message().data(), s.message().size()),
+        absl::StrCat("policy file '", path, "': ", parsed.status().message(),
                      " (see docs/policies.md for the format)"));
   }
+  PolicyToProto(*parsed, policy);
   return absl::OkStatus();
+}
+
+// A policy in the form ReadPolicyFile reads (kms::PolicyToJson: every
+// field, version a number), indented.
+void PrintPolicy(const pb::KeyPolicy& policy) {
+  const std::string json = kms::PolicyToJson(PolicyFromProto(policy));
+  const nlohmann::ordered_json parsed =
+      nlohmann::ordered_json::parse(json, nullptr, /*allow_exceptions=*/false);
+  std::cout << (parsed.is_discarded() ? json : parsed.dump(2)) << "\n";
 }
 
 int RunKeyCommand(const std::string& cmd, const Globals& g, const Args& a) {
@@ -453,7 +557,7 @@ int RunPolicyCommand(const std::string& cmd, const Globals& g, const Args& a) {
   }
   if (!policy.ok()) return Fail(policy.status());
   // Policies print as JSON either way: it is the format `policy set` reads.
-  PrintJson(*policy);
+  PrintPolicy(*policy);
   return kExitOk;
 }
 
@@ -498,6 +602,7 @@ int RunEnvelope(bool encrypt, const Globals& g, const Args& a) {
     s = client::EncryptStream(**c, a.key, *context, files.in(), files.out(),
                               options);
   } else {
+    options.expected_key = a.expect_key;
     s = client::DecryptStream(**c, files.in(), files.out(),
                               a.context.empty() ? nullptr : &*context, options);
   }
@@ -693,7 +798,9 @@ int RunAuditVerifyServer(const Globals& g) {
 }
 
 int RunAuditVerify(const Globals& g, const Args& a) {
-  if (a.dir.empty()) return RunAuditVerifyServer(g);
+  // A DIR always means these files: a DIR lost to a flag must never turn
+  // into the server vouching for its own live log instead.
+  if (a.server) return RunAuditVerifyServer(g);
   auto progress = [](uint64_t n) {
     if (isatty(STDERR_FILENO))
       std::fprintf(stderr, "\r%llu records", (unsigned long long)n);
@@ -712,8 +819,12 @@ int RunAuditVerify(const Globals& g, const Args& a) {
     }
     keys.push_back(pem.str());
   }
+  kms::AuditVerifyOptions options;
+  options.public_key_pems = std::move(keys);
+  options.max_unsigned_tail = a.max_unsigned_tail;
+  options.progress = progress;
   absl::StatusOr<kms::AuditVerifyReport> report =
-      kms::VerifyAuditDirectory(a.dir, keys, progress);
+      kms::VerifyAuditDirectoryWith(a.dir, options);
   if (isatty(STDERR_FILENO)) std::fprintf(stderr, "\r");
   if (!report.ok()) return Fail(report.status());
   if (g.json) {
@@ -760,6 +871,7 @@ int RunAuditVerify(const Globals& g, const Args& a) {
 }  // namespace
 
 int Main(int argc, char** argv) {
+  HardenProcess();
   Globals g;
   Args a;
   CLI::App app{
@@ -889,9 +1001,14 @@ int Main(int argc, char** argv) {
   enc->add_option("-o,--output", a.output, "file, or - for stdout")
       ->capture_default_str();
   CLI::App* dec = app.add_subcommand("decrypt", "decrypt an envelope file");
-  dec->footer("Example:\n  custos decrypt -i photo.jpg.custos -o photo.jpg");
+  dec->footer(
+      "Example:\n  custos decrypt --expect-key alias/photos -i "
+      "photo.jpg.custos -o photo.jpg");
   dec->add_option("--context", a.context,
                   "NAME=VALUE the file must be bound to (optional)");
+  dec->add_option("--expect-key", a.expect_key,
+                  "key id or alias the file must be encrypted under; any "
+                  "other key's file is refused (recommended)");
   dec->add_option("-i,--input", a.input, "file, or - for stdin")
       ->capture_default_str();
   dec->add_option("-o,--output", a.output, "file, or - for stdout")
@@ -931,9 +1048,23 @@ int Main(int argc, char** argv) {
                          "break, naming file, line and seq)",
                          "custos audit verify --public-key "
                          "audit-public-key.pem ./audit");
-  verify->add_option("DIR", a.dir,
-                     "directory of audit-*.jsonl (omit to ask the server "
-                     "to verify its own log)");
+  CLI::Option* verify_dir = verify->add_option(
+      "DIR", a.dir, "directory of copied audit-*.jsonl segments");
+  CLI::Option* verify_server = verify->add_flag(
+      "--server", a.server,
+      "instead of DIR: ask the server to verify its own live log "
+      "(auditors)");
+  verify_dir->excludes(verify_server);
+  verify_server->excludes(verify_dir);
+  // The server checks its own log with its own key: flags for an offline
+  // check would be silently unused there.
+  verify
+      ->add_option("--max-unsigned-tail", a.max_unsigned_tail,
+                   "with --public-key: most records allowed after a node's "
+                   "last checkpoint (twice the server's "
+                   "audit_checkpoint_every)")
+      ->capture_default_str()
+      ->excludes(verify_server);
   auto add_filters = [&](CLI::App* cmd) {
     cmd->add_option("--principal", a.principal, "only this caller");
     cmd->add_option("--key", a.key, "only this key id");
@@ -956,9 +1087,21 @@ int Main(int argc, char** argv) {
   atail->add_option("--limit", a.limit, "stop after this many events");
   add(audit, "public-key", "print the server's checkpoint public key (PEM)",
       "custos audit public-key > audit-public-key.pem");
-  verify->add_option("--public-key", a.public_keys,
-                     "checkpoint key (PEM); repeat it for each node whose "
-                     "segments DIR holds");
+  // One value per flag: a DIR after it must stay the DIR.
+  verify
+      ->add_option("--public-key", a.public_keys,
+                   "checkpoint key (PEM); repeat the flag for each node "
+                   "whose segments DIR holds")
+      ->allow_extra_args(false)
+      ->excludes(verify_server);
+  verify->callback([&command, verify_dir, verify_server] {
+    command = "audit verify";
+    if (verify_dir->count() == 0 && verify_server->count() == 0) {
+      throw CLI::RequiredError(
+          "DIR (a copy of the audit segments to verify offline) or --server "
+          "(ask the server to verify its own log)");
+    }
+  });
 
   try {
     app.parse(argc, argv);

@@ -205,10 +205,11 @@ absl::StatusOr<DataKeySource::DataKey> Client::GenerateDataKey(
 }
 
 absl::StatusOr<SecretBytes> Client::DecryptDataKey(
-    const std::string& blob,
-    const std::map<std::string, std::string>& context) {
+    const std::string& blob, const std::map<std::string, std::string>& context,
+    const std::string& expected_key) {
   pb::DecryptRequest request;
   request.set_ciphertext_blob(blob);
+  request.set_expected_key(expected_key);
   request.mutable_encryption_context()->insert(context.begin(), context.end());
   absl::StatusOr<pb::DecryptResponse> response = Decrypt(request);
   if (!response.ok()) return response.status();

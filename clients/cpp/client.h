@@ -101,7 +101,8 @@ class Client : public DataKeySource {
       const std::map<std::string, std::string>& context) override;
   absl::StatusOr<SecretBytes> DecryptDataKey(
       const std::string& blob,
-      const std::map<std::string, std::string>& context) override;
+      const std::map<std::string, std::string>& context,
+      const std::string& expected_key) override;
 
  private:
   Client(ClientOptions options, std::shared_ptr<grpc::Channel> channel);

@@ -21,9 +21,14 @@ class DataKeySource {
   virtual absl::StatusOr<DataKey> GenerateDataKey(
       const std::string& key,
       const std::map<std::string, std::string>& context) = 0;
+  // Unwraps `blob` under `context`. `expected_key` (an id or alias; empty:
+  // any) is the key the blob must be wrapped under: a blob of any other key
+  // is refused like an invalid one (INVALID_ARGUMENT), before anything is
+  // unwrapped.
   virtual absl::StatusOr<SecretBytes> DecryptDataKey(
       const std::string& blob,
-      const std::map<std::string, std::string>& context) = 0;
+      const std::map<std::string, std::string>& context,
+      const std::string& expected_key) = 0;
 };
 
 }  // namespace custos::client

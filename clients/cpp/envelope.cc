@@ -381,9 +381,24 @@ absl::Status DecryptStream(
     return absl::InvalidArgumentError(
         "envelope encryption context does not match the expected context");
   }
-  CUSTOS_ASSIGN_OR_RETURN(
-      SecretBytes data_key,
-      kms.DecryptDataKey(header.info.kms_blob, header.info.context));
+  absl::StatusOr<SecretBytes> unwrapped = kms.DecryptDataKey(
+      header.info.kms_blob, header.info.context, options.expected_key);
+  if (!unwrapped.ok()) {
+    // The KMS answers another key's blob as an invalid one (it tells no
+    // one which key a blob is under); say what was asked for.
+    if (!options.expected_key.empty() &&
+        absl::IsInvalidArgument(unwrapped.status())) {
+      constexpr size_t kMaxKeyName = 256;
+      return absl::InvalidArgumentError(absl::StrCat(
+          "envelope is not wrapped under the expected key '",
+          absl::string_view(options.expected_key).substr(0, kMaxKeyName),
+          "' (it belongs to another key, or its wrapped data key was "
+          "altered): ",
+          unwrapped.status().message()));
+    }
+    return unwrapped.status();
+  }
+  SecretBytes data_key = *std::move(unwrapped);
   if (data_key.size() != kEnvelopeDataKeySize) {
     return InvalidEnvelope("data key is not 32 bytes");
   }

@@ -87,6 +87,11 @@ struct EnvelopeOptions {
   // If set, called after each chunk with the plaintext bytes processed so far
   // (encrypted, or decrypted, verified and written).
   std::function<void(uint64_t processed_bytes)> progress;
+  // DecryptStream only: the key (id or alias) the file's data key must be
+  // wrapped under; the KMS refuses any other (DecryptRequest.expected_key).
+  // Empty: any key the caller may use. Without it, a file swapped for one
+  // encrypted under another key the caller can use decrypts just as well.
+  std::string expected_key;
 };
 
 // What a header says, for inspection (`custos envelope inspect`).
@@ -113,15 +118,18 @@ absl::Status EncryptStream(DataKeySource& kms, const std::string& key,
 // bytes) at a time plus one byte of lookahead. Each chunk's plaintext is
 // written only after its tag verified, and every plaintext buffer is cleansed
 // after use. If `expected_context` is not null, the header's context must
-// equal it exactly, checked before the KMS is called.
+// equal it exactly, checked before the KMS is called. If
+// `options.expected_key` is set, the data key must be wrapped under that key.
 //
 // Errors: INVALID_ARGUMENT "invalid envelope: <what>" for a malformed or
 // tampered envelope ("invalid envelope: chunk N failed authentication" for a
 // chunk whose tag does not verify, which is also how truncation, reordering
 // and spliced chunks show), INVALID_ARGUMENT for a context that is not the
-// expected one, the KMS's own error when the data key does not unwrap
-// (INVALID_ARGUMENT "invalid ciphertext" from Custos for an edited blob or
-// context), INTERNAL for a read or write failure.
+// expected one, INVALID_ARGUMENT "envelope is not wrapped under the
+// expected key ..." when the KMS refuses the data key with an expected key
+// given (another key's file, or an edited blob), the KMS's own error when the
+// data key does not unwrap (INVALID_ARGUMENT "invalid ciphertext" from Custos
+// for an edited blob or context), INTERNAL for a read or write failure.
 //
 // On any error, `out` may already hold the plaintext of the chunks before the
 // failing one. Each of them verified, but together they are NOT the file's

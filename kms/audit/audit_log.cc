@@ -20,6 +20,7 @@
 #include "common/logging.h"
 #include "common/p256.h"
 #include "common/status_macros.h"
+#include "kms/audit/audit_verifier.h"
 #include "kms/audit/json_text.h"
 #include "nlohmann/json.hpp"
 
@@ -39,6 +40,25 @@ std::string ReadTail(int fd, off_t size, size_t max) {
   ssize_t n = pread(fd, buf.data(), buf.size(), start);
   buf.resize(n < 0 ? 0 : n);
   return buf;
+}
+
+// The records after the last checkpoint among the complete lines of
+// `lines` (a segment's tail): all of them if none is a checkpoint.
+uint64_t UnsignedRecordsAtEnd(absl::string_view lines) {
+  uint64_t count = 0;
+  while (!lines.empty()) {
+    if (lines.back() == '\n') lines.remove_suffix(1);
+    const size_t nl = lines.rfind('\n');
+    const absl::string_view line =
+        nl == absl::string_view::npos ? lines : lines.substr(nl + 1);
+    lines = nl == absl::string_view::npos ? absl::string_view()
+                                          : lines.substr(0, nl + 1);
+    if (line.empty()) continue;
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_object() && j.contains("checkpoint")) break;
+    ++count;
+  }
+  return count;
 }
 
 absl::Status SyncDir(const std::string& dir) {
@@ -73,10 +93,21 @@ absl::StatusOr<std::unique_ptr<FileAuditLog>> FileAuditLog::Open(
   if (options.node_id.empty()) {
     return absl::InvalidArgumentError("node_id is empty");
   }
+  const uint64_t max_unsigned_tail =
+      options.max_unsigned_tail != 0
+          ? options.max_unsigned_tail
+          : MaxUnsignedTailFor(std::max<uint64_t>(options.checkpoint_every, 1));
+  if (max_unsigned_tail < options.checkpoint_every) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("audit max_unsigned_tail ", max_unsigned_tail,
+                     " is below checkpoint_every ", options.checkpoint_every,
+                     ": give at least checkpoint_every, or 0 for twice it"));
+  }
   if (mkdir(options.dir.c_str(), 0700) != 0 && errno != EEXIST) {
     return absl::UnavailableError(Errno("audit: mkdir", options.dir));
   }
   std::unique_ptr<FileAuditLog> log(new FileAuditLog(options));
+  log->max_unsigned_tail_ = max_unsigned_tail;
   // One writer per node and directory, before anything is read or written:
   // a second custosd would otherwise cut what it takes for a torn line and
   // number records the first one numbers too.
@@ -150,6 +181,12 @@ absl::StatusOr<std::unique_ptr<FileAuditLog>> FileAuditLog::Open(
     }
     next_seq = j["seq"].get<uint64_t>() + 1;
     prev = AuditLineHash(last);
+    // A crash may have left records after the last checkpoint; they count
+    // against the bound (seen up to this tail: a segment is sealed with a
+    // checkpoint when it rolls, and a bound's worth of records fits).
+    if (options.signer != nullptr) {
+      log->since_checkpoint_ = UnsignedRecordsAtEnd(tail);
+    }
     break;
   }
   log->path_ = log->SegmentPathFor(next_seq);
@@ -304,10 +341,23 @@ void FileAuditLog::WriterLoop() {
         };
         mu_.AwaitWithTimeout(absl::Condition(&full), options_.batch_window);
       }
-      stopping = stopping_ && queue_.empty();
+    }
+    if (BatchRoom() == 0 && options_.signer != nullptr) {
+      // At the bound: the queue can only be served once a checkpoint is
+      // signed; try now (the records are refused if it fails).
+      MaybeCheckpoint(/*force=*/true);
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      // A batch stops at a due checkpoint, so that the signed head never
+      // falls further behind than the bound (the rest waits for the next).
+      const size_t room = BatchRoom();
+      const size_t take =
+          room == 0 ? queue_.size() : std::min(room, queue_.size());
       batch.assign(std::make_move_iterator(queue_.begin()),
-                   std::make_move_iterator(queue_.end()));
-      queue_.clear();
+                   std::make_move_iterator(queue_.begin() + take));
+      queue_.erase(queue_.begin(), queue_.begin() + take);
+      stopping = stopping_ && queue_.empty();
     }
     if (!batch.empty()) last_batch_size_ = batch.size();
     if (!batch.empty()) WriteRecords(batch);
@@ -361,8 +411,28 @@ absl::Status FileAuditLog::MaybeRoll() {
   return absl::OkStatus();
 }
 
+size_t FileAuditLog::BatchRoom() const {
+  if (options_.signer == nullptr) return 0;
+  const uint64_t limit =
+      since_checkpoint_ < options_.checkpoint_every
+          ? std::min(options_.checkpoint_every, max_unsigned_tail_)
+          : max_unsigned_tail_;
+  return limit > since_checkpoint_ ? limit - since_checkpoint_ : 0;
+}
+
 void FileAuditLog::WriteRecords(std::vector<Pending>& batch) {
   absl::Status s = MaybeRoll();
+  if (s.ok() && options_.signer != nullptr &&
+      since_checkpoint_ + batch.size() > max_unsigned_tail_) {
+    // Fail closed: the records would run past the bound on what may follow
+    // the last checkpoint, and the checkpoint tried just before this batch
+    // (WriterLoop) could not be signed.
+    s = absl::UnavailableError(absl::StrCat(
+        "audit log unavailable: no checkpoint could be signed for the last ",
+        since_checkpoint_, " records (at most ", max_unsigned_tail_,
+        " may follow a checkpoint); requests are refused until the "
+        "checkpoint key in the HSM can sign again"));
+  }
   uint64_t seq;
   std::string prev;
   {
@@ -595,6 +665,25 @@ std::string FileAuditLog::SerializeFields(const AuditRecord& r) const {
   if (!r.detail.empty()) {
     member("detail");
     AppendJsonString(&out, r.detail);
+  }
+  if (!r.policy.empty()) {
+    member("policy_sha256");
+    AppendJsonString(&out, AuditLineHash(r.policy));  // SHA-256, hex
+    if (r.policy.size() <= kMaxAuditPolicyBytes) {
+      // Already canonical JSON on one line (PolicyToCanonicalJson).
+      member("policy");
+      out.append(r.policy);
+    } else {
+      // Cut at a character boundary: a UTF-8 continuation byte never starts
+      // one.
+      size_t cut = kAuditPolicyPrefixBytes;
+      while (cut > 0 &&
+             (static_cast<unsigned char>(r.policy[cut]) & 0xC0) == 0x80) {
+        --cut;
+      }
+      member("policy_truncated");
+      AppendJsonString(&out, absl::string_view(r.policy).substr(0, cut));
+    }
   }
   return out;
 }

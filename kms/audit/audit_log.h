@@ -14,6 +14,15 @@
 // UNAVAILABLE (the service then releases nothing) until a write succeeds
 // again: the log recovers by itself, without a restart.
 //
+// With a signer, the log never holds more than `max_unsigned_tail` records
+// after its last checkpoint (the bound `custos audit verify` enforces): a
+// batch never runs past a due checkpoint, and while checkpoints cannot be
+// signed (an HSM fault) the log keeps accepting records up to the bound,
+// retrying the signature before each batch, then fails every append with
+// UNAVAILABLE until a checkpoint is signed. At Open it counts the unsigned
+// records a crash left after the last checkpoint (in the newest segment's
+// last MiB), so a restart does not reset the bound.
+//
 // Metrics (Options::metrics): the queue's depth, each batch's fdatasync
 // latency, records written and write failures.
 //
@@ -62,7 +71,20 @@ struct AuditRecord {
   std::string request_id;
   std::string peer;
   std::string detail;  // short, non-secret: "count=100", an error summary
+  // The policy a call set (CreateKey, SetKeyPolicy), as
+  // PolicyToCanonicalJson made it; empty for other calls. Written as
+  // "policy_sha256" and, up to kMaxAuditPolicyBytes, the "policy" object
+  // itself; a larger one as "policy_truncated", a string holding its first
+  // kAuditPolicyPrefixBytes (docs/audit-format.md).
+  std::string policy;
 };
+
+// A policy of up to 16 KiB of canonical JSON is recorded whole. The server
+// takes requests of up to limits.max_message_bytes (64 KiB by default, at
+// most 16 MiB) and ValidatePolicy allows several MiB, so larger ones exist:
+// they are recorded by hash and their first 4 KiB, keeping records small.
+inline constexpr size_t kMaxAuditPolicyBytes = 16 * 1024;
+inline constexpr size_t kAuditPolicyPrefixBytes = 4 * 1024;
 
 // Where records go. The service depends on this interface only.
 class AuditLog {
@@ -96,6 +118,11 @@ class FileAuditLog : public AuditLog {
     AuditSigner* signer = nullptr;
     uint64_t checkpoint_every = 1000;
     absl::Duration checkpoint_interval = absl::Seconds(60);
+    // With a signer: the most records held after the last checkpoint; past
+    // it appends fail until a checkpoint is signed. 0 (the default):
+    // MaxUnsignedTailFor(checkpoint_every), twice checkpoint_every. Must not
+    // be below checkpoint_every.
+    uint64_t max_unsigned_tail = 0;
     // Before a batch, a segment holding at least one record rolls over to a
     // new one once it has `max_segment_bytes` or is `max_segment_age` old.
     uint64_t max_segment_bytes = uint64_t{64} << 20;
@@ -160,6 +187,12 @@ class FileAuditLog : public AuditLog {
   // Appends a signed checkpoint if one is due (or `force` and any record
   // came since the last). Writer thread only.
   void MaybeCheckpoint(bool force);
+  // How many queued records the next batch may take: up to the next due
+  // checkpoint, or, while checkpoints fail, up to the tail bound. 0 means
+  // the whole queue: without a signer, or once the bound is reached (then
+  // the batch fails unless a checkpoint is signed first). Writer thread
+  // only.
+  size_t BatchRoom() const;
   // Before the threads start.
   absl::Status RegisterMetrics(metrics::Registry& registry);
 
@@ -173,8 +206,9 @@ class FileAuditLog : public AuditLog {
   bool dir_sync_pending_ = false;  // path_ was created; fsync the directory
   uint64_t durable_size_ = 0;
   absl::Time segment_opened_ = absl::Now();
-  uint64_t since_checkpoint_ = 0;
-  size_t last_batch_size_ = 0;  // writer thread only
+  uint64_t since_checkpoint_ = 0;   // records after the last checkpoint
+  uint64_t max_unsigned_tail_ = 0;  // set by Open
+  size_t last_batch_size_ = 0;      // writer thread only
   absl::Time last_checkpoint_ = absl::Now();
 
   mutable absl::Mutex mu_;

@@ -401,8 +401,19 @@ bool ReadRecord(absl::string_view line, Record* out) {
 absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
     const std::string& dir, const std::vector<std::string>& public_key_pems,
     const std::function<void(uint64_t)>& progress, bool live) {
+  AuditVerifyOptions options;
+  options.public_key_pems = public_key_pems;
+  options.progress = progress;
+  options.live = live;
+  return VerifyAuditDirectoryWith(dir, options);
+}
+
+absl::StatusOr<AuditVerifyReport> VerifyAuditDirectoryWith(
+    const std::string& dir, const AuditVerifyOptions& options) {
+  const std::function<void(uint64_t)>& progress = options.progress;
+  const bool live = options.live;
   CheckpointKeys keys;
-  for (const std::string& pem : public_key_pems) {
+  for (const std::string& pem : options.public_key_pems) {
     if (absl::Status s = keys.Add(pem); !s.ok()) return s;
   }
   std::map<std::string, std::vector<Segment>> by_node;
@@ -429,6 +440,11 @@ absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
     summary.node_id = node;
     uint64_t expected = 1;
     uint64_t last_checkpoint_at = 0;  // the checkpoint record's own seq
+    // Where the first record past the tail bound after the last checkpoint
+    // is ("FILE:LINE"), if there is one.
+    std::string first_over_bound;
+    std::string last_path;  // the newest segment with records, its lines
+    uint64_t last_lines = 0;
     char prev_hash[kHexHashSize];
     std::memcpy(prev_hash, kAuditGenesisHash, kHexHashSize);
     std::string previous_segment;  // the last one that held records
@@ -526,6 +542,10 @@ absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
           close(fd);
           return absl::InternalError("audit verify: SHA-256 failed");
         }
+        if (!rec.is_checkpoint &&
+            seq - last_checkpoint_at == options.max_unsigned_tail + 1) {
+          first_over_bound = absl::StrCat(path, ":", line_no);
+        }
         ++expected;
         ++summary.records;
         ++report.records;
@@ -536,11 +556,42 @@ absl::StatusOr<AuditVerifyReport> VerifyAuditDirectory(
         return absl::UnavailableError(
             absl::StrCat("cannot read ", path, ": ", reader.error()));
       }
-      if (line_no > 0) previous_segment = seg.name;
+      if (line_no > 0) {
+        previous_segment = seg.name;
+        last_path = path;
+        last_lines = line_no;
+      }
     }
     summary.last_seq = expected - 1;
     summary.unsigned_tail = summary.last_seq - last_checkpoint_at;
     report.nodes.push_back(summary);
+    // Only signatures make a chain more than anyone could write: with keys,
+    // a node's records must be signed up to a bounded tail.
+    if (keys.empty() || live || summary.records == 0) continue;
+    if (summary.checkpoints == 0) {
+      report.ok = false;
+      report.first_break = absl::StrCat(
+          last_path, ":", std::max<uint64_t>(last_lines, 1), ": seq ",
+          summary.last_seq, ": node ", node, " has ", summary.records,
+          " records and no signed checkpoint, so nothing vouches for them "
+          "(custosd signs one every audit_checkpoint_every records, every "
+          "audit_checkpoint_interval_seconds and when it stops; if the copy "
+          "was taken before the first one, copy the log again later)");
+      return report;
+    }
+    if (summary.unsigned_tail > options.max_unsigned_tail) {
+      report.ok = false;
+      report.first_break = absl::StrCat(
+          first_over_bound, ": seq ",
+          last_checkpoint_at + options.max_unsigned_tail + 1, ": node ", node,
+          " has ", summary.unsigned_tail,
+          " records after its last checkpoint (seq ", last_checkpoint_at,
+          "), more than the ", options.max_unsigned_tail,
+          " allowed (custosd refuses requests before that; if the node runs "
+          "with a larger audit_checkpoint_every, pass --max-unsigned-tail "
+          "twice that)");
+      return report;
+    }
   }
   if (progress) progress(report.records);
   return report;

@@ -6,10 +6,13 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -121,6 +124,58 @@ class CliTest : public ::testing::Test {
     EXPECT_EQ(r.code, 0) << r;
     json j = ParseJson(r);
     return j.is_object() ? j.value("key_id", "") : "";
+  }
+
+  // The connection settings of `identity`, for a CLI run.
+  static std::vector<std::string> ConnectionEnv(const std::string& identity) {
+    const std::string pki = server_->dir() + "/pki/";
+    return {"CUSTOS_ADDR=" + server_->address(), "CUSTOS_CA=" + pki + "ca.pem",
+            "CUSTOS_CERT=" + pki + identity + ".pem",
+            "CUSTOS_KEY=" + pki + identity + ".key"};
+  }
+
+  // Runs one shell line of the docs as written, in `dir`, with build/bin
+  // first on PATH and `identity`'s connection settings.
+  static CliResult Shell(const std::string& line, const std::string& dir,
+                         const std::string& identity) {
+    static int calls = 0;
+    std::vector<std::string> env;
+    for (const std::string& v : testing::EnvironmentWithout("CUSTOS_")) {
+      if (!absl::StartsWith(v, "PATH=")) env.push_back(v);
+    }
+    const char* path = getenv("PATH");
+    env.push_back(absl::StrCat("PATH=", testing::BinDir(), ":",
+                               path != nullptr ? path : "/usr/bin:/bin"));
+    for (const std::string& v : ConnectionEnv(identity)) env.push_back(v);
+    return testing::RunProcess({"/bin/sh", "-c", "cd " + dir + " && " + line},
+                               env, "/dev/null",
+                               Path(absl::StrCat("shell-", ++calls)));
+  }
+
+  // The checkpoint public key custosd writes beside its segments.
+  static std::string PublicKeyFile() {
+    for (const auto& e : fs::directory_iterator(server_->audit_dir())) {
+      if (e.path().extension() == ".pem") return e.path().string();
+    }
+    ADD_FAILURE() << "no audit-public-key-*.pem in " << server_->audit_dir();
+    return "";
+  }
+
+  // A fresh copy of the server's audit directory at work/`name`.
+  static std::string CopyAudit(const std::string& name) {
+    const std::string copy = Path(name);
+    fs::remove_all(copy);
+    fs::copy(server_->audit_dir(), copy, fs::copy_options::recursive);
+    return copy;
+  }
+
+  // Stops the server cleanly (it signs a checkpoint over every record) and
+  // starts it again.
+  static void RestartServer() {
+    absl::Status s = server_->Stop();
+    ASSERT_TRUE(s.ok()) << s;
+    s = server_->Restart();
+    ASSERT_TRUE(s.ok()) << s;
   }
 
   static std::string RandomBytes(size_t n) {
@@ -419,7 +474,10 @@ TEST_F(CliTest, PolicyGetAndSet) {
   ASSERT_EQ(j["bindings"].size(), 1u) << r;
   EXPECT_EQ(j["bindings"][0]["principals"][0],
             CustosdProcess::Principal("service-a"));
-  const int version = std::stoi(j.value("version", std::string("0")));
+  // Printed as kms::PolicyToJson writes it: every field, version a number.
+  ASSERT_TRUE(j["version"].is_number_unsigned()) << r;
+  const uint64_t version = j["version"].get<uint64_t>();
+  EXPECT_EQ(j["bindings"][0]["require_justification"], false) << r;
 
   // What `policy get` prints is what `policy set` reads.
   json changed = j;
@@ -432,7 +490,11 @@ TEST_F(CliTest, PolicyGetAndSet) {
   ASSERT_EQ(r.code, 0) << r;
   j = ParseJson(r);
   EXPECT_EQ(j["bindings"][0]["principals"].size(), 2u) << r;
-  EXPECT_GT(std::stoi(j.value("version", std::string("0"))), version);
+  EXPECT_GT(j.value("version", uint64_t{0}), version);
+  // The whole printed policy, version and all, reads back as it is.
+  WriteAll(Path("policy-as-printed.json"), r.out);
+  r = Cli({"policy", "set", id, Path("policy-as-printed.json")});
+  ASSERT_EQ(r.code, 0) << r;
 
   // A stale version is refused.
   r = Cli({"policy", "set", id, Path("policy-b.json"), "--expected-version",
@@ -447,6 +509,35 @@ TEST_F(CliTest, PolicyGetAndSet) {
                    HasSubstr("docs/policies.md"));
   r = Cli({"policy", "get", "alias/cli-nobody"});
   EXPECT_CLI_ERROR(r, 4, HasSubstr("NOT_FOUND"));
+}
+
+// The CLI reads policy files with the server's own parser: a field given
+// twice is refused (a lenient reader would keep the last one and send a
+// policy other than the one reviewed), and nothing is sent.
+TEST_F(CliTest, PolicyFileWithAFieldGivenTwiceIsRefused) {
+  const std::string id = NewKey();
+  const std::string principal = CustosdProcess::Principal("service-b");
+  WriteAll(Path("policy-twice.json"),
+           R"({"bindings": [{"principals": [")" + principal +
+               R"("], "operations": ["DECRYPT"]}], "bindings": []})");
+  WriteAll(Path("policy-twice-inner.json"),
+           R"({"bindings": [{"principals": ["*"], "principals": [")" +
+               principal + R"("], "operations": ["DECRYPT"]}]})");
+  for (const char* file : {"policy-twice.json", "policy-twice-inner.json"}) {
+    SCOPED_TRACE(file);
+    CliResult r = Cli({"policy", "set", id, Path(file)});
+    EXPECT_CLI_ERROR(r, 4, HasSubstr(file), HasSubstr("appears twice"),
+                     HasSubstr("docs/policies.md"));
+    r = Cli({"key", "create", "--policy", Path(file)});
+    EXPECT_CLI_ERROR(r, 4, HasSubstr(file), HasSubstr("appears twice"));
+  }
+  CliResult r = Cli({"--json", "policy", "get", id});
+  ASSERT_EQ(r.code, 0) << r;
+  json j = ParseJson(r);
+  EXPECT_EQ(j.value("version", uint64_t{0}), 1u) << "unchanged: " << r;
+  ASSERT_EQ(j["bindings"].size(), 1u);
+  EXPECT_EQ(j["bindings"][0]["principals"][0],
+            CustosdProcess::Principal("service-a"));
 }
 
 TEST_F(CliTest, DataKeyGenerate) {
@@ -709,6 +800,244 @@ TEST_F(CliTest, AuditVerify) {
   EXPECT_CLI_ERROR(r, 4, HasSubstr("no-such-dir"));
 }
 
+// The documented order, `custos audit verify --public-key PEM DIR`, once
+// let --public-key take DIR as a second key and then asked the server to
+// verify its own live log instead: an edited copy printed "OK (verified by
+// the server)" and exited 0. A DIR always means those files, in either
+// order, and only --server asks the server.
+TEST_F(CliTest, AuditVerifyChecksTheGivenDirectoryInEitherFlagOrder) {
+  for (int i = 0; i < 4; ++i) ASSERT_FALSE(NewKey().empty());
+  RestartServer();  // its shutdown checkpoint signs every record so far
+  const std::string copy = CopyAudit("audit-signed");
+  const std::string pem = PublicKeyFile();
+  const std::vector<std::vector<std::string>> orders = {
+      {"audit", "verify", "--public-key", pem, copy},
+      {"audit", "verify", copy, "--public-key", pem}};
+  // As an auditor, whom the server would answer.
+  const RunAs auditor = {.identity = "auditor"};
+  for (const auto& args : orders) {
+    CliResult r = Cli(args, auditor);
+    EXPECT_EQ(r.code, 0) << r;
+    EXPECT_THAT(r.out, AllOf(HasSubstr("NODE"),
+                             HasSubstr("every checkpoint signature verifies"),
+                             Not(HasSubstr("server"))))
+        << r;
+  }
+
+  // Edit the third line of the first segment.
+  std::vector<std::string> segments;
+  for (const auto& e : fs::directory_iterator(copy)) {
+    if (absl::EndsWith(e.path().string(), ".jsonl")) {
+      segments.push_back(e.path().string());
+    }
+  }
+  ASSERT_FALSE(segments.empty());
+  std::sort(segments.begin(), segments.end());
+  std::vector<std::string> lines =
+      absl::StrSplit(ReadAll(segments.front()), '\n');
+  ASSERT_GE(lines.size(), 4u);
+  const size_t at = lines[2].find("\"operation\"");
+  ASSERT_NE(at, std::string::npos) << lines[2];
+  lines[2].insert(at, "\"edited\":true,");
+  WriteAll(segments.front(), absl::StrJoin(lines, "\n"));
+  const std::string name = fs::path(segments.front()).filename().string();
+  for (const auto& args : orders) {
+    CliResult r = Cli(args, auditor);
+    EXPECT_EQ(r.code, 4) << r;
+    EXPECT_THAT(r.out, AllOf(HasSubstr("BROKEN"), HasSubstr(name + ":4:"),
+                             Not(HasSubstr("verified by the server"))))
+        << r;
+  }
+
+  // Neither DIR nor --server is a usage error, not a guess; both is too.
+  CliResult r = Cli({"audit", "verify", "--public-key", pem}, auditor);
+  EXPECT_EQ(r.code, 2) << r;
+  EXPECT_THAT(r.err, AllOf(HasSubstr("DIR"), HasSubstr("--server"))) << r;
+  EXPECT_EQ(r.out, "");
+  r = Cli({"audit", "verify", "--server", copy}, auditor);
+  EXPECT_EQ(r.code, 2) << r;
+  EXPECT_EQ(r.out, "");
+  // The server uses its own key: an offline flag with --server is refused
+  // rather than ignored.
+  r = Cli({"audit", "verify", "--server", "--public-key", pem}, auditor);
+  EXPECT_EQ(r.code, 2) << r;
+  EXPECT_THAT(r.err, HasSubstr("--server")) << r;
+  r = Cli({"audit", "verify", "--max-unsigned-tail", "5", "--server"}, auditor);
+  EXPECT_EQ(r.code, 2) << r;
+}
+
+// With a key, a node's records must be signed: its log must hold a valid
+// checkpoint, and at most --max-unsigned-tail records may follow the last.
+TEST_F(CliTest, AuditVerifyWithAKeyNeedsACheckpointAndABoundedTail) {
+  ASSERT_FALSE(NewKey().empty());
+  RestartServer();
+  for (int i = 0; i < 3; ++i) ASSERT_FALSE(NewKey().empty());
+  const std::string copy = CopyAudit("audit-tail");
+  const std::string pem = PublicKeyFile();
+  const RunAs offline = {.no_connection_env = true};
+  CliResult r = Cli({"audit", "verify", "--public-key", pem, copy}, offline);
+  EXPECT_EQ(r.code, 0) << r;
+  r = Cli({"audit", "verify", "--public-key", pem, "--max-unsigned-tail", "1",
+           copy},
+          offline);
+  EXPECT_EQ(r.code, 4) << r;
+  EXPECT_THAT(r.out, AllOf(HasSubstr("BROKEN"),
+                           HasSubstr("records after its last checkpoint"),
+                           HasSubstr("more than the 1 allowed")))
+      << r;
+
+  // A chain anyone could write: the first segment's records before its
+  // first checkpoint, on their own. They chain, but nothing signed them.
+  std::vector<std::string> segments;
+  for (const auto& e : fs::directory_iterator(copy)) {
+    if (absl::EndsWith(e.path().string(), ".jsonl")) {
+      segments.push_back(e.path().string());
+    }
+  }
+  ASSERT_FALSE(segments.empty());
+  std::sort(segments.begin(), segments.end());
+  std::string unsigned_lines;
+  for (absl::string_view line :
+       absl::StrSplit(ReadAll(segments.front()), '\n', absl::SkipEmpty())) {
+    if (absl::StrContains(line, "\"checkpoint\":")) break;
+    absl::StrAppend(&unsigned_lines, line, "\n");
+  }
+  ASSERT_FALSE(unsigned_lines.empty());
+  const std::string forged = Path("audit-forged");
+  fs::remove_all(forged);
+  fs::create_directories(forged);
+  WriteAll(forged + "/" + fs::path(segments.front()).filename().string(),
+           unsigned_lines);
+  r = Cli({"audit", "verify", "--public-key", pem, forged}, offline);
+  EXPECT_EQ(r.code, 4) << r;
+  EXPECT_THAT(r.out, HasSubstr("no signed checkpoint")) << r;
+  // Without a key only the chain is checked, and the output says so.
+  r = Cli({"audit", "verify", forged}, offline);
+  EXPECT_EQ(r.code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("NOT checked")) << r;
+}
+
+// docs/cli.md's --expect-key lines, run as written: a file encrypted under
+// alias/photos decrypts with --expect-key alias/photos, and is refused,
+// writing nothing, with --expect-key alias/archive (a key service-a may
+// use too).
+TEST_F(CliTest, DecryptWithExpectKeyRunsAsDocumented) {
+  ASSERT_FALSE(NewKey({"--alias", "alias/photos"}).empty());
+  ASSERT_FALSE(NewKey({"--alias", "alias/archive"}).empty());
+  const std::string dir = Path("expect-key");
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  WriteAll(dir + "/photo.jpg", RandomBytes(200 * 1024));
+  const std::string docs = ReadAll(testing::SourceDir() + "/docs/cli.md");
+  const std::string encrypt =
+      "custos encrypt --key alias/photos -i photo.jpg -o photo.jpg.custos";
+  const std::string decrypt =
+      "custos decrypt --expect-key alias/photos -i photo.jpg.custos -o "
+      "photo-copy.jpg";
+  const std::string refused =
+      "custos decrypt --expect-key alias/archive -i photo.jpg.custos -o "
+      "photo-copy.jpg";
+  for (const std::string& line : {encrypt, decrypt, refused}) {
+    ASSERT_THAT(docs, HasSubstr("\n" + line + "\n")) << "docs/cli.md";
+  }
+  CliResult r = Shell(encrypt, dir, "service-a");
+  ASSERT_EQ(r.code, 0) << r;
+  r = Shell(decrypt, dir, "service-a");
+  ASSERT_EQ(r.code, 0) << r;
+  EXPECT_TRUE(ReadAll(dir + "/photo-copy.jpg") == ReadAll(dir + "/photo.jpg"));
+
+  fs::remove(dir + "/photo-copy.jpg");
+  r = Shell(refused, dir, "service-a");
+  EXPECT_CLI_ERROR(r, 4, HasSubstr("INVALID_ARGUMENT"),
+                   HasSubstr("not wrapped under the expected key "
+                             "'alias/archive'"));
+  EXPECT_FALSE(fs::exists(dir + "/photo-copy.jpg"));
+  for (const auto& e : fs::directory_iterator(dir)) {
+    EXPECT_FALSE(absl::StrContains(e.path().filename().string(), "custos-"))
+        << "temporary file left: " << e.path();
+  }
+}
+
+// Starts build/bin/custos ARGS as `identity` and returns at once; stdout
+// and stderr go to files under `dir`. Everything is prepared before fork.
+pid_t StartCli(const std::vector<std::string>& args,
+               const std::vector<std::string>& env, const std::string& dir) {
+  std::vector<std::string> argv = {testing::BinDir() + "/custos"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  std::vector<char*> c_argv, c_env;
+  for (std::string& a : argv) c_argv.push_back(a.data());
+  c_argv.push_back(nullptr);
+  std::vector<std::string> env_copy = env;
+  for (std::string& e : env_copy) c_env.push_back(e.data());
+  c_env.push_back(nullptr);
+  const std::string out = dir + "/cli.out", err = dir + "/cli.err";
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const int in_fd = open("/dev/null", O_RDONLY);
+    const int out_fd = open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    const int err_fd = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    if (in_fd < 0 || out_fd < 0 || err_fd < 0) _exit(127);
+    dup2(in_fd, 0);
+    dup2(out_fd, 1);
+    dup2(err_fd, 2);
+    execve(c_argv[0], c_argv.data(), c_env.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+// An encrypt interrupted by SIGTERM while it reads a slow input (a fifo
+// that stays open) leaves no partial output behind; and the CLI runs with
+// core dumps off.
+TEST_F(CliEnvelopeTest, SigtermRemovesThePartialOutputFile) {
+  const std::string dir = Path("interrupted");
+  fs::remove_all(dir);
+  fs::create_directories(dir + "/out");
+  const std::string fifo = dir + "/slow.fifo";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0) << strerror(errno);
+  std::vector<std::string> env = testing::EnvironmentWithout("CUSTOS_");
+  for (const std::string& v : ConnectionEnv("service-a")) env.push_back(v);
+  const pid_t pid = StartCli(
+      {"encrypt", "--key", key_, "-i", fifo, "-o", dir + "/out/big.custos"},
+      env, dir);
+  ASSERT_GT(pid, 0);
+  // The writer's end opens once custos has opened the reader's.
+  int fd = -1;
+  for (int i = 0; i < 400 && fd < 0; ++i) {
+    fd = open(fifo.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) usleep(25 * 1000);
+  }
+  ASSERT_GE(fd, 0) << ReadAll(dir + "/cli.err");
+  ASSERT_EQ(fcntl(fd, F_SETFL, 0), 0);
+  const std::string data = RandomBytes(1 << 20);
+  ASSERT_EQ(write(fd, data.data(), data.size()),
+            static_cast<ssize_t>(data.size()));
+  // Wait until encrypted chunks are in the (temporary) output file.
+  auto written = [&] {
+    uintmax_t bytes = 0;
+    for (const auto& e : fs::directory_iterator(dir + "/out")) {
+      bytes += fs::file_size(e.path());
+    }
+    return bytes;
+  };
+  for (int i = 0; i < 400 && written() < 64 * 1024; ++i) usleep(25 * 1000);
+  ASSERT_GE(written(), 64u * 1024) << ReadAll(dir + "/cli.err");
+  EXPECT_THAT(ReadAll(absl::StrCat("/proc/", pid, "/limits")),
+              ::testing::ContainsRegex("Max core file size +0 +0"));
+
+  ASSERT_EQ(kill(pid, SIGTERM), 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  close(fd);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM)
+      << "status " << status << ": " << ReadAll(dir + "/cli.err");
+  std::vector<std::string> left;
+  for (const auto& e : fs::directory_iterator(dir + "/out")) {
+    left.push_back(e.path().filename().string());
+  }
+  EXPECT_TRUE(left.empty()) << absl::StrJoin(left, ", ");
+}
+
 }  // namespace
 }  // namespace custos
 
@@ -756,7 +1085,7 @@ TEST_F(CliTest, AuditListTailAndPublicKeyForAuditors) {
   r = Cli({"audit", "public-key"}, auditor);
   ASSERT_EQ(r.code, 0) << r;
   EXPECT_THAT(r.out, HasSubstr("BEGIN PUBLIC KEY"));
-  r = Cli({"audit", "verify"}, auditor);
+  r = Cli({"audit", "verify", "--server"}, auditor);
   ASSERT_EQ(r.code, 0) << r;
   EXPECT_THAT(r.out, HasSubstr("OK (verified by the server)"));
 }

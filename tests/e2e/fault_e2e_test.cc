@@ -21,13 +21,17 @@
 #include "nlohmann/json.hpp"
 #include "tests/support/audit_records.h"
 #include "tests/support/custosd_process.h"
+#include "tests/support/subprocess.h"
 
 namespace custos {
 namespace {
 
 namespace pb = ::custos::v1;
 using ::custos::testing::CustosdProcess;
+using ::custos::testing::ProcessResult;
 using ::custos::testing::ReadRecords;
+using ::custos::testing::RunProcess;
+using ::custos::testing::StringField;
 using Json = nlohmann::json;
 using Code = grpc::StatusCode;
 
@@ -337,6 +341,137 @@ TEST_F(FaultE2eTest, AHungEncryptHitsTheDeadlineWhileOthersAreServed) {
   SetFaults("");
   pb::GenerateDataKeyResponse resp;
   EXPECT_TRUE(DataKey(&resp).ok()) << "the hung session was replaced";
+}
+
+// Checkpoint signing fails (C_Sign, the audit key in the HSM): custosd
+// serves only up to the bound on records after the last checkpoint (twice
+// audit_checkpoint_every: 10 here), then refuses every call with UNAVAILABLE
+// and releases nothing, until a checkpoint can be signed again; the log then
+// verifies offline with the bound enforced.
+class AuditSigningFaultE2eTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    config_ = std::filesystem::temp_directory_path() /
+              absl::StrCat("custos-sign-faults-", getpid());
+    SetFaults("");
+    CustosdProcess::Options options;
+    options.hsm_module = CUSTOS_FAULT_MODULE;
+    options.env = {{"CUSTOS_FAULT_CONFIG", config_}};
+    options.extra_config = "audit_checkpoint_every: 5\n";
+    auto server = CustosdProcess::Start(options);
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = *std::move(server);
+  }
+  void TearDown() override {
+    server_.reset();
+    std::remove(config_.c_str());
+  }
+
+  void SetFaults(const std::string& rules) {
+    const std::string tmp = config_ + ".tmp";
+    {
+      std::ofstream out(tmp, std::ios::trunc);
+      out << "module " << kSoftHsm << "\n" << rules << "\n";
+    }
+    std::filesystem::rename(tmp, config_);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+
+  grpc::Status Random(pb::GenerateRandomResponse* resp) {
+    pb::GenerateRandomRequest req;
+    req.set_number_of_bytes(16);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() +
+                     std::chrono::seconds(20));
+    return pb::CryptoService::NewStub(server_->Channel("service-a"))
+        ->GenerateRandom(&ctx, req, resp);
+  }
+
+  size_t RecordCount() { return ReadRecords(server_->audit_dir()).size(); }
+
+  // Records after the last checkpoint record.
+  size_t UnsignedTail() {
+    std::vector<Json> records = ReadRecords(server_->audit_dir());
+    size_t tail = 0;
+    for (auto it = records.rbegin();
+         it != records.rend() && !it->contains("checkpoint"); ++it) {
+      ++tail;
+    }
+    return tail;
+  }
+
+  std::string config_;
+  std::unique_ptr<CustosdProcess> server_;
+};
+
+TEST_F(AuditSigningFaultE2eTest, ServesUpToTheTailBoundThenFailsClosed) {
+  constexpr size_t kBound = 10;  // 2 x audit_checkpoint_every
+  absl::StatusOr<std::string> key =
+      server_->CreateKeyFor("service-a", {pb::GENERATE_DATA_KEY});
+  ASSERT_TRUE(key.ok()) << key.status();
+  SetFaults("fail C_Sign rv=CKR_DEVICE_ERROR");
+  const size_t tail = UnsignedTail();
+  ASSERT_LT(tail, 5u) << "a checkpoint was signed every 5 records so far";
+
+  size_t served = 0;
+  grpc::Status refused;
+  pb::GenerateRandomResponse resp;
+  for (int i = 0; i < 30 && refused.ok(); ++i) {
+    resp.Clear();
+    grpc::Status s = Random(&resp);
+    if (s.ok()) {
+      ++served;
+    } else {
+      refused = s;
+    }
+  }
+  // Calls are served while the unsigned records stay within the bound (a
+  // background record would take one of the places).
+  EXPECT_GT(served, 0u);
+  EXPECT_LE(served, kBound - tail);
+  EXPECT_EQ(refused.error_code(), Code::UNAVAILABLE) << refused.error_message();
+  EXPECT_THAT(refused.error_message(),
+              ::testing::HasSubstr("no checkpoint could be signed"));
+  EXPECT_TRUE(resp.random().empty());
+  EXPECT_EQ(UnsignedTail(), kBound);
+
+  // Every call is refused now, and leaves no record: nothing is released
+  // that the log does not hold.
+  const size_t records = RecordCount();
+  pb::GenerateDataKeyRequest req;
+  req.set_key(*key);
+  pb::GenerateDataKeyResponse dk;
+  grpc::ClientContext ctx;
+  grpc::Status s = pb::CryptoService::NewStub(server_->Channel("service-a"))
+                       ->GenerateDataKey(&ctx, req, &dk);
+  EXPECT_EQ(s.error_code(), Code::UNAVAILABLE) << s.error_message();
+  EXPECT_TRUE(dk.plaintext().empty());
+  EXPECT_TRUE(dk.ciphertext_blob().empty());
+  EXPECT_EQ(Random(&resp).error_code(), Code::UNAVAILABLE);
+  EXPECT_EQ(RecordCount(), records);
+
+  // Once the HSM signs again, so does custosd, first a checkpoint.
+  SetFaults("");
+  ASSERT_TRUE(Random(&resp).ok());
+  std::vector<Json> all = ReadRecords(server_->audit_dir());
+  ASSERT_GE(all.size(), 2u);
+  EXPECT_TRUE(all[all.size() - 2].contains("checkpoint"))
+      << all[all.size() - 2].dump();
+  EXPECT_EQ(StringField(all.back(), "operation"), "GenerateRandom");
+
+  ASSERT_TRUE(server_->Stop().ok());
+  std::string pem;
+  for (const auto& e :
+       std::filesystem::directory_iterator(server_->audit_dir())) {
+    if (e.path().extension() == ".pem") pem = e.path().string();
+  }
+  ASSERT_FALSE(pem.empty());
+  ProcessResult verified = RunProcess(
+      {::custos::testing::BinDir() + "/custos", "audit", "verify",
+       "--public-key", pem, "--max-unsigned-tail", "10", server_->audit_dir()},
+      ::custos::testing::EnvironmentWithout("CUSTOS_"), "/dev/null",
+      server_->dir() + "/verify-signing");
+  EXPECT_EQ(verified.code, 0) << verified;
 }
 
 }  // namespace

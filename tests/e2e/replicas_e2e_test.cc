@@ -167,7 +167,13 @@ TEST_F(ReplicasE2eTest, KeyCreatedOnOneIsUsedOnTheOther) {
   ExpectChainVerifies(*one_);
   ExpectChainVerifies(*two_);
   // An auditor copies both replicas' segments into one directory and checks
-  // both chains and their signatures in one run, one key per node.
+  // both chains and their signatures in one run, one key per node. The
+  // replicas stop first, each signing a checkpoint over its records: with
+  // keys, the verifier requires every node's log to hold one.
+  absl::Status stopped = two_->Stop();
+  ASSERT_TRUE(stopped.ok()) << stopped;
+  stopped = one_->Stop();
+  ASSERT_TRUE(stopped.ok()) << stopped;
   const std::string combined = one_->dir() + "/combined";
   std::filesystem::create_directories(combined);
   std::vector<std::string> argv = {testing::BinDir() + "/custos", "--json",

@@ -61,8 +61,9 @@ class FixedKeySource final : public DataKeySource {
                                           const Context& context) override {
     return DataKey{SecretBytes::CopyOf(GoldenDataKey()), blob_};
   }
-  absl::StatusOr<SecretBytes> DecryptDataKey(const std::string& blob,
-                                             const Context& context) override {
+  absl::StatusOr<SecretBytes> DecryptDataKey(
+      const std::string& blob, const Context& context,
+      const std::string& /*expected_key*/) override {
     ++decrypt_calls_;
     last_blob_ = blob;
     last_context_ = context;

@@ -636,6 +636,46 @@ TEST_F(KeyServiceAuditTest, EveryCallAppendsOneChainedRecord) {
   }
 }
 
+// Who may use a key is decided by its policy, so the log keeps each policy
+// a call set (canonical JSON), not only its version: an auditor can see
+// what access was granted, and when.
+TEST_F(KeyServiceAuditTest, PolicyChangesRecordTheNewPolicyItself) {
+  KeyPolicy first = SvcAPolicy();
+  first.bindings[0].required_context = {{"tenant", "*"}};
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey(first));
+  KeyPolicy next = SvcAPolicy();
+  next.bindings[0].principals.push_back(kSvcB);
+  CUSTOS_ASSERT_OK(service().SetKeyPolicy(As(kAdmin), key->id, next, 1));
+  EXPECT_THAT(service().SetKeyPolicy(As(kAdmin), key->id, SvcAPolicy(), 1),
+              StatusIs(Code::kAborted));
+
+  std::vector<nlohmann::json> records;
+  for (const std::string& line : AuditLines()) {
+    records.push_back(nlohmann::json::parse(line));
+  }
+  ASSERT_EQ(records.size(), 3u);
+  first.version = 1;
+  next.version = 2;
+  const struct {
+    const char* operation;
+    const KeyPolicy* policy;
+  } expected[] = {{"CreateKey", &first}, {"SetKeyPolicy", &next}};
+  for (size_t i = 0; i < 2; ++i) {
+    SCOPED_TRACE(records[i].dump());
+    EXPECT_EQ(records[i]["operation"], expected[i].operation);
+    const std::string canonical = PolicyToCanonicalJson(*expected[i].policy);
+    ASSERT_TRUE(records[i].contains("policy"));
+    EXPECT_EQ(records[i]["policy"].dump(), canonical);
+    EXPECT_EQ(records[i]["policy_sha256"], AuditLineHash(canonical));
+  }
+  EXPECT_EQ(records[0]["policy"]["bindings"][0]["required_context"]["tenant"],
+            "*");
+  EXPECT_EQ(records[1]["policy"]["bindings"][0]["principals"].size(), 2u);
+  // The refused change set nothing, and records no policy.
+  EXPECT_EQ(records[2]["code"], "ABORTED");
+  EXPECT_FALSE(records[2].contains("policy"));
+}
+
 TEST_F(KeyServiceAuditTest, NoDataKeyOrPlaintextReachesAnyFile) {
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> a, NewKey());
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> b, NewKey());

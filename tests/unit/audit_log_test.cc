@@ -28,8 +28,11 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/testing/status_matchers.h"
+#include "kms/audit/audit_verifier.h"
 #include "kms/audit/json_text.h"
+#include "kms/policy.h"
 #include "nlohmann/json.hpp"
+#include "tests/support/memory_signer.h"
 #include "tests/support/test_token.h"
 
 namespace custos::kms {
@@ -37,6 +40,7 @@ namespace {
 
 using ::custos::testing::IsOk;
 using ::custos::testing::StatusIs;
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 using ::testing::IsSubsetOf;
 using ::testing::UnorderedElementsAreArray;
@@ -46,9 +50,12 @@ constexpr char kNode[] = "node-1";
 // Every field a record may carry (docs: audit_log.h, Serialize).
 const std::set<std::string>& DocumentedFields() {
   static const auto* fields = new std::set<std::string>{
-      "seq",    "time",        "node",    "principal",     "operation",
-      "key_id", "key_version", "context", "justification", "outcome",
-      "code",   "request_id",  "peer",    "detail",        "prev"};
+      "seq",         "time",          "node",
+      "principal",   "operation",     "key_id",
+      "key_version", "context",       "justification",
+      "outcome",     "code",          "request_id",
+      "peer",        "detail",        "prev",
+      "policy",      "policy_sha256", "policy_truncated"};
   return *fields;
 }
 
@@ -648,6 +655,7 @@ TEST_F(AuditLogTest, RecordsCarryOnlyDocumentedFields) {
   full.request_id = "req-full";
   full.peer = "ipv4:10.0.0.1:5555";
   full.detail = "count=1";
+  full.policy = R"({"bindings":[],"version":1})";
   ASSERT_THAT(log->Append(full), IsOk());
   AuditRecord minimal;
   minimal.time = absl::Now();
@@ -660,7 +668,9 @@ TEST_F(AuditLogTest, RecordsCarryOnlyDocumentedFields) {
   nlohmann::json j = nlohmann::json::parse(lines[0]);
   std::vector<std::string> keys;
   for (auto it = j.begin(); it != j.end(); ++it) keys.push_back(it.key());
-  EXPECT_THAT(keys, UnorderedElementsAreArray(DocumentedFields()));
+  std::set<std::string> expected_keys = DocumentedFields();
+  expected_keys.erase("policy_truncated");  // only for huge policies
+  EXPECT_THAT(keys, UnorderedElementsAreArray(expected_keys));
   EXPECT_EQ(j["time"], "2023-11-14T22:13:20.123456Z");
   EXPECT_EQ(j["key_version"], 3);
   EXPECT_EQ(j["context"]["tenant"], "acme");
@@ -680,8 +690,9 @@ TEST_F(AuditLogTest, RecordsCarryOnlyDocumentedFields) {
   std::set<std::string> minimal_keys;
   for (auto it = m.begin(); it != m.end(); ++it) minimal_keys.insert(it.key());
   EXPECT_THAT(minimal_keys, IsSubsetOf(DocumentedFields()));
-  for (const char* absent : {"key_id", "key_version", "context",
-                             "justification", "request_id", "peer", "detail"}) {
+  for (const char* absent :
+       {"key_id", "key_version", "context", "justification", "request_id",
+        "peer", "detail", "policy", "policy_sha256"}) {
     EXPECT_EQ(minimal_keys.count(absent), 0u) << absent;
   }
   // No field name anywhere in the log sounds like a secret.
@@ -730,6 +741,221 @@ TEST_F(AuditLogTest, HostileStringsStayOnOneLine) {
   ExpectValidChain(lines);
   nlohmann::json j = nlohmann::json::parse(lines[0]);
   EXPECT_EQ(j["principal"], "evil\n{\"seq\":999}");
+}
+
+// A policy set by a call is in its record: whole (as an object) when small,
+// else by hash and a prefix cut at a character boundary, so that no record
+// grows with the policy.
+TEST_F(AuditLogTest, PolicyIsRecordedWholeOrByHashAndPrefix) {
+  std::unique_ptr<FileAuditLog> log = Open();
+  ASSERT_NE(log, nullptr);
+  KeyPolicy small;
+  small.version = 2;
+  small.bindings.push_back(
+      PolicyBinding{.principals = {"spiffe://t/svc-a"},
+                    .operations = {KeyOperation::kDecrypt},
+                    .required_context = {{"tenant", "*"}}});
+  AuditRecord record = SimpleRecord("admin", 1);
+  record.policy = PolicyToCanonicalJson(small);
+  ASSERT_THAT(log->Append(record), IsOk());
+
+  KeyPolicy huge;
+  PolicyBinding binding;
+  binding.operations = {KeyOperation::kDecrypt};
+  // 200 principals of ~120 bytes, each with a 3-byte character that a cut
+  // could split: well over kMaxAuditPolicyBytes.
+  for (int i = 0; i < 200; ++i) {
+    binding.principals.push_back(
+        absl::StrCat("spiffe://t/\xe2\x82\xac", std::string(100, 'x'), i));
+  }
+  huge.bindings.push_back(binding);
+  AuditRecord big = SimpleRecord("admin", 2);
+  big.policy = PolicyToCanonicalJson(huge);
+  ASSERT_GT(big.policy.size(), kMaxAuditPolicyBytes);
+  ASSERT_THAT(log->Append(big), IsOk());
+
+  std::vector<std::string> lines = AllLines(dir_);
+  ASSERT_EQ(lines.size(), 2u);
+  nlohmann::json j = nlohmann::json::parse(lines[0]);
+  ASSERT_TRUE(j["policy"].is_object()) << lines[0];
+  EXPECT_EQ(j["policy"].dump(), record.policy) << "canonical, as given";
+  EXPECT_EQ(j["policy"]["bindings"][0]["principals"][0], "spiffe://t/svc-a");
+  EXPECT_EQ(j["policy"]["version"], 2);
+  EXPECT_EQ(j["policy_sha256"], AuditLineHash(record.policy));
+  EXPECT_FALSE(j.contains("policy_truncated"));
+
+  nlohmann::json k = nlohmann::json::parse(lines[1]);  // valid UTF-8 too
+  EXPECT_FALSE(k.contains("policy"));
+  EXPECT_EQ(k["policy_sha256"], AuditLineHash(big.policy));
+  const std::string prefix = k["policy_truncated"].get<std::string>();
+  EXPECT_LE(prefix.size(), kAuditPolicyPrefixBytes);
+  EXPECT_GT(prefix.size(), kAuditPolicyPrefixBytes - 4);
+  EXPECT_EQ(big.policy.substr(0, prefix.size()), prefix);
+  EXPECT_LT(lines[1].size(), kAuditPolicyPrefixBytes + 1024);
+}
+
+TEST(PolicyToCanonicalJsonTest, SortsKeysAndHasNoWhitespace) {
+  KeyPolicy policy;
+  policy.version = 3;
+  policy.bindings.push_back(
+      PolicyBinding{.principals = {"a b"},
+                    .operations = {KeyOperation::kEncrypt},
+                    .required_context = {{"z", "1"}, {"a", "2"}}});
+  EXPECT_EQ(PolicyToCanonicalJson(policy),
+            R"({"bindings":[{"allowed_reasons":[],"operations":["ENCRYPT"],)"
+            R"("principals":["a b"],"require_justification":false,)"
+            R"("required_context":{"a":"2","z":"1"}}],"version":3})");
+}
+
+// An AuditSigner that fails (as an HSM in trouble does) while told to.
+class SwitchableSigner : public AuditSigner {
+ public:
+  absl::StatusOr<std::string> Sign(absl::string_view message) override {
+    ++attempts_;
+    if (failing_) return absl::UnavailableError("HSM: CKR_DEVICE_ERROR");
+    return signer_.Sign(message);
+  }
+  const std::string& public_key_pem() const override {
+    return signer_.public_key_pem();
+  }
+  const std::string& fingerprint() const override {
+    return signer_.fingerprint();
+  }
+  void set_failing(bool failing) { failing_ = failing; }
+  int attempts() const { return attempts_; }
+
+ private:
+  ::custos::testing::MemorySigner signer_;
+  std::atomic<bool> failing_{false};
+  std::atomic<int> attempts_{0};
+};
+
+class AuditLogCheckpointTest : public AuditLogTest {
+ protected:
+  std::unique_ptr<FileAuditLog> OpenSigned(uint64_t checkpoint_every) {
+    FileAuditLog::Options options;
+    options.dir = dir_;
+    options.node_id = kNode;
+    options.signer = &signer_;
+    options.checkpoint_every = checkpoint_every;
+    options.checkpoint_interval = absl::Hours(1);  // by count only
+    absl::StatusOr<std::unique_ptr<FileAuditLog>> log =
+        FileAuditLog::Open(options);
+    EXPECT_THAT(log, IsOk());
+    return log.ok() ? *std::move(log) : nullptr;
+  }
+
+  // The seq of every checkpoint record among `lines`.
+  static std::vector<uint64_t> CheckpointSeqs(
+      const std::vector<std::string>& lines) {
+    std::vector<uint64_t> out;
+    for (const std::string& line : lines) {
+      nlohmann::json j = nlohmann::json::parse(line);
+      if (j.contains("checkpoint")) out.push_back(j["seq"].get<uint64_t>());
+    }
+    return out;
+  }
+
+  absl::StatusOr<AuditVerifyReport> Verify(uint64_t max_unsigned_tail) {
+    AuditVerifyOptions options;
+    options.public_key_pems = {signer_.public_key_pem()};
+    options.max_unsigned_tail = max_unsigned_tail;
+    return VerifyAuditDirectoryWith(dir_, options);
+  }
+
+  SwitchableSigner signer_;
+};
+
+// 100 records queued at once make one batch without checkpoints; with
+// checkpoint_every 10 no more than 10 records may ever follow a checkpoint,
+// so the batch stops at each due checkpoint.
+TEST_F(AuditLogCheckpointTest, ABatchNeverRunsPastADueCheckpoint) {
+  std::unique_ptr<FileAuditLog> log = OpenSigned(10);
+  ASSERT_NE(log, nullptr);
+  std::atomic<int> done{0};
+  for (int i = 0; i < 100; ++i) {
+    log->AppendAsync(SimpleRecord("p", i), [&](absl::Status s) {
+      EXPECT_THAT(s, IsOk());
+      ++done;
+    });
+  }
+  log.reset();  // drains the queue
+  EXPECT_EQ(done.load(), 100);
+  std::vector<std::string> lines = AllLines(dir_);
+  ExpectValidChain(lines);
+  uint64_t previous = 0;
+  for (uint64_t seq : CheckpointSeqs(lines)) {
+    EXPECT_LE(seq - previous - 1, 10u) << "records before checkpoint " << seq;
+    previous = seq;
+  }
+  absl::StatusOr<AuditVerifyReport> report = Verify(10);
+  ASSERT_THAT(report, IsOk());
+  EXPECT_TRUE(report->ok) << report->first_break;
+}
+
+// While no checkpoint can be signed the log serves up to the tail bound
+// (twice checkpoint_every), then refuses every record, writing nothing,
+// until the signer is back; the first append then gets a checkpoint first.
+TEST_F(AuditLogCheckpointTest, FailsClosedAtTheTailBoundUntilASignatureWorks) {
+  std::unique_ptr<FileAuditLog> log = OpenSigned(5);
+  ASSERT_NE(log, nullptr);
+  signer_.set_failing(true);
+  for (int i = 0; i < 10; ++i) {
+    ASSERT_THAT(log->Append(SimpleRecord("p", i)), IsOk()) << i;
+  }
+  EXPECT_GE(signer_.attempts(), 1) << "a checkpoint was due at 5";
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_THAT(log->Append(SimpleRecord("p", 100 + i)),
+                StatusIs(absl::StatusCode::kUnavailable,
+                         AllOf(HasSubstr("no checkpoint could be signed"),
+                               HasSubstr("at most 10"))));
+  }
+  EXPECT_EQ(AllLines(dir_).size(), 10u) << "refused records are not written";
+
+  signer_.set_failing(false);
+  ASSERT_THAT(log->Append(SimpleRecord("p", 200)), IsOk());
+  std::vector<std::string> lines = AllLines(dir_);
+  ASSERT_EQ(lines.size(), 12u);
+  EXPECT_EQ(CheckpointSeqs(lines), std::vector<uint64_t>{11});
+  ExpectValidChain(lines);
+  log.reset();
+  absl::StatusOr<AuditVerifyReport> report = Verify(10);
+  ASSERT_THAT(report, IsOk());
+  EXPECT_TRUE(report->ok) << report->first_break;
+}
+
+// A crash (here: a shutdown whose checkpoint could not be signed) leaves an
+// unsigned tail; the next process counts it, so the bound holds across
+// restarts.
+TEST_F(AuditLogCheckpointTest, RestartCountsTheUnsignedTailLeftBehind) {
+  signer_.set_failing(true);
+  {
+    std::unique_ptr<FileAuditLog> log = OpenSigned(5);
+    ASSERT_NE(log, nullptr);
+    for (int i = 0; i < 8; ++i) {
+      ASSERT_THAT(log->Append(SimpleRecord("p", i)), IsOk());
+    }
+  }
+  std::unique_ptr<FileAuditLog> log = OpenSigned(5);
+  ASSERT_NE(log, nullptr);
+  ASSERT_THAT(log->Append(SimpleRecord("p", 8)), IsOk());
+  ASSERT_THAT(log->Append(SimpleRecord("p", 9)), IsOk());
+  EXPECT_THAT(log->Append(SimpleRecord("p", 10)),
+              StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_EQ(AllLines(dir_).size(), 10u);
+}
+
+TEST_F(AuditLogCheckpointTest, OpenRefusesATailBoundBelowTheInterval) {
+  FileAuditLog::Options options;
+  options.dir = dir_;
+  options.node_id = kNode;
+  options.signer = &signer_;
+  options.checkpoint_every = 100;
+  options.max_unsigned_tail = 50;
+  EXPECT_THAT(FileAuditLog::Open(options),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("max_unsigned_tail"),
+                             HasSubstr("checkpoint_every"))));
 }
 
 TEST(JsonTextTest, ValidStringsAreWrittenAsNlohmannWritesThem) {

@@ -563,6 +563,67 @@ TEST_F(AuditVerifierTest, RecordsAfterTheLastCheckpointAreTheUnsignedTail) {
   std::filesystem::remove_all(dir);
 }
 
+// Records written after the last checkpoint without a signer, as many as
+// the bound allows and then one more: the bound is on the unsigned tail, and
+// the break names the first record past it.
+TEST_F(AuditVerifierTest, AnUnsignedTailOverTheBoundIsABreak) {
+  const std::string dir = *g_root + "/long-tail";
+  std::filesystem::copy(*g_master, dir);
+  {
+    FileAuditLog::Options options;
+    options.dir = dir;
+    options.node_id = kNode;
+    options.sync = false;  // no signer: no checkpoints
+    absl::StatusOr<std::unique_ptr<FileAuditLog>> log =
+        FileAuditLog::Open(options);
+    ASSERT_TRUE(log.ok()) << log.status();
+    for (int i = 0; i < 4; ++i) {
+      AuditRecord r;
+      r.time = absl::Now();
+      r.principal = "carol";
+      r.operation = "Decrypt";
+      ASSERT_THAT((*log)->Append(std::move(r)), IsOk());
+    }
+  }
+  const uint64_t total = g_log->by_seq.size() + 4;
+  AuditVerifyOptions options;
+  options.public_key_pems = {g_signer->public_key_pem()};
+  options.max_unsigned_tail = 4;
+  absl::StatusOr<AuditVerifyReport> report =
+      VerifyAuditDirectoryWith(dir, options);
+  ASSERT_THAT(report, IsOk());
+  EXPECT_TRUE(report->ok) << "a tail of 4 is within 4: " << report->first_break;
+
+  options.max_unsigned_tail = 3;
+  report = VerifyAuditDirectoryWith(dir, options);
+  ASSERT_THAT(report, IsOk());
+  EXPECT_FALSE(report->ok);
+  const std::string newest = absl::StrFormat("%s/audit-%s-%020d.jsonl", dir,
+                                             kNode, g_log->by_seq.size() + 1);
+  EXPECT_THAT(
+      report->first_break,
+      HasSubstr(absl::StrCat(newest, ":4: seq ", total, ": node ", kNode,
+                             " has 4 records after its last "
+                             "checkpoint (seq ",
+                             total - 4, "), more than the 3 allowed")))
+      << report->first_break;
+  ASSERT_EQ(report->nodes.size(), 1u);
+  EXPECT_EQ(report->nodes[0].unsigned_tail, 4u);
+
+  // Without a key the chain alone is checked, and the tail only reported;
+  // so it is for the server checking its own live log.
+  options.public_key_pems.clear();
+  report = VerifyAuditDirectoryWith(dir, options);
+  ASSERT_THAT(report, IsOk());
+  EXPECT_TRUE(report->ok) << report->first_break;
+  options.public_key_pems = {g_signer->public_key_pem()};
+  options.live = true;
+  report = VerifyAuditDirectoryWith(dir, options);
+  ASSERT_THAT(report, IsOk());
+  EXPECT_TRUE(report->ok) << report->first_break;
+  std::filesystem::remove_all(dir);
+}
+
 TEST_F(AuditVerifierTest, ABadPublicKeyIsAnError) {
   EXPECT_FALSE(VerifyAuditDirectory(*g_master, {"not a key"}).ok());
 }
@@ -658,6 +719,35 @@ TEST(AuditVerifierFuzzRegressionTest, AnEscapedCheckpointKeyCountsAsOne) {
   ASSERT_EQ(v.report.nodes.size(), 1u);
   EXPECT_EQ(v.report.nodes[0].checkpoints, 1u);
   EXPECT_EQ(v.report.nodes[0].unsigned_tail, 0u);
+}
+
+// Anyone can write records that chain: with a key given, a log without a
+// single valid checkpoint proves nothing and is a break.
+TEST(AuditVerifierTextTest, AForgedChainWithoutACheckpointFailsWithAKey) {
+  MemorySigner signer;
+  std::string text;
+  std::string prev = kAuditGenesisHash;
+  for (int seq = 1; seq <= 3; ++seq) {
+    const std::string line = absl::StrCat(
+        R"({"seq":)", seq,
+        R"(,"time":"2026-01-01T00:00:00.000000Z","node":"n1",)"
+        R"("principal":"spiffe://t/admin","operation":"CreateKey",)"
+        R"("outcome":"ALLOWED","code":"OK","prev":")",
+        prev, "\"}");
+    absl::StrAppend(&text, line, "\n");
+    prev = AuditLineHash(line);
+  }
+  const HandWritten signed_check = VerifyText(text, {signer.public_key_pem()});
+  EXPECT_FALSE(signed_check.report.ok);
+  EXPECT_THAT(signed_check.report.first_break,
+              HasSubstr(absl::StrCat(signed_check.segment,
+                                     ":3: seq 3: node n1 has 3 records and no "
+                                     "signed checkpoint")));
+  ASSERT_EQ(signed_check.report.nodes.size(), 1u);
+  EXPECT_EQ(signed_check.report.nodes[0].unsigned_tail, 3u);
+
+  const HandWritten chain_only = VerifyText(text, {});
+  EXPECT_TRUE(chain_only.report.ok) << chain_only.report.first_break;
 }
 
 TEST(AuditVerifierTextTest, ValidJsonInAnotherLayoutVerifies) {

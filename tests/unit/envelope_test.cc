@@ -43,6 +43,7 @@ namespace {
 
 using ::custos::testing::IsOk;
 using ::custos::testing::StatusIs;
+using ::testing::AllOf;
 using ::testing::ElementsAre;
 using ::testing::Eq;
 using ::testing::HasSubstr;
@@ -209,8 +210,9 @@ class FakeDataKeySource : public DataKeySource {
     return out;
   }
 
-  absl::StatusOr<SecretBytes> DecryptDataKey(const std::string& blob,
-                                             const Context& context) override {
+  absl::StatusOr<SecretBytes> DecryptDataKey(
+      const std::string& blob, const Context& context,
+      const std::string& expected_key) override {
     ++decrypt_calls_;
     if (!next_error_.ok()) return std::exchange(next_error_, absl::OkStatus());
     const absl::Status invalid =
@@ -218,6 +220,11 @@ class FakeDataKeySource : public DataKeySource {
     if (blob.empty()) return invalid;
     const size_t prefix_size = 1 + static_cast<uint8_t>(blob[0]);
     if (blob.size() < prefix_size + 12 + 16) return invalid;
+    // As Custos does: another key's blob reads as an invalid one.
+    if (!expected_key.empty() &&
+        blob.substr(1, prefix_size - 1) != expected_key) {
+      return invalid;
+    }
     absl::string_view b(blob);
     std::optional<std::string> key = GcmOpen(
         wrap_key_, b.substr(prefix_size, 12),
@@ -889,6 +896,36 @@ TEST(EnvelopeTest, DecryptDataKeyErrorIsReturnedAndNothingIsWritten) {
   Decrypted d = Decrypt(kms, *envelope);
   EXPECT_THAT(d.status, StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_TRUE(d.out.empty());
+}
+
+// Without an expected key, a file swapped for one under another key the
+// caller may use would decrypt: the expected key closes that.
+TEST(EnvelopeTest, ExpectedKeyRefusesAFileOfAnotherKeyAndWritesNothing) {
+  FakeDataKeySource kms;
+  absl::StatusOr<std::string> envelope = Encrypt(kms, "data");
+  ASSERT_THAT(envelope, IsOk());
+  std::istringstream in(*envelope);
+  std::ostringstream out;
+  EnvelopeOptions options;
+  options.expected_key = "k-another";
+  EXPECT_THAT(DecryptStream(kms, in, out, nullptr, options),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("not wrapped under the expected key "
+                                       "'k-another'"),
+                             HasSubstr("invalid ciphertext"))));
+  EXPECT_TRUE(out.str().empty());
+}
+
+TEST(EnvelopeTest, ExpectedKeyOfTheFileDecrypts) {
+  FakeDataKeySource kms;
+  absl::StatusOr<std::string> envelope = Encrypt(kms, "data");
+  ASSERT_THAT(envelope, IsOk());
+  std::istringstream in(*envelope);
+  std::ostringstream out;
+  EnvelopeOptions options;
+  options.expected_key = kKeyName;
+  CUSTOS_EXPECT_OK(DecryptStream(kms, in, out, nullptr, options));
+  EXPECT_EQ(out.str(), "data");
 }
 
 TEST(EnvelopeTest, DataKeyOfTheWrongSizeIsRefused) {
