@@ -67,12 +67,31 @@ absl::StatusOr<InitOutcome> InitDeployment(Store& store, hsm::Hsm& hsm,
   absl::Status recorded =
       store.InsertDeployment({marker, token.label, token.serial, now});
   if (!recorded.ok()) {
-    // Another --init won the race, or the write failed: the marker (no
-    // secret) goes again, and the outcome is whatever the database holds.
-    hsm.DestroyMarker(marker, kDeploymentMarkerLabel).IgnoreError();
+    // Another --init won the race, or the write failed (perhaps only as far
+    // as this process could tell): the marker (no secret) goes again only
+    // if the database does not name it.
+    absl::StatusOr<std::optional<Deployment>> now = store.LoadDeployment();
+    if (now.ok() && now->has_value() && (*now)->id == marker) {
+      return InitOutcome::kCreated;
+    }
+    if (now.ok()) {
+      hsm.DestroyMarker(marker, kDeploymentMarkerLabel).IgnoreError();
+    }
     if (!absl::IsAlreadyExists(recorded)) return recorded;
     CUSTOS_RETURN_IF_ERROR(CheckDeployment(store, hsm));
     return InitOutcome::kAlreadyBound;
+  }
+  // Two --init runs on two databases against one token at once could each
+  // have found no marker: the one that sees two gives way.
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> after,
+                          hsm.FindMarkers(kDeploymentMarkerLabel));
+  if (after.size() > 1) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "init: token ", Describe(token.label, token.serial), " now has ",
+        after.size(),
+        " deployment markers (another --init ran against it at the same "
+        "time); this database stays bound but custosd will not start on it "
+        "until only one deployment uses the token"));
   }
   return InitOutcome::kCreated;
 }
@@ -105,6 +124,14 @@ absl::Status CheckDeployment(Store& store, hsm::Hsm& hsm) {
   }
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> markers,
                           hsm.FindMarkers(kDeploymentMarkerLabel));
+  if (markers.size() > 1) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "hsm: token ", Describe(token.label, token.serial), " carries ",
+        markers.size(),
+        " deployment markers: more than one Custos deployment was bound to "
+        "it. One token serves one deployment; find out which databases they "
+        "are before removing any"));
+  }
   if (std::find(markers.begin(), markers.end(), bound->id) == markers.end()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "hsm: token ", Describe(token.label, token.serial),

@@ -3,8 +3,11 @@
 // Material is only ever destroyed when the database positively says it is
 // garbage, and only after an audit record of the destruction is durable:
 //   - a new version's CKA_ID is committed as a generate-intent before the
-//     HSM generates it, so an object left by a crash between generating and
-//     committing is named by the database as garbage;
+//     HSM generates it; the version's commit settles (deletes) the intent.
+//     An intent left by a crash between generating and committing is
+//     claimed as garbage in the database (Store::ClaimIntent) before its
+//     object is destroyed, and a claimed intent can never be committed, so
+//     no process, cache or clock can destroy material a version names;
 //   - a version the database marks DESTROYED is garbage;
 //   - an object that no row names (no intent, no version) was not made by
 //     this database: it may belong to a newer database (an older backup was
@@ -65,19 +68,17 @@ absl::StatusOr<std::string> KeyService::GenerateVersionMaterial(
 void KeyService::DiscardUncommitted(const std::string& key_id, uint32_t version,
                                     const std::string& hsm_id) {
   // A commit that failed may still have been applied (a connection lost
-  // after COMMIT): destroy only when the database says no version owns it.
-  absl::StatusOr<Key> stored = registry_->store()->LoadKey(key_id);
-  if (stored.ok()) {
-    for (const KeyVersion& v : stored->versions) {
-      if (v.hsm_id == hsm_id) return;  // committed after all
-    }
-  } else if (!absl::IsNotFound(stored.status())) {
+  // after COMMIT): the claim succeeds only if the database shows no version
+  // owns the object, and from then on none can.
+  absl::StatusOr<bool> claimed = registry_->store()->ClaimIntent(hsm_id);
+  if (!claimed.ok()) {
     spdlog::warn(
         "HSM object {} of {} v{} was not committed; the database cannot say "
         "whether it is garbage now ({}): the reconciler settles it",
-        hsm::ObjectIdHex(hsm_id), key_id, version, stored.status().message());
+        hsm::ObjectIdHex(hsm_id), key_id, version, claimed.status().message());
     return;
   }
+  if (!*claimed) return;  // committed after all
   absl::Status s =
       DestroyGarbage(key_id, version, hsm_id,
                      "its version was never committed (the change failed)");
@@ -94,8 +95,8 @@ absl::Status KeyService::DestroyGarbage(const std::string& key_id,
   CUSTOS_RETURN_IF_ERROR(RecordMaterialEvent(
       key_id, version, "DestroyHsmObject",
       absl::StrCat("object ", hsm::ObjectIdHex(hsm_id), ": ", why)));
-  CUSTOS_RETURN_IF_ERROR(hsm_->DestroyObjects(hsm_id).status());
-  return registry_->store()->DeleteIntent(hsm_id);
+  // The claimed intent stays as a tombstone: no commit can name the object.
+  return hsm_->DestroyObjects(hsm_id).status();
 }
 
 absl::StatusOr<MaintenanceReport> KeyService::Reconcile() {
@@ -122,56 +123,103 @@ absl::StatusOr<MaintenanceReport> KeyService::Reconcile() {
 
   // A candidate may belong to a CreateKey or rotation that recorded its
   // intent and generated it before the listing and has not committed yet.
-  // Those hold material_mu_ shared from the intent until they commit or
-  // discard: once this lock is ours, every listed object is either owned
-  // by a committed row, seen in the registry now, or already gone; and the
-  // intents read now are complete for this process. Objects made after the
-  // listing were never candidates. lifecycle_mu_ keeps the deletion
-  // executor from being half way (objects destroyed, row not yet) while
-  // missing objects are counted.
-  absl::WriterMutexLock material(&material_mu_);
-  absl::MutexLock lifecycle(&lifecycle_mu_);
-  const VersionIds now = LiveAndDeadIds(registry_->All());
-  CUSTOS_ASSIGN_OR_RETURN(std::vector<MaterialIntent> intent_list,
-                          registry_->store()->ListIntents());
-  absl::flat_hash_map<std::string, const MaterialIntent*> intents;
-  for (const MaterialIntent& i : intent_list) intents[i.hsm_id] = &i;
-  const absl::Time wall = options_.now();
-
+  // In this process those hold material_mu_ shared from the intent until
+  // they commit or discard: once this lock is ours, every listed object is
+  // either owned by a committed row, seen in the registry now, or already
+  // gone. Another replica's are ordered by the database instead: an intent
+  // is claimed there before its object is destroyed, and a claimed intent
+  // never commits. lifecycle_mu_ keeps the deletion executor from being
+  // half way (objects destroyed, row not yet) while missing objects are
+  // counted. The locks are released before anything is destroyed.
   struct Garbage {
-    const hsm::HsmObject* object;
-    const MaterialIntent* intent;  // null: a destroyed version's object
+    std::string id;
+    std::string label;
+    std::string key_id;
+    uint32_t version = 0;
+    bool from_intent = false;
   };
   std::vector<Garbage> garbage;
   std::vector<const hsm::HsmObject*> quarantined;
-  for (const hsm::HsmObject* o : candidates) {
-    if (now.live.count(o->id) != 0) continue;  // committed meanwhile
-    if (now.dead.count(o->id) != 0) {
-      garbage.push_back({o, nullptr});
-      continue;
-    }
-    auto intent = intents.find(o->id);
-    if (intent == intents.end()) {
-      quarantined.push_back(o);
-      continue;
-    }
-    // With replicas, another process may hold this intent between its
-    // generate and its commit: wait out the grace on the intent's age.
-    if (wall - intent->second->create_time < options_.orphan_grace) {
-      ++report.orphans_waiting;
-      spdlog::warn(
-          "reconcile: HSM object {} ({}) has a generate-intent but no "
-          "version yet; destroyed if still uncommitted {} after the intent",
-          hsm::ObjectIdHex(o->id), o->label,
-          absl::FormatDuration(options_.orphan_grace));
-      continue;
-    }
-    garbage.push_back({o, intent->second});
-  }
+  VersionIds now;
+  {
+    absl::WriterMutexLock material(&material_mu_);
+    absl::MutexLock lifecycle(&lifecycle_mu_);
+    now = LiveAndDeadIds(registry_->All());
+    CUSTOS_ASSIGN_OR_RETURN(std::vector<MaterialIntent> intent_list,
+                            registry_->store()->ListIntents());
+    absl::flat_hash_map<std::string, const MaterialIntent*> intents;
+    for (const MaterialIntent& i : intent_list) intents[i.hsm_id] = &i;
+    const absl::Time wall = options_.now();
 
-  // Quarantine: report, never destroy.
-  report.quarantined = static_cast<int>(quarantined.size());
+    std::vector<std::pair<const hsm::HsmObject*, const MaterialIntent*>>
+        uncommitted;
+    for (const hsm::HsmObject* o : candidates) {
+      if (now.live.count(o->id) != 0) continue;  // committed meanwhile
+      if (auto dead = now.dead.find(o->id); dead != now.dead.end()) {
+        garbage.push_back(
+            {o->id, o->label, dead->second.first, dead->second.second, false});
+        continue;
+      }
+      auto intent = intents.find(o->id);
+      if (intent == intents.end()) {
+        quarantined.push_back(o);
+        continue;
+      }
+      uncommitted.emplace_back(o, intent->second);
+    }
+
+    // Quarantine: report, never destroy.
+    report.quarantined = static_cast<int>(quarantined.size());
+    // If most of the token's Custos objects are unknown to this database,
+    // something is wrong with the pairing (the wrong database, an old
+    // backup): then even objects the database calls garbage are left alone
+    // until an operator has looked. With any object unknown, intents are
+    // not claimed either: a restored backup may hold the intent of a
+    // version that a newer database committed.
+    report.refused = quarantined.size() * 2 > ours_count;
+    if (quarantined.empty()) {
+      for (const auto& [o, intent] : uncommitted) {
+        // With replicas, another process may hold this intent between its
+        // generate and its commit: leave it the grace before claiming (a
+        // claim would fail that commit, never lose its material).
+        if (!intent->claimed &&
+            wall - intent->create_time < options_.orphan_grace) {
+          ++report.orphans_waiting;
+          continue;
+        }
+        absl::StatusOr<bool> claimed =
+            intent->claimed ? true : registry_->store()->ClaimIntent(o->id);
+        if (!claimed.ok()) {
+          ++report.failures;
+          spdlog::error("reconcile: could not claim the intent of {}: {}",
+                        hsm::ObjectIdHex(o->id), claimed.status().message());
+          continue;
+        }
+        if (!*claimed) continue;  // its version committed meanwhile
+        garbage.push_back(
+            {o->id, o->label, intent->key_id, intent->version, true});
+      }
+      // Intents with no object: the generate never happened, or has not
+      // finished (a timed-out call). Claimed, so that an object that still
+      // appears is garbage and can never be committed.
+      for (const MaterialIntent& i : intent_list) {
+        if (i.claimed || present.count(i.hsm_id) != 0 ||
+            now.live.count(i.hsm_id) != 0 ||
+            wall - i.create_time < options_.orphan_grace) {
+          continue;
+        }
+        if (absl::Status c = registry_->store()->ClaimIntent(i.hsm_id).status();
+            !c.ok()) {
+          ++report.failures;
+        }
+      }
+    } else {
+      report.orphans_waiting += static_cast<int>(uncommitted.size());
+    }
+  }
   quarantined_objects_.store(report.quarantined);
+  destruction_allowed_.store(!report.refused && report.quarantined == 0);
+
   if (!quarantined.empty()) {
     std::vector<std::string> ids;
     for (const hsm::HsmObject* o : quarantined) {
@@ -192,14 +240,12 @@ absl::StatusOr<MaintenanceReport> KeyService::Reconcile() {
                      absl::StrJoin(ids, ","),
                      quarantined.size() > ids.size() ? ",..." : ""));
     if (!s.ok()) ++report.failures;
+    spdlog::warn(
+        "reconcile: with objects quarantined, no uncommitted generate-intent "
+        "is taken for garbage and the deletion executor destroys nothing "
+        "until the quarantine is settled");
   }
-
-  // If most of the token's Custos objects are unknown to this database,
-  // something is wrong with the pairing (the wrong database, an old backup):
-  // then even objects the database calls garbage are left alone until an
-  // operator has looked.
-  if (quarantined.size() * 2 > ours_count) {
-    report.refused = true;
+  if (report.refused) {
     spdlog::error(
         "reconcile: {} of the {} Custos objects on the token are named by no "
         "row of this database; destroying nothing (not even the {} it calls "
@@ -209,39 +255,21 @@ absl::StatusOr<MaintenanceReport> KeyService::Reconcile() {
   } else {
     for (const Garbage& g : garbage) {
       const std::string why =
-          g.intent == nullptr
-              ? "its version is destroyed in the database"
-              : "its generate-intent was never committed as a version (an "
-                "interrupted create or rotate)";
-      absl::Status s =
-          DestroyGarbage(g.intent ? g.intent->key_id : "",
-                         g.intent ? g.intent->version : 0, g.object->id, why);
+          g.from_intent
+              ? "its generate-intent was never committed as a version (an "
+                "interrupted create or rotate)"
+              : "its version is destroyed in the database";
+      absl::Status s = DestroyGarbage(g.key_id, g.version, g.id, why);
       if (!s.ok()) {
         ++report.failures;
         spdlog::error("reconcile: could not destroy HSM object {} ({}): {}",
-                      hsm::ObjectIdHex(g.object->id), g.object->label,
-                      s.message());
+                      hsm::ObjectIdHex(g.id), g.label, s.message());
         continue;
       }
       ++report.destroyed_objects;
-      if (g.intent != nullptr) ++report.orphans_destroyed;
+      if (g.from_intent) ++report.orphans_destroyed;
       spdlog::warn("reconcile: destroyed HSM object {} ({}): {}",
-                   hsm::ObjectIdHex(g.object->id), g.object->label, why);
-    }
-  }
-
-  // Intents settled: their version committed (live or dead), or nothing
-  // was ever generated under them (past the grace, with replicas).
-  for (const MaterialIntent& i : intent_list) {
-    const bool committed =
-        now.live.count(i.hsm_id) != 0 || now.dead.count(i.hsm_id) != 0;
-    const bool never_made = present.count(i.hsm_id) == 0 &&
-                            wall - i.create_time >= options_.orphan_grace;
-    if (!committed && !never_made) continue;
-    if (absl::Status s = registry_->store()->DeleteIntent(i.hsm_id); !s.ok()) {
-      ++report.failures;
-      spdlog::warn("reconcile: could not clear a generate-intent: {}",
-                   s.message());
+                   hsm::ObjectIdHex(g.id), g.label, why);
     }
   }
 

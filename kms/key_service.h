@@ -416,7 +416,8 @@ class KeyService {
   // material must exist, and those whose material must be gone.
   struct VersionIds {
     std::set<std::string> live;
-    std::set<std::string> dead;
+    // CKA_ID -> (key id, version number)
+    std::map<std::string, std::pair<std::string, uint32_t>> dead;
   };
   static VersionIds LiveAndDeadIds(
       const std::vector<std::shared_ptr<const Key>>& keys);
@@ -451,6 +452,10 @@ class KeyService {
   absl::flat_hash_map<std::string, WindowMark> window_marks_
       ABSL_GUARDED_BY(window_mu_);
   std::atomic<int> quarantined_objects_{0};
+  // False while the last Reconcile found objects no row names: the
+  // deletion executor then destroys nothing (a restored older database may
+  // hold a deletion that a newer one cancelled).
+  std::atomic<bool> destruction_allowed_{true};
   absl::Mutex counters_mu_;
   absl::flat_hash_map<std::string, std::unique_ptr<Counter>> counters_
       ABSL_GUARDED_BY(counters_mu_);

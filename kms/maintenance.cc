@@ -135,7 +135,16 @@ MaintenanceReport KeyService::RunScheduledWork() {
   MaintenanceReport report;
   CountDeletionWindows(report);
   const absl::Time now = options_.now();
+  const bool may_destroy = destruction_allowed_.load();
   for (const std::shared_ptr<const Key>& key : registry_->All()) {
+    if (DueForDestruction(*key, now) && !may_destroy) {
+      spdlog::warn(
+          "key {} is due for destruction, but the last reconciliation "
+          "quarantined HSM objects: nothing is destroyed until that is "
+          "settled (custos-hsmtool quarantine list)",
+          key->id);
+      continue;
+    }
     if (DueForDestruction(*key, now)) {
       Audit audit(this, SystemCaller(), Rpc::kScheduleKeyDeletion);
       audit.SetKey(key->id, 0);
@@ -190,7 +199,11 @@ KeyService::VersionIds KeyService::LiveAndDeadIds(
     for (const KeyVersion& v : key->versions) {
       bool destroyed = v.state == VersionState::kDestroyed ||
                        key->state == KeyState::kDestroyed;
-      (destroyed ? ids.dead : ids.live).insert(v.hsm_id);
+      if (destroyed) {
+        ids.dead[v.hsm_id] = {key->id, v.number};
+      } else {
+        ids.live.insert(v.hsm_id);
+      }
     }
   }
   return ids;

@@ -65,6 +65,10 @@ void BackgroundWork::Maintain() {
                       s.message());
       }
     }
+    // Nothing scheduled runs before a reconciliation has judged the token
+    // against the database (a restored older database must not destroy
+    // what a newer one keeps).
+    if (!reconciled) continue;
     kms::MaintenanceReport r = service_->RunScheduledWork();
     if (r.rotated || r.destroyed_keys || r.failures) {
       spdlog::info("maintenance: rotated {}, destroyed {} keys, {} failures",

@@ -189,6 +189,18 @@ absl::Status RunCommand(const std::string& command, const Flags& flags) {
                         : absl::OkStatus();
   }
   if (command == "destroy") {
+    // Custos's own objects are destroyed only through Custos, audited:
+    // keys by ScheduleKeyDeletion, the quarantine by `quarantine destroy`.
+    CUSTOS_ASSIGN_OR_RETURN(auto objects, hsm->ListKeyObjects());
+    for (const auto& o : objects) {
+      if (o.id == id && o.label.rfind("custos:", 0) == 0) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "object ", flags.id_hex, " ('", o.label,
+            "') is Custos's: destroy keys with ScheduleKeyDeletion, and "
+            "objects no database row names with `custos-hsmtool --config "
+            "FILE quarantine destroy --id ...` (both audited)"));
+      }
+    }
     CUSTOS_ASSIGN_OR_RETURN(int n, hsm->DestroyObjects(id));
     std::cout << "destroyed " << n << " object(s)\n";
     return absl::OkStatus();

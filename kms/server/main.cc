@@ -22,6 +22,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -125,6 +126,28 @@ absl::StatusOr<std::unique_ptr<hsm::Module>> LoadModule(const Config& config) {
   return module;
 }
 
+// Whether the node has audit segments in its audit directory.
+bool NodeHasAuditLog(const Config& config) {
+  std::error_code ec;
+  const std::string prefix = absl::StrCat("audit-", config.node_id, "-");
+  for (const auto& entry :
+       std::filesystem::directory_iterator(config.audit_dir, ec)) {
+    // audit-<node>-<first seq, 20 digits>.jsonl, exactly (node "a" must
+    // not take node "a-b"'s segments for its own).
+    const std::string name = entry.path().filename().string();
+    if (!absl::StartsWith(name, prefix) || !absl::EndsWith(name, ".jsonl")) {
+      continue;
+    }
+    const std::string seq =
+        name.substr(prefix.size(), name.size() - prefix.size() - 6);
+    if (seq.size() == 20 &&
+        seq.find_first_not_of("0123456789") == std::string::npos) {
+      return true;
+    }
+  }
+  return false;
+}
+
 // custosd --init: see the file comment. Idempotent: a second run on an
 // initialised node changes nothing and says so.
 absl::Status Init(const std::string& config_path) {
@@ -141,17 +164,32 @@ absl::Status Init(const std::string& config_path) {
       OpenHsm(config, *module, store->Shared(), /*metric_registry=*/nullptr));
   CUSTOS_ASSIGN_OR_RETURN(kms::InitOutcome outcome,
                           kms::InitDeployment(*store, *hsm, absl::Now()));
-  CUSTOS_ASSIGN_OR_RETURN(
-      std::unique_ptr<kms::HsmAuditSigner> signer,
-      kms::HsmAuditSigner::Create(hsm.get(), config.node_id));
-  CUSTOS_RETURN_IF_ERROR(WritePublicKey(config, signer->public_key_pem()));
+  // A node whose audit log exists keeps the key that signed it: a new one
+  // would vouch for a rewritten history as well as for the real one.
+  absl::StatusOr<std::unique_ptr<kms::HsmAuditSigner>> signer =
+      kms::HsmAuditSigner::Open(hsm.get(), config.node_id);
+  if (!signer.ok() && absl::IsFailedPrecondition(signer.status()) &&
+      NodeHasAuditLog(config)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "init: node ", config.node_id, " has an audit log in ",
+        config.audit_dir,
+        " but its checkpoint signing key is gone from the token. A new key "
+        "is not made for an existing log (it would vouch for a rewritten "
+        "history too): restore the token from its backup, or give this "
+        "server a new node_id and audit_dir"));
+  }
+  if (!signer.ok() && absl::IsFailedPrecondition(signer.status())) {
+    signer = kms::HsmAuditSigner::Create(hsm.get(), config.node_id);
+  }
+  CUSTOS_RETURN_IF_ERROR(signer.status());
+  CUSTOS_RETURN_IF_ERROR(WritePublicKey(config, (*signer)->public_key_pem()));
   std::cout << (outcome == kms::InitOutcome::kCreated
                     ? "initialised: database "
                     : "already initialised: database ")
             << kms::RedactStorageUrl(config.storage) << " bound to token '"
             << hsm->token().label << "' (serial " << hsm->token().serial
             << "); node " << config.node_id << " signs checkpoints with key "
-            << signer->fingerprint() << "\n";
+            << (*signer)->fingerprint() << "\n";
   return absl::OkStatus();
 }
 

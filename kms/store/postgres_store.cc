@@ -138,7 +138,8 @@ CREATE TABLE material_intents (
   hsm_id BYTEA PRIMARY KEY,
   key_id TEXT NOT NULL,
   number BIGINT NOT NULL,
-  create_us BIGINT NOT NULL
+  create_us BIGINT NOT NULL,
+  claimed INTEGER NOT NULL DEFAULT 0
 );
 )sql"},
 };
@@ -524,7 +525,28 @@ absl::StatusOr<Key> PostgresStore::LoadKeyLocked(absl::string_view id,
   return key;
 }
 
-absl::Status PostgresStore::WriteKeyLocked(const Key& key, bool insert) {
+absl::Status PostgresStore::SettleIntentLocked(const KeyVersion& version) {
+  // The row lock of FOR UPDATE orders this against a concurrent claim.
+  CUSTOS_ASSIGN_OR_RETURN(
+      pg::Result q,
+      Query(conn_,
+            "SELECT claimed FROM material_intents WHERE hsm_id = "
+            "decode($1, 'hex') FOR UPDATE",
+            {absl::BytesToHexString(version.hsm_id)}, "settle intent"));
+  if (q.rows() == 0) return absl::OkStatus();  // made without an intent
+  if (pg::Row(q, 0).Int(0) != 0) {
+    return absl::AbortedError(
+        absl::StrCat("version ", version.number,
+                     "'s HSM object was claimed as garbage before its commit"));
+  }
+  return Exec(conn_,
+              "DELETE FROM material_intents WHERE hsm_id = decode($1, 'hex')",
+              {absl::BytesToHexString(version.hsm_id)}, "settle intent")
+      .status();
+}
+
+absl::Status PostgresStore::WriteKeyLocked(const Key& key, bool insert,
+                                           uint32_t first_new_version) {
   const char* sql =
       insert ? "INSERT INTO keys (description, labels, purpose, state, "
                "rotation_period_s, next_rotation_us, primary_version, "
@@ -556,6 +578,9 @@ absl::Status PostgresStore::WriteKeyLocked(const Key& key, bool insert) {
     return absl::NotFoundError(absl::StrCat("key ", key.id, " not found"));
   }
   for (const KeyVersion& v : key.versions) {
+    if (v.number >= first_new_version) {
+      CUSTOS_RETURN_IF_ERROR(SettleIntentLocked(v));
+    }
     CUSTOS_RETURN_IF_ERROR(
         Exec(conn_,
              "INSERT INTO key_versions (key_id, number, state, hsm_id, "
@@ -652,7 +677,8 @@ absl::Status PostgresStore::InsertKey(const Key& key) {
   CUSTOS_RETURN_IF_ERROR(EnsureConnected());
   Transaction tx(conn_);
   CUSTOS_RETURN_IF_ERROR(tx.Begin());
-  absl::Status s = WriteKeyLocked(key, /*insert=*/true);
+  absl::Status s =
+      WriteKeyLocked(key, /*insert=*/true, /*first_new_version=*/1);
   if (absl::IsAlreadyExists(s) && absl::StrContains(s.message(), "keys_pkey")) {
     return absl::AlreadyExistsError(
         absl::StrCat("key ", key.id, " already exists"));
@@ -701,10 +727,11 @@ absl::StatusOr<Key> PostgresStore::UpdateKey(absl::string_view id,
       continue;
     }
     CUSTOS_RETURN_IF_ERROR(s);
+    const uint32_t first_new = static_cast<uint32_t>(key->versions.size()) + 1;
     CUSTOS_RETURN_IF_ERROR(mutate(*key));
     if (key->id != id) return absl::InternalError("a key's id cannot change");
     CUSTOS_RETURN_IF_ERROR(CheckStorable(*key));
-    CUSTOS_RETURN_IF_ERROR(WriteKeyLocked(*key, /*insert=*/false));
+    CUSTOS_RETURN_IF_ERROR(WriteKeyLocked(*key, /*insert=*/false, first_new));
     CUSTOS_RETURN_IF_ERROR(NotifyLocked(key->id));
     CUSTOS_RETURN_IF_ERROR(tx->Commit());
     return key;
@@ -834,14 +861,14 @@ absl::StatusOr<std::vector<MaterialIntent>> PostgresStore::ListIntents() {
   CUSTOS_ASSIGN_OR_RETURN(
       pg::Result q,
       Query(conn_,
-            "SELECT encode(hsm_id, 'hex'), key_id, number, create_us "
-            "FROM material_intents ORDER BY create_us",
+            "SELECT encode(hsm_id, 'hex'), key_id, number, create_us, "
+            "claimed FROM material_intents ORDER BY create_us",
             {}, "list intents"));
   std::vector<MaterialIntent> out;
   for (int i = 0; i < q.rows(); ++i) {
     pg::Row row(q, i);
     out.push_back({row.Blob(0), row.Text(1), static_cast<uint32_t>(row.Int(2)),
-                   FromMicros(row.Int(3))});
+                   FromMicros(row.Int(3)), row.Int(4) != 0});
   }
   return out;
 }
@@ -853,6 +880,22 @@ absl::Status PostgresStore::DeleteIntent(absl::string_view hsm_id) {
               "DELETE FROM material_intents WHERE hsm_id = decode($1, 'hex')",
               {absl::BytesToHexString(hsm_id)}, "delete intent")
       .status();
+}
+
+absl::StatusOr<bool> PostgresStore::ClaimIntent(absl::string_view hsm_id) {
+  absl::MutexLock lock(&mu_);
+  CUSTOS_RETURN_IF_ERROR(EnsureConnected());
+  // One statement: it waits for a commit holding the intent's row lock,
+  // then sees the row gone (settled) or still there.
+  const std::string hex = absl::BytesToHexString(hsm_id);
+  CUSTOS_ASSIGN_OR_RETURN(
+      pg::Result r,
+      Query(conn_,
+            "UPDATE material_intents SET claimed = 1 WHERE hsm_id = "
+            "decode($1, 'hex') AND NOT EXISTS (SELECT 1 FROM key_versions "
+            "WHERE hsm_id = decode($1, 'hex')) RETURNING 1",
+            {hex}, "claim intent"));
+  return r.rows() == 1;
 }
 
 absl::StatusOr<std::unique_ptr<ChangeFeed>> PostgresStore::WatchChanges() {

@@ -57,6 +57,7 @@ class PostgresStore : public Store {
   absl::Status InsertIntent(const MaterialIntent& intent) override;
   absl::StatusOr<std::vector<MaterialIntent>> ListIntents() override;
   absl::Status DeleteIntent(absl::string_view hsm_id) override;
+  absl::StatusOr<bool> ClaimIntent(absl::string_view hsm_id) override;
   int SchemaVersion() const override { return schema_version_; }
 
   bool Shared() const override { return true; }
@@ -71,7 +72,15 @@ class PostgresStore : public Store {
   absl::Status EnsureConnected() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Key> LoadKeyLocked(absl::string_view id, bool for_update)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status WriteKeyLocked(const Key& key, bool insert)
+  // Writes the key row and its versions; versions numbered from
+  // `first_new_version` on are new, and their intents are settled (see
+  // MaterialIntent).
+  absl::Status WriteKeyLocked(const Key& key, bool insert,
+                              uint32_t first_new_version)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Deletes the intent of a new version's object; ABORTED if it was
+  // claimed as garbage.
+  absl::Status SettleIntentLocked(const KeyVersion& version)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Sends NOTIFY custos_keys, id (delivered when the transaction commits).
   absl::Status NotifyLocked(absl::string_view key_id)

@@ -84,7 +84,8 @@ CREATE TABLE material_intents (
   hsm_id BLOB PRIMARY KEY,
   key_id TEXT NOT NULL,
   number INTEGER NOT NULL,
-  create_us INTEGER NOT NULL
+  create_us INTEGER NOT NULL,
+  claimed INTEGER NOT NULL DEFAULT 0
 );
 )sql"},
 };
@@ -366,7 +367,26 @@ absl::StatusOr<Key> SqliteStore::LoadKeyLocked(absl::string_view id) {
   return key;
 }
 
-absl::Status SqliteStore::WriteKeyLocked(const Key& key, bool insert) {
+absl::Status SqliteStore::SettleIntentLocked(const KeyVersion& version) {
+  Stmt q(db_, "SELECT claimed FROM material_intents WHERE hsm_id = ?");
+  CUSTOS_RETURN_IF_ERROR(q.prepared());
+  q.BindBlob(1, version.hsm_id);
+  const int rc = q.Step();
+  if (rc == SQLITE_DONE) return absl::OkStatus();  // made without an intent
+  if (rc != SQLITE_ROW) return SqliteStatus(db_, rc, "settle intent");
+  if (q.Int(0) != 0) {
+    return absl::AbortedError(
+        absl::StrCat("version ", version.number,
+                     "'s HSM object was claimed as garbage before its commit"));
+  }
+  Stmt d(db_, "DELETE FROM material_intents WHERE hsm_id = ?");
+  CUSTOS_RETURN_IF_ERROR(d.prepared());
+  d.BindBlob(1, version.hsm_id);
+  return SqliteStatus(db_, d.Step(), "settle intent");
+}
+
+absl::Status SqliteStore::WriteKeyLocked(const Key& key, bool insert,
+                                         uint32_t first_new_version) {
   Stmt k(db_, insert ? "INSERT INTO keys (description, labels, purpose, state, "
                        "rotation_period_s, next_rotation_us, primary_version, "
                        "create_us, update_us, deletion_us, policy, "
@@ -408,6 +428,9 @@ absl::Status SqliteStore::WriteKeyLocked(const Key& key, bool insert) {
     return absl::NotFoundError(absl::StrCat("key ", key.id, " not found"));
   }
   for (const KeyVersion& v : key.versions) {
+    if (v.number >= first_new_version) {
+      CUSTOS_RETURN_IF_ERROR(SettleIntentLocked(v));
+    }
     Stmt w(db_,
            "INSERT INTO key_versions (key_id, number, state, hsm_id, "
            "create_us, encryptions_reserved) VALUES (?,?,?,?,?,?) "
@@ -489,7 +512,8 @@ absl::Status SqliteStore::InsertKey(const Key& key) {
   absl::MutexLock lock(&mu_);
   Transaction tx(db_);
   CUSTOS_RETURN_IF_ERROR(tx.Begin());
-  CUSTOS_RETURN_IF_ERROR(WriteKeyLocked(key, /*insert=*/true));
+  CUSTOS_RETURN_IF_ERROR(
+      WriteKeyLocked(key, /*insert=*/true, /*first_new_version=*/1));
   for (const std::string& alias : key.aliases) {
     Stmt a(db_, "INSERT INTO aliases (name, key_id, create_us) VALUES (?,?,?)");
     CUSTOS_RETURN_IF_ERROR(a.prepared());
@@ -510,9 +534,10 @@ absl::StatusOr<Key> SqliteStore::UpdateKey(absl::string_view id,
   Transaction tx(db_);
   CUSTOS_RETURN_IF_ERROR(tx.Begin());
   CUSTOS_ASSIGN_OR_RETURN(Key key, LoadKeyLocked(id));
+  const uint32_t first_new = static_cast<uint32_t>(key.versions.size()) + 1;
   CUSTOS_RETURN_IF_ERROR(mutate(key));
   if (key.id != id) return absl::InternalError("a key's id cannot change");
-  CUSTOS_RETURN_IF_ERROR(WriteKeyLocked(key, /*insert=*/false));
+  CUSTOS_RETURN_IF_ERROR(WriteKeyLocked(key, /*insert=*/false, first_new));
   CUSTOS_RETURN_IF_ERROR(tx.Commit());
   return key;
 }
@@ -615,14 +640,14 @@ absl::Status SqliteStore::InsertIntent(const MaterialIntent& intent) {
 absl::StatusOr<std::vector<MaterialIntent>> SqliteStore::ListIntents() {
   absl::MutexLock lock(&mu_);
   Stmt q(db_,
-         "SELECT hsm_id, key_id, number, create_us FROM material_intents "
-         "ORDER BY create_us");
+         "SELECT hsm_id, key_id, number, create_us, claimed "
+         "FROM material_intents ORDER BY create_us");
   CUSTOS_RETURN_IF_ERROR(q.prepared());
   std::vector<MaterialIntent> out;
   int rc;
   while ((rc = q.Step()) == SQLITE_ROW) {
     out.push_back({q.Blob(0), q.Text(1), static_cast<uint32_t>(q.Int(2)),
-                   FromMicros(q.Int(3))});
+                   FromMicros(q.Int(3)), q.Int(4) != 0});
   }
   if (rc != SQLITE_DONE) return SqliteStatus(db_, rc, "list intents");
   return out;
@@ -634,6 +659,21 @@ absl::Status SqliteStore::DeleteIntent(absl::string_view hsm_id) {
   CUSTOS_RETURN_IF_ERROR(d.prepared());
   d.BindBlob(1, hsm_id);
   return SqliteStatus(db_, d.Step(), "delete intent");
+}
+
+absl::StatusOr<bool> SqliteStore::ClaimIntent(absl::string_view hsm_id) {
+  absl::MutexLock lock(&mu_);
+  Transaction tx(db_);
+  CUSTOS_RETURN_IF_ERROR(tx.Begin());
+  Stmt u(db_,
+         "UPDATE material_intents SET claimed = 1 WHERE hsm_id = ? AND NOT "
+         "EXISTS (SELECT 1 FROM key_versions WHERE hsm_id = ?)");
+  CUSTOS_RETURN_IF_ERROR(u.prepared());
+  u.BindBlob(1, hsm_id).BindBlob(2, hsm_id);
+  CUSTOS_RETURN_IF_ERROR(SqliteStatus(db_, u.Step(), "claim intent"));
+  const bool claimed = sqlite3_changes(db_) == 1;
+  CUSTOS_RETURN_IF_ERROR(tx.Commit());
+  return claimed;
 }
 
 }  // namespace custos::kms

@@ -38,15 +38,19 @@ struct Deployment {
 };
 
 // A generate-intent: the CKA_ID that a key version's material is about to
-// get, committed before the HSM generates it. An intent whose object no
-// version row ever names is garbage (left by a crash between generating
-// and committing); an HSM object that neither an intent nor a version
-// names was never made by this database and is never destroyed by it.
+// get, committed before the HSM generates it. The commit of the version
+// deletes its intent in the same transaction, and fails (ABORTED) if the
+// intent was claimed as garbage meanwhile. Claiming (Store::ClaimIntent)
+// marks an intent that no version names as garbage, for good: its object
+// may then be destroyed, and no commit can ever name it. An HSM object
+// that neither an intent nor a version names was never made by this
+// database and is never destroyed by it.
 struct MaterialIntent {
   std::string hsm_id;  // raw CKA_ID
   std::string key_id;
   uint32_t version = 0;
   absl::Time create_time;
+  bool claimed = false;  // garbage, for good (a tombstone)
 };
 
 // Changes that other processes sharing the store have committed. Not
@@ -107,10 +111,17 @@ class Store {
   virtual absl::Status InsertDeployment(const Deployment& deployment) = 0;
 
   // Generate-intents (see MaterialIntent). Recording one twice is an
-  // error (ALREADY_EXISTS); deleting an absent one is not.
+  // error (ALREADY_EXISTS); deleting an absent one is not. InsertKey and
+  // UpdateKey settle the intents of the versions they add (see
+  // MaterialIntent).
   virtual absl::Status InsertIntent(const MaterialIntent& intent) = 0;
   virtual absl::StatusOr<std::vector<MaterialIntent>> ListIntents() = 0;
   virtual absl::Status DeleteIntent(absl::string_view hsm_id) = 0;
+  // In one transaction: claims the intent for `hsm_id` as garbage unless a
+  // version names that object. True if the intent is claimed now (by this
+  // call or an earlier one); false if there is no such intent (its version
+  // committed, or it never existed) or a version names the object.
+  virtual absl::StatusOr<bool> ClaimIntent(absl::string_view hsm_id) = 0;
 
   // The schema version after migrations.
   virtual int SchemaVersion() const = 0;

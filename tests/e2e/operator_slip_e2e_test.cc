@@ -338,6 +338,10 @@ TEST_F(OperatorSlipE2eTest, OperatorDestroysOneQuarantinedObjectByName) {
   EXPECT_TRUE(Decrypt(blob).ok());
 }
 
+// The signing key deleted behind custosd's back (pkcs11-tool, as anyone
+// with the PIN could): custosd does not start, and --init does not make a
+// new key for a node whose audit log exists. custos-hsmtool refuses to
+// destroy Custos objects at all.
 TEST_F(OperatorSlipE2eTest, LostAuditSigningKeyStopsStartUp) {
   ASSERT_TRUE(server_->Stop().ok());
   ProcessResult list =
@@ -350,13 +354,30 @@ TEST_F(OperatorSlipE2eTest, LostAuditSigningKeyStopsStartUp) {
     }
   }
   ASSERT_FALSE(signer.empty()) << list.out;
-  ProcessResult destroyed =
+  ProcessResult refused =
       HsmTool({"--token", "custos", "--pin-file", server_->pin_file(),
                "destroy", "--id", signer});
-  ASSERT_EQ(destroyed.code, 0) << destroyed;
+  EXPECT_NE(refused.code, 0) << refused;
+  EXPECT_THAT(refused.err, HasSubstr("is Custos's"));
+
+  const std::string pin(
+      absl::StripTrailingAsciiWhitespace(ReadAll(server_->pin_file())));
+  for (const char* type : {"privkey", "pubkey"}) {
+    testing::CommandResult deleted = testing::RunCommand(absl::StrCat(
+        "SOFTHSM2_CONF=", server_->softhsm_conf(),
+        " pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so --token-label "
+        "custos --login --pin ",
+        pin, " --delete-object --type ", type, " --id ", signer));
+    ASSERT_EQ(deleted.exit_code, 0) << deleted.output;
+  }
   ProcessResult start = server_->StartExpectingFailure();
   EXPECT_EQ(start.code, 1) << start;
   EXPECT_THAT(start.err, HasSubstr("no checkpoint signing key"));
+  ProcessResult init = server_->RunCustosd({"--init"});
+  EXPECT_EQ(init.code, 1) << init;
+  EXPECT_THAT(init.err, HasSubstr("its checkpoint signing key is gone"));
+  ProcessResult still = server_->StartExpectingFailure();
+  EXPECT_THAT(still.err, HasSubstr("no checkpoint signing key"));
 }
 
 }  // namespace

@@ -1781,6 +1781,9 @@ class HookedStore : public Store {
   absl::Status DeleteIntent(absl::string_view hsm_id) override {
     return next_->DeleteIntent(hsm_id);
   }
+  absl::StatusOr<bool> ClaimIntent(absl::string_view hsm_id) override {
+    return next_->ClaimIntent(hsm_id);
+  }
   int SchemaVersion() const override { return next_->SchemaVersion(); }
 
  private:
