@@ -213,7 +213,8 @@ absl::Status CustosdProcess::Launch() {
     for (const auto& [name, value] : options_.env) {
       setenv(name.c_str(), value.c_str(), 1);
     }
-    std::string binary = BinDir() + "/custosd";
+    // The test build: it accepts the config's `testing:` section.
+    std::string binary = BinDir() + "/custosd-test";
     std::string config = config_path();
     execl(binary.c_str(), binary.c_str(), "--config", config.c_str(),
           static_cast<char*>(nullptr));
