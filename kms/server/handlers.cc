@@ -121,12 +121,12 @@ grpc::ServerUnaryReactor* KeyManagementHandler::CreateKey(
   return Serve(
       ctx, service_, callers_, kms::Rpc::kCreateKey,
       [&](const kms::Caller& caller) -> absl::Status {
-        const auto Refuse = [&](const kms::Caller& c, const absl::Status& s) {
+        const auto refuse = [&](const kms::Caller& c, const absl::Status& s) {
           return service_->RecordRefusal(c, kms::Rpc::kCreateKey, s);
         };
         if (req->purpose() != pb::KEY_PURPOSE_UNSPECIFIED &&
             req->purpose() != pb::ENCRYPT_DECRYPT) {
-          return Refuse(caller,
+          return refuse(caller,
                         absl::InvalidArgumentError(
                             "purpose: only ENCRYPT_DECRYPT keys exist so far"));
         }
@@ -136,11 +136,11 @@ grpc::ServerUnaryReactor* KeyManagementHandler::CreateKey(
         if (req->has_rotation_period()) {
           absl::StatusOr<absl::Duration> period =
               FromProto(req->rotation_period(), "rotation_period");
-          if (!period.ok()) return Refuse(caller, period.status());
+          if (!period.ok()) return refuse(caller, period.status());
           params.rotation_period = *period;
         }
         absl::StatusOr<kms::KeyPolicy> policy = FromProto(req->policy());
-        if (!policy.ok()) return Refuse(caller, policy.status());
+        if (!policy.ok()) return refuse(caller, policy.status());
         params.policy = *std::move(policy);
         params.alias = req->alias();
         return KeyReply(service_->CreateKey(caller, params), resp);
@@ -194,7 +194,7 @@ grpc::ServerUnaryReactor* KeyManagementHandler::UpdateKey(
   return Serve(
       ctx, service_, callers_, kms::Rpc::kUpdateKey,
       [&](const kms::Caller& caller) -> absl::Status {
-        const auto Refuse = [&](const kms::Caller& c, const absl::Status& s) {
+        const auto refuse = [&](const kms::Caller& c, const absl::Status& s) {
           return service_->RecordRefusal(c, kms::Rpc::kUpdateKey, s);
         };
         kms::UpdateKeyParams params;
@@ -210,10 +210,10 @@ grpc::ServerUnaryReactor* KeyManagementHandler::UpdateKey(
             params.set_rotation_period = true;
             absl::StatusOr<absl::Duration> period =
                 FromProto(req->rotation_period(), "rotation_period");
-            if (!period.ok()) return Refuse(caller, period.status());
+            if (!period.ok()) return refuse(caller, period.status());
             params.rotation_period = *period;
           } else {
-            return Refuse(
+            return refuse(
                 caller, absl::InvalidArgumentError(absl::StrCat(
                             "update_mask: unknown field '", field.substr(0, 64),
                             "'; use description, labels or "
