@@ -47,7 +47,8 @@ absl::Status ForCaller(const absl::Status& status) {
   }
   const std::string lower = absl::AsciiStrToLower(status.message());
   absl::string_view part;
-  if (absl::StrContains(lower, "audit log")) {
+  if (absl::StrContains(lower, "audit log") ||
+      absl::StartsWith(lower, "audit:")) {
     part = "request refused because the audit log cannot record it";
   } else if (absl::StrContains(lower, "database") ||
              absl::StartsWith(lower, "storage")) {
