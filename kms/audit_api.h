@@ -22,6 +22,13 @@ struct AuditPage {
   std::string next_page_token;  // empty: nothing more matches now
 };
 
+// A ListAuditEvents page holds at most this many bytes of events (each
+// counted as twice its JSON line, for the line and its parsed fields),
+// whatever its page_size, and always at least one event: far below gRPC's
+// default 4 MiB receive limit, and no one page can be made huge by a few
+// large records.
+inline constexpr size_t kMaxAuditPageBytes = 1 << 20;
+
 class AuditApi {
  public:
   // All pointers must outlive the AuditApi.
@@ -49,6 +56,11 @@ class AuditApi {
                                                const AuditFilter& filter);
   absl::StatusOr<std::string> PublicKeyPem(const Caller& caller);
   absl::StatusOr<AuditVerifyReport> Verify(const Caller& caller);
+  // Records a call refused before it reached the API (no usable identity,
+  // over the rate limit, a request the adapter could not translate).
+  // Returns `refusal`, or UNAVAILABLE if the record cannot be written.
+  absl::Status RecordRefusal(const Caller& caller, Rpc rpc,
+                             const absl::Status& refusal);
 
   const std::string& node() const { return reader_->node(); }
   const std::string& fingerprint() const { return signer_->fingerprint(); }
@@ -57,6 +69,10 @@ class AuditApi {
   // Authorizes `rpc` and writes its audit record; returns the refusal or the
   // audit failure, if any.
   absl::Status Admit(const Caller& caller, Rpc rpc, absl::string_view detail);
+  // Writes the record of a call that ended with `outcome`; returns
+  // `outcome`, or UNAVAILABLE if the record cannot be written.
+  absl::Status Record(const Caller& caller, Rpc rpc,
+                      const absl::Status& outcome, absl::string_view detail);
 
   const AuditReader* const reader_;
   AuditLog* const audit_;

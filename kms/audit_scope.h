@@ -27,8 +27,16 @@ class KeyService::Audit {
     record_.key_id = id;
     if (version != 0) record_.key_version = version;
   }
+  // Records the request's encryption context if it is valid; an invalid
+  // one (which the call refuses) is left out of the record, so that no
+  // request can fill the log with what it is refused for.
   void SetContext(const EncryptionContext& context) {
-    record_.context = context;
+    if (ValidateEncryptionContext(context).ok()) {
+      record_.context = context;
+    } else {
+      record_.context.clear();
+      AddDetail("encryption context not recorded: invalid");
+    }
   }
   void SetJustification(const Justification* justification) {
     record_.has_justification = justification != nullptr;

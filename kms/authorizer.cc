@@ -1,6 +1,7 @@
 #include "kms/authorizer.h"
 
 #include "absl/strings/str_cat.h"
+#include "kms/principal.h"
 
 namespace custos::kms {
 namespace {
@@ -93,11 +94,13 @@ RpcKind KindOf(Rpc rpc) {
 }
 
 bool Authorizer::IsAdmin(absl::string_view principal) const {
-  return !principal.empty() && AnyMatches(roles_.admins, principal);
+  return !principal.empty() && !IsReservedPrincipal(principal) &&
+         AnyMatches(roles_.admins, principal);
 }
 
 bool Authorizer::IsAuditor(absl::string_view principal) const {
-  return !principal.empty() && AnyMatches(roles_.auditors, principal);
+  return !principal.empty() && !IsReservedPrincipal(principal) &&
+         AnyMatches(roles_.auditors, principal);
 }
 
 absl::Status Authorizer::Check(const Caller& caller, Rpc rpc, const Key* key,
@@ -106,6 +109,12 @@ absl::Status Authorizer::Check(const Caller& caller, Rpc rpc, const Key* key,
                                const Justification* justification) const {
   if (caller.principal.empty()) {
     return absl::UnauthenticatedError("no verified client identity");
+  }
+  if (IsReservedPrincipal(caller.principal)) {
+    // The service's own principal is never a caller's, whatever a
+    // certificate or a development setting claims.
+    return absl::UnauthenticatedError(
+        "caller identity uses the reserved prefix 'custos:'");
   }
   switch (KindOf(rpc)) {
     case RpcKind::kRandom:

@@ -8,7 +8,8 @@
 // - audit RPCs need the auditor role.
 // A refusal never says whether the key exists. Roles come from the server
 // config and may use '*' patterns (trusted text); the caller's identity is
-// always matched literally. Thread-safe (immutable after construction).
+// always matched literally, and one with the reserved prefix "custos:" is
+// refused (kms/principal.h). Thread-safe (immutable after construction).
 #ifndef CUSTOS_KMS_AUTHORIZER_H_
 #define CUSTOS_KMS_AUTHORIZER_H_
 

@@ -10,6 +10,14 @@
 
 namespace custos::kms {
 
+namespace {
+int64_t SteadyNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<KeyRegistry>> KeyRegistry::Load(Store* store) {
   std::unique_ptr<KeyRegistry> registry(new KeyRegistry(store));
   CUSTOS_ASSIGN_OR_RETURN(std::vector<Key> keys, store->LoadAllKeys());
@@ -39,8 +47,52 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyRegistry::Find(
   }
   // Another replica's new key reaches this cache through the change feed
   // within milliseconds; a call naming it sooner reads it from the store.
-  if (!Refresh(name).ok()) return key;
-  return FindCached(name);
+  return FindInStore(name, key.status());
+}
+
+absl::StatusOr<std::shared_ptr<const Key>> KeyRegistry::FindInStore(
+    absl::string_view id, absl::Status not_found) {
+  const std::string name(id);
+  uint64_t epoch;
+  {
+    absl::MutexLock lock(&missing_mu_);
+    auto it = missing_.find(name);
+    if (it != missing_.end()) {
+      if (SteadyNanos() - it->second < absl::ToInt64Nanoseconds(kNegativeTtl)) {
+        return not_found;
+      }
+      missing_.erase(it);
+    }
+    // A flood of unknown ids must not take every thread into the store.
+    if (lookups_in_flight_ >= kMaxStoreLookups) return not_found;
+    ++lookups_in_flight_;
+    epoch = missing_epoch_;
+  }
+  // No lock is held across the round trip.
+  absl::StatusOr<Key> stored = store_->LoadKey(id);
+  {
+    absl::MutexLock lock(&missing_mu_);
+    --lookups_in_flight_;
+    if (absl::IsNotFound(stored.status()) && epoch == missing_epoch_) {
+      if (missing_.size() >= kMaxNegativeEntries) missing_.clear();
+      missing_.emplace(name, SteadyNanos());
+    }
+  }
+  if (!stored.ok()) return not_found;
+  // Found: bring it (with its aliases) into memory, in order with this
+  // process's writes.
+  if (!Refresh(id).ok()) return not_found;
+  return FindCached(id);
+}
+
+void KeyRegistry::ForgetMissing(absl::string_view id) {
+  absl::MutexLock lock(&missing_mu_);
+  ++missing_epoch_;
+  if (id == ChangeFeed::kEverything) {
+    missing_.clear();
+  } else {
+    missing_.erase(std::string(id));
+  }
 }
 
 absl::StatusOr<std::shared_ptr<const Key>> KeyRegistry::FindCached(
@@ -109,6 +161,7 @@ absl::StatusOr<metrics::CallbackHandle> KeyRegistry::ExportMetrics(
 absl::Status KeyRegistry::Insert(Key key) {
   absl::MutexLock write(&write_mu_);
   CUSTOS_RETURN_IF_ERROR(store_->InsertKey(key));
+  ForgetMissing(key.id);
   absl::MutexLock lock(&mu_);
   for (const std::string& alias : key.aliases) {
     aliases_[alias] = AliasRecord{alias, key.id, key.create_time};
@@ -172,6 +225,7 @@ absl::Status KeyRegistry::Refresh(absl::string_view id) {
   // Under write_mu_, no write of this process is half way: what the store
   // returns is at least as new as the cache.
   absl::MutexLock write(&write_mu_);
+  ForgetMissing(id);
   if (id == ChangeFeed::kEverything) {
     CUSTOS_ASSIGN_OR_RETURN(std::vector<Key> keys, store_->LoadAllKeys());
     CUSTOS_ASSIGN_OR_RETURN(std::vector<AliasRecord> aliases,
@@ -212,14 +266,6 @@ absl::Status KeyRegistry::Refresh(absl::string_view id) {
   PutLocked(std::make_shared<const Key>(*std::move(key)));
   return absl::OkStatus();
 }
-
-namespace {
-int64_t SteadyNanos() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-}  // namespace
 
 void KeyRegistry::RequireFreshness(absl::Duration limit) {
   fresh_at_ns_.store(SteadyNanos());

@@ -1,7 +1,15 @@
 // KeyRegistry: every key's metadata in memory, in front of the Store. Reads
 // (the hot path: every data-key request) come from immutable snapshots;
 // writes go to the Store in one transaction and then replace the snapshot.
-// Thread-safe.
+//
+// With a shared store, a well-formed key id not in memory is read from the
+// store (another replica may have just created it). Such lookups hold no
+// lock across the round trip, at most kMaxStoreLookups run at once (beyond
+// that the id is answered NOT_FOUND from memory), and an id the store does
+// not have is remembered for kNegativeTtl (up to kMaxNegativeEntries ids),
+// or until this process inserts it or the change feed refreshes it: a
+// flood of unknown ids costs one round trip each at most, and never stalls
+// other callers or writers. Thread-safe.
 #ifndef CUSTOS_KMS_KEY_REGISTRY_H_
 #define CUSTOS_KMS_KEY_REGISTRY_H_
 
@@ -15,6 +23,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "common/metrics.h"
 #include "kms/key.h"
 #include "kms/store/store.h"
@@ -23,6 +32,10 @@ namespace custos::kms {
 
 class KeyRegistry {
  public:
+  static constexpr size_t kMaxNegativeEntries = 16384;
+  static constexpr absl::Duration kNegativeTtl = absl::Seconds(30);
+  static constexpr int kMaxStoreLookups = 8;
+
   // Loads every key from `store`, which must outlive the registry.
   static absl::StatusOr<std::unique_ptr<KeyRegistry>> Load(Store* store);
   // The store behind the cache, for what the cache does not hold
@@ -31,7 +44,8 @@ class KeyRegistry {
 
   // The key named by id ("k-...") or alias ("alias/..."); NOT_FOUND if none.
   // With a shared store, a key id not in the cache is looked up in the
-  // store (another replica may have created it a moment ago).
+  // store (another replica may have created it a moment ago), as the class
+  // comment says.
   absl::StatusOr<std::shared_ptr<const Key>> Find(absl::string_view name);
   // Every key, newest first.
   std::vector<std::shared_ptr<const Key>> All() const;
@@ -72,6 +86,11 @@ class KeyRegistry {
       absl::string_view name) const;
   void PutLocked(std::shared_ptr<const Key> key)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Find's read-through for an id missing from memory (shared store).
+  absl::StatusOr<std::shared_ptr<const Key>> FindInStore(
+      absl::string_view id, absl::Status not_found);
+  // Forgets that the store lacked `id` (or every id, for kEverything).
+  void ForgetMissing(absl::string_view id);
 
   Store* const store_;
   // Steady-clock nanoseconds; zero limit: freshness is not required.
@@ -83,6 +102,15 @@ class KeyRegistry {
   absl::flat_hash_map<std::string, std::shared_ptr<const Key>> keys_
       ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, AliasRecord> aliases_ ABSL_GUARDED_BY(mu_);
+
+  // The negative cache: ids the store did not have, with when (steady
+  // clock) it said so. `missing_epoch_` counts invalidations: a lookup
+  // that raced one does not record its answer.
+  absl::Mutex missing_mu_;
+  absl::flat_hash_map<std::string, int64_t> missing_  // steady nanoseconds
+      ABSL_GUARDED_BY(missing_mu_);
+  uint64_t missing_epoch_ ABSL_GUARDED_BY(missing_mu_) = 0;
+  int lookups_in_flight_ ABSL_GUARDED_BY(missing_mu_) = 0;
 };
 
 }  // namespace custos::kms

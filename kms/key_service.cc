@@ -536,6 +536,35 @@ void KeyService::ReEncrypt(const Caller& caller, const ReEncryptParams& params,
       std::move(done));
 }
 
+void KeyService::RecordRefusal(const Caller& caller, Rpc rpc,
+                               absl::Status refusal,
+                               absl::AnyInvocable<void(absl::Status) &&> done) {
+  if (refusal.ok()) {
+    refusal = absl::InternalError("RecordRefusal called without a refusal");
+  }
+  Audit audit(this, caller, rpc);
+  if (absl::IsUnauthenticated(refusal) || absl::IsPermissionDenied(refusal)) {
+    // A denial's record says why (a failure's does already).
+    audit.AddDetail(refusal.message());
+  }
+  audit.RunAsync<bool>(
+      [&]() -> absl::StatusOr<bool> { return refusal; },
+      [done = std::move(done)](absl::StatusOr<bool> result) mutable {
+        std::move(done)(result.status());
+      });
+}
+
+absl::Status KeyService::RecordRefusal(const Caller& caller, Rpc rpc,
+                                       const absl::Status& refusal) {
+  absl::StatusOr<bool> result = AwaitResult<bool>([&](Done<bool> done) {
+    RecordRefusal(caller, rpc, refusal,
+                  [done = std::move(done)](absl::Status s) mutable {
+                    std::move(done)(absl::StatusOr<bool>(std::move(s)));
+                  });
+  });
+  return result.status();
+}
+
 absl::StatusOr<SecretBytes> KeyService::GenerateRandom(const Caller& caller,
                                                        size_t bytes) {
   return AwaitResult<SecretBytes>([&](Done<SecretBytes> done) {

@@ -283,6 +283,18 @@ class KeyService {
   void GenerateRandom(const Caller& caller, size_t bytes,
                       Done<SecretBytes> done);
 
+  // Records a call that was refused before it reached an operation: the
+  // caller has no usable identity (Caller::principal then names its
+  // certificate by fingerprint), is over its rate limit, or sent a request
+  // the adapter could not translate. `done` receives `refusal`, or
+  // UNAVAILABLE if the record cannot be written; it runs on the audit log's
+  // thread or on the calling one.
+  void RecordRefusal(const Caller& caller, Rpc rpc, absl::Status refusal,
+                     absl::AnyInvocable<void(absl::Status) &&> done);
+  // The synchronous form: returns what `done` would receive.
+  absl::Status RecordRefusal(const Caller& caller, Rpc rpc,
+                             const absl::Status& refusal);
+
   // Background work: scheduled rotations and deletions whose time has
   // come. Idempotent; safe to rerun after a crash at any step. Each pass
   // also adds the monotonic time since the previous pass to every pending

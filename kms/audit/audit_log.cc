@@ -233,8 +233,8 @@ absl::Status FileAuditLog::RegisterMetrics(metrics::Registry& registry) {
   };
   const Reading readings[] = {
       {"custos_audit_queue_depth",
-       "Audit records waiting for the writer (callers wait beyond the "
-       "queue's limit).",
+       "Audit records waiting for the writer (requests are refused with "
+       "UNAVAILABLE beyond the queue's limit).",
        Type::kGauge,
        [](const FileAuditLog& log) -> double {
          absl::MutexLock lock(&log.mu_);
@@ -290,20 +290,24 @@ absl::Status AuditLog::Append(AuditRecord record) {
 
 void FileAuditLog::AppendAsync(AuditRecord record, AppendDone done) {
   std::string fields = SerializeFields(record);
+  absl::Status refused;
   {
     absl::MutexLock lock(&mu_);
-    // Back-pressure: a full queue makes callers wait for room.
-    auto has_room = [](FileAuditLog* self) ABSL_SHARED_LOCKS_REQUIRED(
-                        self->mu_) {
-      return self->queue_.size() < self->options_.max_queue || self->stopping_;
-    };
-    mu_.Await(absl::Condition(+has_room, this));
-    if (!stopping_) {
+    // A full queue refuses rather than waits: the caller may be a gRPC
+    // callback thread, which must never block on the disk.
+    if (stopping_) {
+      refused = absl::UnavailableError("audit log is shutting down");
+    } else if (queue_.size() >= options_.max_queue) {
+      ++stats_.queue_full;
+      refused = absl::UnavailableError(
+          "audit log queue is full (the disk is slower than the requests); "
+          "retry later");
+    } else {
       queue_.push_back(Pending{std::move(fields), std::move(done)});
       return;
     }
   }
-  std::move(done)(absl::UnavailableError("audit log is shutting down"));
+  std::move(done)(std::move(refused));
 }
 
 std::string FileAuditLog::SegmentPathFor(uint64_t first_seq) const {
@@ -605,41 +609,57 @@ std::string FileAuditLog::SerializeFields(const AuditRecord& r) const {
   // Written by hand rather than through a JSON document: this runs once per
   // request on the request's thread, and a document costs a few dozen
   // allocations (measured with perf). The audit tests parse every line back.
+  // Every value is capped (kMaxAudit*): whatever a request carries, the
+  // record stays below kMaxAuditRecordBytes.
   std::string out;
-  out.reserve(256 + r.detail.size());
+  out.reserve(256 + std::min(r.detail.size(), kMaxAuditDetailBytes));
   const auto member = [&out](absl::string_view name) {
     if (!out.empty()) out.push_back(',');
     AppendJsonString(&out, name);
     out.push_back(':');
   };
+  const auto capped = [&out](absl::string_view value, size_t max) {
+    AppendJsonStringCapped(&out, value, max);
+  };
+  // The context first, aside: what it leaves out goes into the detail.
+  std::string context;
+  size_t omitted = 0;
+  for (const auto& [k, v] : r.context) {  // sorted: a std::map
+    std::string pair;
+    if (AppendJsonStringCapped(&pair, k, kMaxAuditContextKeyBytes)) {
+      ++omitted;  // a cut key could read like another: leave it out
+      continue;
+    }
+    pair.push_back(':');
+    AppendJsonStringCapped(&pair, v, kMaxAuditContextValueBytes);
+    if (context.size() + pair.size() + 3 > kMaxAuditContextBytes) {
+      ++omitted;
+      continue;
+    }
+    if (!context.empty()) context.push_back(',');
+    context.append(pair);
+  }
   member("time");
   AppendJsonString(&out, absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", r.time,
                                           absl::UTCTimeZone()));
   member("node");
-  AppendJsonString(&out, options_.node_id);
+  capped(options_.node_id, kMaxAuditShortFieldBytes);
   member("principal");
-  AppendJsonString(&out, r.principal);
+  capped(r.principal, kMaxAuditPrincipalBytes);
   member("operation");
-  AppendJsonString(&out, r.operation);
+  capped(r.operation, kMaxAuditShortFieldBytes);
   if (!r.key_id.empty()) {
     member("key_id");
-    AppendJsonString(&out, r.key_id);
+    capped(r.key_id, kMaxAuditShortFieldBytes);
   }
   if (r.key_version != 0) {
     member("key_version");
     absl::StrAppend(&out, r.key_version);
   }
-  if (!r.context.empty()) {
+  if (!context.empty()) {
     member("context");
     out.push_back('{');
-    bool first = true;
-    for (const auto& [k, v] : r.context) {  // sorted: a std::map
-      if (!first) out.push_back(',');
-      first = false;
-      AppendJsonString(&out, k);
-      out.push_back(':');
-      AppendJsonString(&out, v);
-    }
+    out.append(context);
     out.push_back('}');
   }
   if (r.has_justification) {
@@ -647,7 +667,7 @@ std::string FileAuditLog::SerializeFields(const AuditRecord& r) const {
     out.append("{\"reason\":");
     AppendJsonString(&out, JustificationReasonName(r.justification.reason));
     out.append(",\"detail\":");
-    AppendJsonString(&out, r.justification.detail);
+    capped(r.justification.detail, kMaxAuditDetailBytes);
     out.push_back('}');
   }
   member("outcome");
@@ -656,15 +676,21 @@ std::string FileAuditLog::SerializeFields(const AuditRecord& r) const {
   AppendJsonString(&out, absl::StatusCodeToString(r.code));
   if (!r.request_id.empty()) {
     member("request_id");
-    AppendJsonString(&out, r.request_id);
+    capped(r.request_id, kMaxAuditShortFieldBytes);
   }
   if (!r.peer.empty()) {
     member("peer");
-    AppendJsonString(&out, r.peer);
+    capped(r.peer, kMaxAuditShortFieldBytes);
   }
-  if (!r.detail.empty()) {
+  std::string detail = r.detail;
+  if (omitted > 0) {
+    detail = absl::StrCat(omitted, " of ", r.context.size(),
+                          " context pairs not recorded (record size cap)",
+                          detail.empty() ? "" : "; ", detail);
+  }
+  if (!detail.empty()) {
     member("detail");
-    AppendJsonString(&out, r.detail);
+    capped(detail, kMaxAuditDetailBytes);
   }
   if (!r.policy.empty()) {
     member("policy_sha256");

@@ -52,6 +52,20 @@
 
 namespace custos::kms {
 
+// What one record may hold (docs/audit-format.md, "Size"): each string
+// field's JSON text at most its cap below, cut with "…" beyond it; the
+// encryption context at most kMaxAuditContextBytes in all (pairs past it,
+// and pairs whose key alone is over its cap, are left out, and the detail
+// says how many); the whole line, seq and prev included, at most
+// kMaxAuditRecordBytes. No request can make a record bigger.
+inline constexpr size_t kMaxAuditRecordBytes = 8192;
+inline constexpr size_t kMaxAuditPrincipalBytes = 600;
+inline constexpr size_t kMaxAuditShortFieldBytes = 160;  // ids, peer, names
+inline constexpr size_t kMaxAuditDetailBytes = 1024;     // also justification
+inline constexpr size_t kMaxAuditContextBytes = 4096;
+inline constexpr size_t kMaxAuditContextKeyBytes = 256;
+inline constexpr size_t kMaxAuditContextValueBytes = 512;
+
 enum class AuditOutcome { kAllowed, kDenied, kFailed };
 const char* AuditOutcomeName(AuditOutcome outcome);
 
@@ -94,10 +108,10 @@ class AuditLog {
   using AppendDone = absl::AnyInvocable<void(absl::Status) &&>;
 
   virtual ~AuditLog() = default;
-  // Queues the record and returns; `done` runs exactly once, when the
-  // record is durable or has failed, on the log's own thread (or on the
-  // caller's, when the log refuses the record at once). `done` must be
-  // quick and must not append.
+  // Queues the record and returns without blocking; `done` runs exactly
+  // once, when the record is durable or has failed, on the log's own thread
+  // (or on the caller's, when the log refuses the record at once: queue
+  // full, shutting down). `done` must be quick and must not append.
   virtual void AppendAsync(AuditRecord record, AppendDone done) = 0;
   // Returns once the record is durable; UNAVAILABLE if it cannot be made so.
   absl::Status Append(AuditRecord record);
@@ -108,8 +122,10 @@ class FileAuditLog : public AuditLog {
   struct Options {
     std::string dir;
     std::string node_id;
-    size_t max_queue = 16384;  // callers wait beyond this
-    bool sync = true;          // fdatasync each batch (off only to measure)
+    // Records waiting for the writer; beyond this AppendAsync refuses at
+    // once with UNAVAILABLE (on the caller's thread) rather than block it.
+    size_t max_queue = 16384;
+    bool sync = true;  // fdatasync each batch (off only to measure)
     // Under concurrency, how long the writer may wait for a fuller batch
     // before syncing (zero: never wait).
     absl::Duration batch_window = absl::Microseconds(200);
@@ -138,6 +154,7 @@ class FileAuditLog : public AuditLog {
     uint64_t checkpoints = 0;
     uint64_t segments = 0;  // opened by this process, the first included
     uint64_t next_seq = 0;
+    uint64_t queue_full = 0;  // appends refused because the queue was full
   };
 
   // Creates the directory if needed, finds the end of the existing chain

@@ -15,6 +15,12 @@ namespace custos::kms {
 // Appends `value` as a JSON string literal, quotes included.
 void AppendJsonString(std::string* out, absl::string_view value);
 
+// AppendJsonString, but the literal (quotes included) takes at most
+// `max_bytes` (at least 8) of `out`: a longer value is cut at a character
+// boundary and ends in "…" (U+2026). Returns true if it was cut.
+bool AppendJsonStringCapped(std::string* out, absl::string_view value,
+                            size_t max_bytes);
+
 }  // namespace custos::kms
 
 #endif  // CUSTOS_KMS_AUDIT_JSON_TEXT_H_

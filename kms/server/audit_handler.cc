@@ -57,13 +57,23 @@ void ToProto(const kms::AuditEvent& e, pb::AuditEvent* out) {
 
 }  // namespace
 
+absl::StatusOr<kms::Caller> AuditHandler::Admit(grpc::ServerContext* ctx,
+                                                kms::Rpc rpc) {
+  ResolvedCaller resolved = callers_->Resolve(ctx);
+  if (resolved.refusal.ok()) return std::move(resolved.caller);
+  return api_->RecordRefusal(resolved.caller, rpc, resolved.refusal);
+}
+
 grpc::Status AuditHandler::ListAuditEvents(
     grpc::ServerContext* ctx, const pb::ListAuditEventsRequest* req,
     pb::ListAuditEventsResponse* resp) {
-  absl::StatusOr<kms::Caller> caller = callers_->Resolve(ctx);
+  absl::StatusOr<kms::Caller> caller = Admit(ctx, kms::Rpc::kListAuditEvents);
   if (!caller.ok()) return ToGrpc(caller.status());
   absl::StatusOr<kms::AuditFilter> filter = FromProto(req->filter());
-  if (!filter.ok()) return ToGrpc(filter.status());
+  if (!filter.ok()) {
+    return ToGrpc(api_->RecordRefusal(*caller, kms::Rpc::kListAuditEvents,
+                                      filter.status()));
+  }
   absl::StatusOr<kms::AuditPage> page =
       api_->List(*caller, *filter, req->page_size(), req->page_token());
   if (!page.ok()) return ToGrpc(page.status());
@@ -75,10 +85,13 @@ grpc::Status AuditHandler::ListAuditEvents(
 grpc::Status AuditHandler::StreamAuditEvents(
     grpc::ServerContext* ctx, const pb::StreamAuditEventsRequest* req,
     grpc::ServerWriter<pb::AuditEvent>* writer) {
-  absl::StatusOr<kms::Caller> caller = callers_->Resolve(ctx);
+  absl::StatusOr<kms::Caller> caller = Admit(ctx, kms::Rpc::kStreamAuditEvents);
   if (!caller.ok()) return ToGrpc(caller.status());
   absl::StatusOr<kms::AuditFilter> filter = FromProto(req->filter());
-  if (!filter.ok()) return ToGrpc(filter.status());
+  if (!filter.ok()) {
+    return ToGrpc(api_->RecordRefusal(*caller, kms::Rpc::kStreamAuditEvents,
+                                      filter.status()));
+  }
   absl::StatusOr<kms::AuditPosition> position =
       api_->StartStream(*caller, *filter, req->from_seq());
   if (!position.ok()) return ToGrpc(position.status());
@@ -101,7 +114,7 @@ grpc::Status AuditHandler::StreamAuditEvents(
 grpc::Status AuditHandler::GetAuditPublicKey(
     grpc::ServerContext* ctx, const pb::GetAuditPublicKeyRequest*,
     pb::AuditPublicKey* resp) {
-  absl::StatusOr<kms::Caller> caller = callers_->Resolve(ctx);
+  absl::StatusOr<kms::Caller> caller = Admit(ctx, kms::Rpc::kGetAuditPublicKey);
   if (!caller.ok()) return ToGrpc(caller.status());
   absl::StatusOr<std::string> pem = api_->PublicKeyPem(*caller);
   if (!pem.ok()) return ToGrpc(pem.status());
@@ -114,7 +127,7 @@ grpc::Status AuditHandler::GetAuditPublicKey(
 grpc::Status AuditHandler::VerifyAuditLog(grpc::ServerContext* ctx,
                                           const pb::VerifyAuditLogRequest*,
                                           pb::VerifyAuditLogResponse* resp) {
-  absl::StatusOr<kms::Caller> caller = callers_->Resolve(ctx);
+  absl::StatusOr<kms::Caller> caller = Admit(ctx, kms::Rpc::kVerifyAuditLog);
   if (!caller.ok()) return ToGrpc(caller.status());
   absl::StatusOr<kms::AuditVerifyReport> report = api_->Verify(*caller);
   if (!report.ok()) return ToGrpc(report.status());

@@ -34,6 +34,10 @@ class AuditHandler final : public pb::AuditService::Service {
   void Stop() { stopping_ = true; }
 
  private:
+  // The call's caller, or its refusal (no usable identity, over the rate
+  // limit), recorded in the audit log.
+  absl::StatusOr<kms::Caller> Admit(grpc::ServerContext* ctx, kms::Rpc rpc);
+
   kms::AuditApi* const api_;
   CallerResolver* const callers_;
   std::atomic<bool> stopping_{false};

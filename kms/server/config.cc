@@ -13,6 +13,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kms/policy.h"
+#include "kms/principal.h"
 
 namespace custos::server {
 namespace {
@@ -144,10 +146,45 @@ bool ValidIpv4HostPort(const std::string& address) {
     if (!s_.ok()) return s_;  \
   } while (0)
 
+// "host:port" whose host is a loopback address: localhost, 127.0.0.0/8 or
+// [::1]. The development listener has no TLS: it must not be reachable
+// from another machine.
+bool LoopbackHostPort(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos) return false;
+  std::string host = address.substr(0, colon);
+  const std::string port = address.substr(colon + 1);
+  if (port.empty() || port.size() > 5 ||
+      port.find_first_not_of("0123456789") != std::string::npos) {
+    return false;
+  }
+  if (host == "localhost") return true;
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+    in6_addr v6;
+    return inet_pton(AF_INET6, host.c_str(), &v6) == 1 &&
+           IN6_IS_ADDR_LOOPBACK(&v6);
+  }
+  in_addr v4;
+  return inet_pton(AF_INET, host.c_str(), &v4) == 1 &&
+         (ntohl(v4.s_addr) >> 24) == 127;
+}
+
+// Each role entry: a typed principal or pattern (kms/principal.h).
+absl::Status ValidateRole(const std::vector<std::string>& entries,
+                          absl::string_view role) {
+  for (size_t i = 0; i < entries.size(); ++i) {
+    CUSTOS_CFG(kms::ValidateConfiguredPrincipal(
+        entries[i], absl::StrCat(role, "[", i, "]"), /*allow_patterns=*/true));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<Config> ParseConfig(const std::string& yaml,
-                                   const std::string& base_dir) {
+                                   const std::string& base_dir,
+                                   ParseOptions options) {
   YAML::Node root;
   try {
     root = YAML::Load(yaml);
@@ -233,7 +270,8 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
       CUSTOS_CFG(OnlyKnown(
           limits, "limits",
           {"max_message_bytes", "max_concurrent_streams",
-           "max_connection_age_seconds", "max_connection_age_grace_seconds"}));
+           "max_connection_age_seconds", "max_connection_age_grace_seconds",
+           "requests_per_second_per_principal", "burst_per_principal"}));
       // A request must hold a 4 KiB plaintext and its framing.
       CUSTOS_CFG(GetWhole(
           limits, "max_message_bytes", "limits.max_message_bytes", 4096 + 1024,
@@ -254,6 +292,21 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
           return FieldError(field, "must be at most 86400 (a day)");
         }
       }
+      if (YAML::Node rate = limits["requests_per_second_per_principal"]) {
+        double value = -1;
+        try {
+          value = rate.as<double>();
+        } catch (const YAML::Exception&) {
+        }
+        if (!std::isfinite(value) || value < 0 || value > 1e6) {
+          return FieldError("limits.requests_per_second_per_principal",
+                            "must be a number from 0 (no limit) to 1000000");
+        }
+        c.limits.requests_per_second_per_principal = value;
+      }
+      CUSTOS_CFG(GetWhole(limits, "burst_per_principal",
+                          "limits.burst_per_principal", 0, 1000000, "",
+                          &c.limits.burst_per_principal));
     }
     if (YAML::Node dev = root["development"]) {
       CUSTOS_CFG(OnlyKnown(dev, "development",
@@ -265,6 +318,13 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
                      &c.development.insecure_principal));
     }
     if (YAML::Node testing = root["testing"]) {
+      if (!options.allow_testing) {
+        return FieldError(
+            "testing",
+            "accepted only by custosd-test, the build the tests run; remove "
+            "the section (this custosd keeps deletion windows and rotation "
+            "periods at their real length)");
+      }
       CUSTOS_CFG(
           OnlyKnown(testing, "testing",
                     {"deletion_day_seconds", "min_rotation_period_seconds"}));
@@ -313,14 +373,25 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
   if (c.admins.empty()) {
     return FieldError("admins",
                       "name at least one admin principal (a client "
-                      "certificate's SAN URI, DNS name or CN)");
+                      "certificate's SAN URI, dns:HOST or cn:NAME)");
   }
+  CUSTOS_CFG(ValidateRole(c.admins, "admins"));
+  CUSTOS_CFG(ValidateRole(c.auditors, "auditors"));
   for (const std::string& node : {c.node_id}) {
     if (node.empty() || node.size() > 64 ||
         node.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTU"
                                "VWXYZ0123456789-_.") != std::string::npos) {
       return FieldError("node_id", "1-64 characters of [A-Za-z0-9._-]");
     }
+  }
+  // A port alone binds loopback: /metrics has no TLS and no authentication,
+  // so reaching it from elsewhere must be asked for by address.
+  if (!c.metrics_listen.empty() &&
+      c.metrics_listen.find_first_not_of(":0123456789") == std::string::npos &&
+      c.metrics_listen.find(':', 1) == std::string::npos) {
+    c.metrics_listen = absl::StrCat(
+        "127.0.0.1:", c.metrics_listen[0] == ':' ? c.metrics_listen.substr(1)
+                                                 : c.metrics_listen);
   }
   if (!c.metrics_listen.empty() && !ValidIpv4HostPort(c.metrics_listen)) {
     return FieldError("metrics_listen",
@@ -333,6 +404,26 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
     return FieldError("development.insecure_principal",
                       "required with development.insecure_listen: the "
                       "identity every plaintext call acts as");
+  }
+  if (!c.development.insecure_listen.empty()) {
+    if (!LoopbackHostPort(c.development.insecure_listen)) {
+      return FieldError("development.insecure_listen",
+                        "must be a loopback address and port (127.0.0.1:PORT, "
+                        "localhost:PORT or [::1]:PORT): the plaintext listener "
+                        "authenticates no one");
+    }
+    CUSTOS_CFG(kms::ValidateConfiguredPrincipal(
+        c.development.insecure_principal, "development.insecure_principal",
+        /*allow_patterns=*/false));
+    for (const std::string& admin : c.admins) {
+      if (kms::GlobMatch(admin, c.development.insecure_principal)) {
+        return FieldError(
+            "development.insecure_principal",
+            absl::StrCat("matches the admin entry '", admin.substr(0, 64),
+                         "'; the plaintext listener's principal "
+                         "must not be an admin"));
+      }
+    }
   }
   const std::set<std::string> levels = {"trace", "debug", "info",
                                         "warn",  "error", "critical"};
@@ -350,7 +441,8 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml,
   return c;
 }
 
-absl::StatusOr<Config> LoadConfig(const std::string& path) {
+absl::StatusOr<Config> LoadConfig(const std::string& path,
+                                  ParseOptions options) {
   std::ifstream in(path);
   if (!in) {
     return absl::NotFoundError(
@@ -362,7 +454,7 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   if (size_t slash = path.rfind('/'); slash != std::string::npos) {
     base = path.substr(0, slash);
   }
-  return ParseConfig(text.str(), base);
+  return ParseConfig(text.str(), base, options);
 }
 
 }  // namespace custos::server

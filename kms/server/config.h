@@ -16,8 +16,8 @@ namespace custos::server {
 struct Config {
   std::string node_id = "custos-1";
   std::string listen;  // host:port for mutual TLS (required)
-  // IPv4:port for Prometheus metrics over plain HTTP (GET /metrics); empty:
-  // no metrics at all.
+  // IPv4:port for Prometheus metrics over plain HTTP (GET /metrics); a port
+  // alone ("9464" or ":9464") means 127.0.0.1:port; empty: no metrics.
   std::string metrics_listen;
   struct Tls {
     std::string cert;       // server certificate chain (PEM)
@@ -53,28 +53,45 @@ struct Config {
     // that a revoked client certificate stops working.
     absl::Duration max_connection_age = absl::Minutes(5);
     absl::Duration max_connection_age_grace = absl::Seconds(30);
+    // Per-principal token bucket: requests per second refilled, and the
+    // bucket's size. 0: no rate limit (the default; docs/operations.md).
+    double requests_per_second_per_principal = 0;
+    int burst_per_principal = 0;  // 0: one second's worth (at least 1)
   } limits;
   uint64_t encryption_limit = uint64_t{1} << 30;
   absl::Duration maintenance_interval = absl::Seconds(10);
   std::string log_level = "info";
-  // Development only, off unless named: a plaintext listener on which every
-  // call acts as `insecure_principal`.
+  // Development only, off unless named: a plaintext listener on a loopback
+  // address on which every call acts as `insecure_principal` (a typed
+  // principal that is no admin).
   struct Development {
     std::string insecure_listen;
     std::string insecure_principal;
   } development;
   // Test only: shorten the clock of deletion windows and rotation periods.
+  // Refused unless ParseOptions::allow_testing (custosd-test, the build the
+  // tests run).
   struct Testing {
     absl::Duration deletion_day = absl::Hours(24);
     absl::Duration min_rotation_period = absl::Hours(24);
   } testing;
 };
 
+struct ParseOptions {
+  // Accept the `testing:` section. Only custosd-test, built for the tests,
+  // sets it: the shipped custosd refuses a config that shortens deletion
+  // windows.
+  bool allow_testing = false;
+};
+
 // Parses and validates YAML text. `base_dir` resolves relative paths.
 absl::StatusOr<Config> ParseConfig(const std::string& yaml,
-                                   const std::string& base_dir);
-// Reads and parses the file at `path`.
-absl::StatusOr<Config> LoadConfig(const std::string& path);
+                                   const std::string& base_dir,
+                                   ParseOptions options = {});
+// Reads and parses the file at `path`. A file that cannot be read is
+// NOT_FOUND naming the path (the operator's own, at start-up).
+absl::StatusOr<Config> LoadConfig(const std::string& path,
+                                  ParseOptions options = {});
 
 }  // namespace custos::server
 

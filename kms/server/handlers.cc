@@ -5,19 +5,34 @@
 namespace custos::server {
 namespace {
 
-// Authenticates, runs `body(caller) -> absl::Status`, finishes the call.
+// Resolves the caller; if the call is refused there (no usable identity,
+// over the rate limit), records the refusal and finishes the call with it.
+// Returns true when the call may go on.
+bool Admit(grpc::CallbackServerContext* ctx, kms::KeyService* service,
+           CallerResolver* callers, kms::Rpc rpc,
+           grpc::ServerUnaryReactor* reactor, kms::Caller* caller) {
+  ResolvedCaller resolved = callers->Resolve(ctx);
+  if (resolved.refusal.ok()) {
+    *caller = std::move(resolved.caller);
+    return true;
+  }
+  service->RecordRefusal(
+      resolved.caller, rpc, std::move(resolved.refusal),
+      [reactor](absl::Status s) { reactor->Finish(ToGrpc(s)); });
+  return false;
+}
+
+// Admits the call, runs `body(caller) -> absl::Status`, finishes the call.
 // `reactor` defaults to the context's; crypto calls pass a cleansing one.
 template <typename F>
 grpc::ServerUnaryReactor* Serve(grpc::CallbackServerContext* ctx,
-                                CallerResolver* callers, F body,
+                                kms::KeyService* service,
+                                CallerResolver* callers, kms::Rpc rpc, F body,
                                 grpc::ServerUnaryReactor* reactor = nullptr) {
   if (reactor == nullptr) reactor = ctx->DefaultReactor();
-  absl::StatusOr<kms::Caller> caller = callers->Resolve(ctx);
-  if (!caller.ok()) {
-    reactor->Finish(ToGrpc(caller.status()));
-    return reactor;
-  }
-  reactor->Finish(ToGrpc(body(*caller)));
+  kms::Caller caller;
+  if (!Admit(ctx, service, callers, rpc, reactor, &caller)) return reactor;
+  reactor->Finish(ToGrpc(body(caller)));
   return reactor;
 }
 
@@ -27,15 +42,13 @@ grpc::ServerUnaryReactor* Serve(grpc::CallbackServerContext* ctx,
 // finishes from `done`. No gRPC thread waits for the audit log's fsync.
 template <typename T, typename Start, typename Fill>
 grpc::ServerUnaryReactor* ServeAsync(grpc::CallbackServerContext* ctx,
-                                     CallerResolver* callers,
+                                     kms::KeyService* service,
+                                     CallerResolver* callers, kms::Rpc rpc,
                                      grpc::ServerUnaryReactor* reactor,
                                      Start start, Fill fill) {
-  absl::StatusOr<kms::Caller> caller = callers->Resolve(ctx);
-  if (!caller.ok()) {
-    reactor->Finish(ToGrpc(caller.status()));
-    return reactor;
-  }
-  start(*caller,
+  kms::Caller caller;
+  if (!Admit(ctx, service, callers, rpc, reactor, &caller)) return reactor;
+  start(caller,
         [reactor, fill = std::move(fill)](absl::StatusOr<T> result) mutable {
           if (!result.ok()) {
             reactor->Finish(ToGrpc(result.status()));
@@ -105,190 +118,228 @@ absl::Status KeyReply(
 grpc::ServerUnaryReactor* KeyManagementHandler::CreateKey(
     grpc::CallbackServerContext* ctx, const pb::CreateKeyRequest* req,
     pb::Key* resp) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
-    if (req->purpose() != pb::KEY_PURPOSE_UNSPECIFIED &&
-        req->purpose() != pb::ENCRYPT_DECRYPT) {
-      return absl::InvalidArgumentError(
-          "purpose: only ENCRYPT_DECRYPT keys exist so far");
-    }
-    kms::CreateKeyParams params;
-    params.description = req->description();
-    params.labels.insert(req->labels().begin(), req->labels().end());
-    if (req->has_rotation_period()) {
-      absl::StatusOr<absl::Duration> period =
-          FromProto(req->rotation_period(), "rotation_period");
-      if (!period.ok()) return period.status();
-      params.rotation_period = *period;
-    }
-    absl::StatusOr<kms::KeyPolicy> policy = FromProto(req->policy());
-    if (!policy.ok()) return policy.status();
-    params.policy = *std::move(policy);
-    params.alias = req->alias();
-    return KeyReply(service_->CreateKey(caller, params), resp);
-  });
+  return Serve(
+      ctx, service_, callers_, kms::Rpc::kCreateKey,
+      [&](const kms::Caller& caller) -> absl::Status {
+        const auto refuse = [&](const kms::Caller& c, const absl::Status& s) {
+          return service_->RecordRefusal(c, kms::Rpc::kCreateKey, s);
+        };
+        if (req->purpose() != pb::KEY_PURPOSE_UNSPECIFIED &&
+            req->purpose() != pb::ENCRYPT_DECRYPT) {
+          return refuse(caller,
+                        absl::InvalidArgumentError(
+                            "purpose: only ENCRYPT_DECRYPT keys exist so far"));
+        }
+        kms::CreateKeyParams params;
+        params.description = req->description();
+        params.labels.insert(req->labels().begin(), req->labels().end());
+        if (req->has_rotation_period()) {
+          absl::StatusOr<absl::Duration> period =
+              FromProto(req->rotation_period(), "rotation_period");
+          if (!period.ok()) return refuse(caller, period.status());
+          params.rotation_period = *period;
+        }
+        absl::StatusOr<kms::KeyPolicy> policy = FromProto(req->policy());
+        if (!policy.ok()) return refuse(caller, policy.status());
+        params.policy = *std::move(policy);
+        params.alias = req->alias();
+        return KeyReply(service_->CreateKey(caller, params), resp);
+      });
 }
 
 grpc::ServerUnaryReactor* KeyManagementHandler::GetKey(
     grpc::CallbackServerContext* ctx, const pb::GetKeyRequest* req,
     pb::Key* resp) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) {
-    return KeyReply(service_->GetKey(caller, req->key()), resp);
-  });
+  return Serve(ctx, service_, callers_, kms::Rpc::kGetKey,
+               [&](const kms::Caller& caller) {
+                 return KeyReply(service_->GetKey(caller, req->key()), resp);
+               });
 }
 
 grpc::ServerUnaryReactor* KeyManagementHandler::ListKeys(
     grpc::CallbackServerContext* ctx, const pb::ListKeysRequest* req,
     pb::ListKeysResponse* resp) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
-    kms::ListKeysParams params;
-    params.page_size = req->page_size();
-    params.page_token = req->page_token();
-    if (req->state() != pb::KEY_STATE_UNSPECIFIED) {
-      if (req->state() < pb::ENABLED || req->state() > pb::DESTROYED) {
-        return absl::InvalidArgumentError("state: unknown value");
-      }
-      params.filter_state = true;
-      params.state = static_cast<kms::KeyState>(req->state());
-    }
-    params.label = req->label();
-    absl::StatusOr<kms::ListKeysResult> result =
-        service_->ListKeys(caller, params);
-    if (!result.ok()) return result.status();
-    for (const auto& key : result->keys) {
-      ToProto(*key, /*with_versions=*/false, resp->add_keys());
-    }
-    resp->set_next_page_token(result->next_page_token);
-    return absl::OkStatus();
-  });
+  return Serve(
+      ctx, service_, callers_, kms::Rpc::kListKeys,
+      [&](const kms::Caller& caller) -> absl::Status {
+        kms::ListKeysParams params;
+        params.page_size = req->page_size();
+        params.page_token = req->page_token();
+        if (req->state() != pb::KEY_STATE_UNSPECIFIED) {
+          if (req->state() < pb::ENABLED || req->state() > pb::DESTROYED) {
+            return service_->RecordRefusal(
+                caller, kms::Rpc::kListKeys,
+                absl::InvalidArgumentError(
+                    "state: unknown value; use ENABLED, DISABLED, "
+                    "PENDING_DELETION or DESTROYED"));
+          }
+          params.filter_state = true;
+          params.state = static_cast<kms::KeyState>(req->state());
+        }
+        params.label = req->label();
+        absl::StatusOr<kms::ListKeysResult> result =
+            service_->ListKeys(caller, params);
+        if (!result.ok()) return result.status();
+        for (const auto& key : result->keys) {
+          ToProto(*key, /*with_versions=*/false, resp->add_keys());
+        }
+        resp->set_next_page_token(result->next_page_token);
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerUnaryReactor* KeyManagementHandler::UpdateKey(
     grpc::CallbackServerContext* ctx, const pb::UpdateKeyRequest* req,
     pb::Key* resp) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
-    kms::UpdateKeyParams params;
-    params.key = req->key();
-    for (const std::string& field : req->update_mask()) {
-      if (field == "description") {
-        params.set_description = true;
-        params.description = req->description();
-      } else if (field == "labels") {
-        params.set_labels = true;
-        params.labels.insert(req->labels().begin(), req->labels().end());
-      } else if (field == "rotation_period") {
-        params.set_rotation_period = true;
-        absl::StatusOr<absl::Duration> period =
-            FromProto(req->rotation_period(), "rotation_period");
-        if (!period.ok()) return period.status();
-        params.rotation_period = *period;
-      } else {
-        return absl::InvalidArgumentError(
-            absl::StrCat("update_mask: unknown field '", field.substr(0, 64),
-                         "'; use description, labels or rotation_period"));
-      }
-    }
-    return KeyReply(service_->UpdateKey(caller, params), resp);
-  });
+  return Serve(
+      ctx, service_, callers_, kms::Rpc::kUpdateKey,
+      [&](const kms::Caller& caller) -> absl::Status {
+        const auto refuse = [&](const kms::Caller& c, const absl::Status& s) {
+          return service_->RecordRefusal(c, kms::Rpc::kUpdateKey, s);
+        };
+        kms::UpdateKeyParams params;
+        params.key = req->key();
+        for (const std::string& field : req->update_mask()) {
+          if (field == "description") {
+            params.set_description = true;
+            params.description = req->description();
+          } else if (field == "labels") {
+            params.set_labels = true;
+            params.labels.insert(req->labels().begin(), req->labels().end());
+          } else if (field == "rotation_period") {
+            params.set_rotation_period = true;
+            absl::StatusOr<absl::Duration> period =
+                FromProto(req->rotation_period(), "rotation_period");
+            if (!period.ok()) return refuse(caller, period.status());
+            params.rotation_period = *period;
+          } else {
+            return refuse(
+                caller, absl::InvalidArgumentError(absl::StrCat(
+                            "update_mask: unknown field '", field.substr(0, 64),
+                            "'; use description, labels or "
+                            "rotation_period")));
+          }
+        }
+        return KeyReply(service_->UpdateKey(caller, params), resp);
+      });
 }
 
 grpc::ServerUnaryReactor* KeyManagementHandler::RotateKey(
     grpc::CallbackServerContext* ctx, const pb::RotateKeyRequest* req,
     pb::Key* resp) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) {
-    return KeyReply(service_->RotateKey(caller, req->key()), resp);
-  });
+  return Serve(ctx, service_, callers_, kms::Rpc::kRotateKey,
+               [&](const kms::Caller& caller) {
+                 return KeyReply(service_->RotateKey(caller, req->key()), resp);
+               });
 }
 
 grpc::ServerUnaryReactor* KeyManagementHandler::EnableKey(
     grpc::CallbackServerContext* ctx, const pb::EnableKeyRequest* req,
     pb::Key* resp) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) {
-    return KeyReply(service_->EnableKey(caller, req->key()), resp);
-  });
+  return Serve(ctx, service_, callers_, kms::Rpc::kEnableKey,
+               [&](const kms::Caller& caller) {
+                 return KeyReply(service_->EnableKey(caller, req->key()), resp);
+               });
 }
 
 grpc::ServerUnaryReactor* KeyManagementHandler::DisableKey(
     grpc::CallbackServerContext* ctx, const pb::DisableKeyRequest* req,
     pb::Key* resp) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) {
-    return KeyReply(service_->DisableKey(caller, req->key()), resp);
-  });
+  return Serve(ctx, service_, callers_, kms::Rpc::kDisableKey,
+               [&](const kms::Caller& caller) {
+                 return KeyReply(service_->DisableKey(caller, req->key()),
+                                 resp);
+               });
 }
 
 grpc::ServerUnaryReactor* KeyManagementHandler::ScheduleKeyDeletion(
     grpc::CallbackServerContext* ctx, const pb::ScheduleKeyDeletionRequest* req,
     pb::Key* resp) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) {
-    return KeyReply(service_->ScheduleKeyDeletion(caller, req->key(),
-                                                  req->pending_window_days()),
-                    resp);
-  });
+  return Serve(ctx, service_, callers_, kms::Rpc::kScheduleKeyDeletion,
+               [&](const kms::Caller& caller) {
+                 return KeyReply(
+                     service_->ScheduleKeyDeletion(caller, req->key(),
+                                                   req->pending_window_days()),
+                     resp);
+               });
 }
 
 grpc::ServerUnaryReactor* KeyManagementHandler::CancelKeyDeletion(
     grpc::CallbackServerContext* ctx, const pb::CancelKeyDeletionRequest* req,
     pb::Key* resp) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) {
-    return KeyReply(service_->CancelKeyDeletion(caller, req->key()), resp);
-  });
+  return Serve(ctx, service_, callers_, kms::Rpc::kCancelKeyDeletion,
+               [&](const kms::Caller& caller) {
+                 return KeyReply(
+                     service_->CancelKeyDeletion(caller, req->key()), resp);
+               });
 }
 
 grpc::ServerUnaryReactor* KeyManagementHandler::CreateAlias(
     grpc::CallbackServerContext* ctx, const pb::CreateAliasRequest* req,
     pb::Alias* resp) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
-    absl::StatusOr<kms::AliasRecord> alias =
-        service_->CreateAlias(caller, req->alias(), req->key());
-    if (!alias.ok()) return alias.status();
-    ToProto(*alias, resp);
-    return absl::OkStatus();
-  });
+  return Serve(ctx, service_, callers_, kms::Rpc::kCreateAlias,
+               [&](const kms::Caller& caller) -> absl::Status {
+                 absl::StatusOr<kms::AliasRecord> alias =
+                     service_->CreateAlias(caller, req->alias(), req->key());
+                 if (!alias.ok()) return alias.status();
+                 ToProto(*alias, resp);
+                 return absl::OkStatus();
+               });
 }
 
 grpc::ServerUnaryReactor* KeyManagementHandler::DeleteAlias(
     grpc::CallbackServerContext* ctx, const pb::DeleteAliasRequest* req,
     google::protobuf::Empty*) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) {
-    return service_->DeleteAlias(caller, req->alias());
-  });
+  return Serve(ctx, service_, callers_, kms::Rpc::kDeleteAlias,
+               [&](const kms::Caller& caller) {
+                 return service_->DeleteAlias(caller, req->alias());
+               });
 }
 
 grpc::ServerUnaryReactor* KeyManagementHandler::ListAliases(
     grpc::CallbackServerContext* ctx, const pb::ListAliasesRequest* req,
     pb::ListAliasesResponse* resp) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
-    absl::StatusOr<std::vector<kms::AliasRecord>> aliases =
-        service_->ListAliases(caller, req->key());
-    if (!aliases.ok()) return aliases.status();
-    for (const auto& alias : *aliases) ToProto(alias, resp->add_aliases());
-    return absl::OkStatus();
-  });
+  return Serve(ctx, service_, callers_, kms::Rpc::kListAliases,
+               [&](const kms::Caller& caller) -> absl::Status {
+                 absl::StatusOr<std::vector<kms::AliasRecord>> aliases =
+                     service_->ListAliases(caller, req->key());
+                 if (!aliases.ok()) return aliases.status();
+                 for (const auto& alias : *aliases)
+                   ToProto(alias, resp->add_aliases());
+                 return absl::OkStatus();
+               });
 }
 
 grpc::ServerUnaryReactor* KeyManagementHandler::GetKeyPolicy(
     grpc::CallbackServerContext* ctx, const pb::GetKeyPolicyRequest* req,
     pb::KeyPolicy* resp) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
-    absl::StatusOr<kms::KeyPolicy> policy =
-        service_->GetKeyPolicy(caller, req->key());
-    if (!policy.ok()) return policy.status();
-    ToProto(*policy, resp);
-    return absl::OkStatus();
-  });
+  return Serve(ctx, service_, callers_, kms::Rpc::kGetKeyPolicy,
+               [&](const kms::Caller& caller) -> absl::Status {
+                 absl::StatusOr<kms::KeyPolicy> policy =
+                     service_->GetKeyPolicy(caller, req->key());
+                 if (!policy.ok()) return policy.status();
+                 ToProto(*policy, resp);
+                 return absl::OkStatus();
+               });
 }
 
 grpc::ServerUnaryReactor* KeyManagementHandler::SetKeyPolicy(
     grpc::CallbackServerContext* ctx, const pb::SetKeyPolicyRequest* req,
     pb::KeyPolicy* resp) {
-  return Serve(ctx, callers_, [&](const kms::Caller& caller) -> absl::Status {
-    absl::StatusOr<kms::KeyPolicy> policy = FromProto(req->policy());
-    if (!policy.ok()) return policy.status();
-    absl::StatusOr<kms::KeyPolicy> set = service_->SetKeyPolicy(
-        caller, req->key(), *policy, req->expected_version());
-    if (!set.ok()) return set.status();
-    ToProto(*set, resp);
-    return absl::OkStatus();
-  });
+  return Serve(ctx, service_, callers_, kms::Rpc::kSetKeyPolicy,
+               [&](const kms::Caller& caller) -> absl::Status {
+                 absl::StatusOr<kms::KeyPolicy> policy =
+                     FromProto(req->policy());
+                 if (!policy.ok()) {
+                   return service_->RecordRefusal(
+                       caller, kms::Rpc::kSetKeyPolicy, policy.status());
+                 }
+                 absl::StatusOr<kms::KeyPolicy> set = service_->SetKeyPolicy(
+                     caller, req->key(), *policy, req->expected_version());
+                 if (!set.ok()) return set.status();
+                 ToProto(*set, resp);
+                 return absl::OkStatus();
+               });
 }
 
 // ---- CryptoService -------------------------------------------------------
@@ -299,7 +350,10 @@ grpc::ServerUnaryReactor* CryptoHandler::DataKey(
   auto* reactor =
       new CleansingReactor([resp] { CleanseBytes(resp->mutable_plaintext()); });
   return ServeAsync<kms::DataKeyResult>(
-      ctx, callers_, reactor,
+      ctx, service_, callers_,
+      include_plaintext ? kms::Rpc::kGenerateDataKey
+                        : kms::Rpc::kGenerateDataKeyWithoutPlaintext,
+      reactor,
       [&](const kms::Caller& caller,
           kms::KeyService::Done<kms::DataKeyResult> done) {
         kms::DataKeyParams params;
@@ -342,7 +396,7 @@ grpc::ServerUnaryReactor* CryptoHandler::GenerateDataKeys(
     }
   });
   return ServeAsync<kms::DataKeysResult>(
-      ctx, callers_, reactor,
+      ctx, service_, callers_, kms::Rpc::kGenerateDataKeys, reactor,
       [&](const kms::Caller& caller,
           kms::KeyService::Done<kms::DataKeysResult> done) {
         kms::DataKeysParams params;
@@ -375,7 +429,7 @@ grpc::ServerUnaryReactor* CryptoHandler::Encrypt(
     CleanseBytes(const_cast<pb::EncryptRequest*>(req)->mutable_plaintext());
   });
   return ServeAsync<kms::EncryptResult>(
-      ctx, callers_, reactor,
+      ctx, service_, callers_, kms::Rpc::kEncrypt, reactor,
       [&](const kms::Caller& caller,
           kms::KeyService::Done<kms::EncryptResult> done) {
         kms::EncryptParams params;
@@ -399,7 +453,7 @@ grpc::ServerUnaryReactor* CryptoHandler::Decrypt(
   auto* reactor =
       new CleansingReactor([resp] { CleanseBytes(resp->mutable_plaintext()); });
   return ServeAsync<kms::DecryptResult>(
-      ctx, callers_, reactor,
+      ctx, service_, callers_, kms::Rpc::kDecrypt, reactor,
       [&](const kms::Caller& caller,
           kms::KeyService::Done<kms::DecryptResult> done) {
         kms::DecryptParams params;
@@ -421,7 +475,7 @@ grpc::ServerUnaryReactor* CryptoHandler::ReEncrypt(
     grpc::CallbackServerContext* ctx, const pb::ReEncryptRequest* req,
     pb::ReEncryptResponse* resp) {
   return ServeAsync<kms::ReEncryptResult>(
-      ctx, callers_, ctx->DefaultReactor(),
+      ctx, service_, callers_, kms::Rpc::kReEncrypt, ctx->DefaultReactor(),
       [&](const kms::Caller& caller,
           kms::KeyService::Done<kms::ReEncryptResult> done) {
         kms::ReEncryptParams params;
@@ -451,7 +505,7 @@ grpc::ServerUnaryReactor* CryptoHandler::GenerateRandom(
   auto* reactor =
       new CleansingReactor([resp] { CleanseBytes(resp->mutable_random()); });
   return ServeAsync<SecretBytes>(
-      ctx, callers_, reactor,
+      ctx, service_, callers_, kms::Rpc::kGenerateRandom, reactor,
       [&](const kms::Caller& caller, kms::KeyService::Done<SecretBytes> done) {
         service_->GenerateRandom(caller, req->number_of_bytes(),
                                  std::move(done));

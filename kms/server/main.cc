@@ -63,6 +63,14 @@
 namespace custos::server {
 namespace {
 
+// custosd-test (CMake target of the same name) is this program built for the
+// tests: only it accepts the config's `testing:` section.
+#ifdef CUSTOS_TEST_BUILD
+constexpr bool kTestBuild = true;
+#else
+constexpr bool kTestBuild = false;
+#endif
+
 void ForbidCoreDumps() {
   // Key material passes through this process's memory (data keys): it must
   // never land in a core file (SECURITY.md, threat 5).
@@ -194,7 +202,9 @@ absl::Status Init(const std::string& config_path) {
 }
 
 absl::Status Run(const std::string& config_path) {
-  CUSTOS_ASSIGN_OR_RETURN(Config config, LoadConfig(config_path));
+  CUSTOS_ASSIGN_OR_RETURN(
+      Config config,
+      LoadConfig(config_path, ParseOptions{.allow_testing = kTestBuild}));
   SetUpLogging(config.log_level);
   ForbidCoreDumps();
   spdlog::info("starting node {} with config {}", config.node_id, config_path);
@@ -281,8 +291,15 @@ absl::Status Run(const std::string& config_path) {
   kms::AuditApi audit_api(&audit_reader, audit.get(), &authorizer,
                           signer.get());
 
-  CallerResolver tls_callers("");
-  CallerResolver dev_callers(config.development.insecure_principal);
+  std::unique_ptr<RateLimiter> rate_limiter;  // per principal, if set
+  if (config.limits.requests_per_second_per_principal > 0) {
+    rate_limiter = std::make_unique<RateLimiter>(RateLimiter::Options{
+        .requests_per_second = config.limits.requests_per_second_per_principal,
+        .burst = static_cast<double>(config.limits.burst_per_principal)});
+  }
+  CallerResolver tls_callers("", rate_limiter.get());
+  CallerResolver dev_callers(config.development.insecure_principal,
+                             rate_limiter.get());
   KeyManagementHandler kms_handler(&service, &tls_callers);
   CryptoHandler crypto_handler(&service, &tls_callers);
   AuditHandler audit_handler(&audit_api, &tls_callers);

@@ -3,8 +3,11 @@
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 
 namespace custos::server {
 namespace {
@@ -34,15 +37,62 @@ bool ValidRequestId(absl::string_view id) {
 
 }  // namespace
 
-grpc::Status ToGrpc(const absl::Status& status) {
-  if (status.ok()) return grpc::Status::OK;
-  std::string message(status.message().substr(0, 1024));
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), message);
+absl::Status ForCaller(const absl::Status& status) {
+  const absl::StatusCode code = status.code();
+  if (code != absl::StatusCode::kUnavailable &&
+      code != absl::StatusCode::kInternal &&
+      code != absl::StatusCode::kDataLoss &&
+      code != absl::StatusCode::kUnknown) {
+    return status;
+  }
+  const std::string lower = absl::AsciiStrToLower(status.message());
+  absl::string_view part;
+  if (absl::StrContains(lower, "audit log") ||
+      absl::StartsWith(lower, "audit:")) {
+    part = "request refused because the audit log cannot record it";
+  } else if (absl::StrContains(lower, "database") ||
+             absl::StartsWith(lower, "storage")) {
+    part = "the key database is unavailable";
+  } else if (absl::StrContains(lower, "hsm") ||
+             absl::StrContains(lower, "pkcs#11") ||
+             absl::StartsWith(status.message(), "C_") ||
+             absl::StrContains(lower, "ckr_")) {
+    part = "the HSM is unavailable";
+  } else if (code == absl::StatusCode::kUnavailable) {
+    part = "custosd cannot serve this request now";
+  } else {
+    part = "custosd failed to serve this request";
+  }
+  return absl::Status(code, absl::StrCat(part,
+                                         code == absl::StatusCode::kUnavailable
+                                             ? "; retry later"
+                                             : "; report it to the operator",
+                                         " (the server log has the details)"));
 }
 
-absl::StatusOr<kms::Caller> CallerResolver::Resolve(
-    grpc::ServerContextBase* context) {
-  kms::Caller caller;
+grpc::Status ToGrpc(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  const absl::Status shown = ForCaller(status);
+  if (shown.message() != status.message()) {
+    spdlog::warn("call failed with {}: {}",
+                 absl::StatusCodeToString(status.code()),
+                 status.message().substr(0, 1024));
+  }
+  std::string message(shown.message().substr(0, 1024));
+  return grpc::Status(static_cast<grpc::StatusCode>(shown.code()), message);
+}
+
+ResolvedCaller CallerResolver::Resolve(grpc::ServerContextBase* context) {
+  ResolvedCaller resolved = Identify(context);
+  if (resolved.refusal.ok() && limiter_ != nullptr) {
+    resolved.refusal = limiter_->Admit(resolved.caller.principal);
+  }
+  return resolved;
+}
+
+ResolvedCaller CallerResolver::Identify(grpc::ServerContextBase* context) {
+  ResolvedCaller resolved;
+  kms::Caller& caller = resolved.caller;
   caller.peer = context->peer();
   auto metadata = context->client_metadata();
   auto rid = metadata.find("x-request-id");
@@ -56,21 +106,30 @@ absl::StatusOr<kms::Caller> CallerResolver::Resolve(
   if (auth == nullptr || !auth->IsPeerAuthenticated()) {
     if (!insecure_principal_.empty()) {
       caller.principal = insecure_principal_;
-      return caller;
+      return resolved;
     }
-    return absl::UnauthenticatedError(
+    caller.principal = "unauthenticated";
+    resolved.refusal = absl::UnauthenticatedError(
         "no verified client certificate: custosd requires mutual TLS");
+    return resolved;
   }
   std::vector<grpc::string_ref> pems =
       auth->FindPropertyValues("x509_pem_cert");
   if (pems.empty()) {
-    return absl::UnauthenticatedError("no client certificate presented");
+    caller.principal = "unauthenticated";
+    resolved.refusal =
+        absl::UnauthenticatedError("no client certificate presented");
+    return resolved;
   }
-  absl::StatusOr<std::string> identity =
+  PeerIdentity identity =
       identities_.Lookup(absl::string_view(pems[0].data(), pems[0].size()));
-  if (!identity.ok()) return identity.status();
-  caller.principal = *std::move(identity);
-  return caller;
+  if (!identity.principal.ok()) {
+    caller.principal = std::move(identity.fingerprint);
+    resolved.refusal = identity.principal.status();
+    return resolved;
+  }
+  caller.principal = *std::move(identity.principal);
+  return resolved;
 }
 
 void CleanseBytes(std::string* bytes) {

@@ -17,28 +17,54 @@
 #include "kms/key.h"
 #include "kms/key_service.h"
 #include "kms/server/identity.h"
+#include "kms/server/rate_limiter.h"
 
 namespace custos::server {
 
 namespace pb = ::custos::v1;
 
 // The one mapping from absl::Status to grpc::Status (the codes are equal).
-// Messages are capped at 1 KiB.
+// Messages are capped at 1 KiB. UNAVAILABLE, INTERNAL, DATA_LOSS and UNKNOWN
+// reach the caller as ForCaller words them; their own message (file paths,
+// database errors) goes to the server log only.
 grpc::Status ToGrpc(const absl::Status& status);
 
-// Resolves the caller of a call: the verified client certificate's identity
-// (mutual TLS), or the configured development principal on the plaintext
-// listener. UNAUTHENTICATED otherwise: such a call never reaches the core.
+// `status` as a caller may see it: unchanged for the codes whose messages
+// are about the request; for UNAVAILABLE, INTERNAL, DATA_LOSS and UNKNOWN a
+// generic message that names only the part that failed (the audit log, the
+// key database, the HSM).
+absl::Status ForCaller(const absl::Status& status);
+
+// A call's caller, or why it has none. When `refusal` is set, the call
+// must not reach an operation; `caller` then names the peer for the audit
+// log by its certificate's fingerprint ("cert-sha256:<hex>"), or
+// "unauthenticated" when it sent none, never by a name it claims.
+struct ResolvedCaller {
+  kms::Caller caller;
+  absl::Status refusal;
+};
+
+// Resolves and admits the caller of a call: the verified client
+// certificate's identity (mutual TLS), or the configured development
+// principal on the plaintext listener; then the caller's rate limit, if
+// any. Otherwise a refusal (UNAUTHENTICATED, RESOURCE_EXHAUSTED), which the
+// handlers audit: such a call never reaches an operation. Thread-safe.
 class CallerResolver {
  public:
   // `insecure_principal`: identity for calls without TLS (development only;
-  // empty to refuse them).
-  explicit CallerResolver(std::string insecure_principal)
-      : insecure_principal_(std::move(insecure_principal)) {}
-  absl::StatusOr<kms::Caller> Resolve(grpc::ServerContextBase* context);
+  // empty to refuse them). `limiter`: null for no rate limit; must outlive
+  // the resolver.
+  explicit CallerResolver(std::string insecure_principal,
+                          RateLimiter* limiter = nullptr)
+      : insecure_principal_(std::move(insecure_principal)), limiter_(limiter) {}
+  ResolvedCaller Resolve(grpc::ServerContextBase* context);
 
  private:
+  // The caller's identity, or the refusal.
+  ResolvedCaller Identify(grpc::ServerContextBase* context);
+
   const std::string insecure_principal_;
+  RateLimiter* const limiter_;
   IdentityCache identities_;
 };
 

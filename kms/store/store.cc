@@ -1,7 +1,9 @@
 // OpenStore: picks the Store implementation by the URL's scheme.
+#include <algorithm>
 #include <memory>
 #include <string>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -12,19 +14,51 @@
 namespace custos::kms {
 
 std::string RedactStorageUrl(absl::string_view url) {
-  // scheme://user:password@host... -> scheme://user:***@host...
-  const size_t scheme = url.find("://");
-  if (scheme == absl::string_view::npos) return std::string(url);
-  const size_t start = scheme + 3;
-  const size_t at = url.find('@', start);
-  const size_t slash = url.find('/', start);
-  if (at == absl::string_view::npos ||
-      (slash != absl::string_view::npos && slash < at)) {
-    return std::string(url);
+  std::string out(url);
+  // scheme://user:password@host... -> scheme://user:***@host... The
+  // userinfo ends at the last '@' (a password may hold an unescaped '@',
+  // '/' or '?'); erring toward hiding more is fine in a log line.
+  if (const size_t scheme = out.find("://"); scheme != std::string::npos) {
+    const size_t start = scheme + 3;
+    const size_t at = out.rfind('@');
+    const size_t colon = out.find(':', start);
+    if (at != std::string::npos && at > start && colon != std::string::npos &&
+        colon < at) {
+      out.replace(colon + 1, at - colon - 1, "***");
+    }
   }
-  const size_t colon = url.find(':', start);
-  if (colon == absl::string_view::npos || colon > at) return std::string(url);
-  return absl::StrCat(url.substr(0, colon + 1), "***", url.substr(at));
+  // password=VALUE wherever it stands: a URL query parameter (also
+  // sslpassword=), or a key=value connection string, quoted or not.
+  const auto is_blank = [](char c) {
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+  };
+  size_t from = 0;
+  for (;;) {
+    const std::string lower = absl::AsciiStrToLower(out);
+    const size_t name = lower.find("password", from);
+    if (name == std::string::npos) break;
+    size_t i = name + 8;
+    while (i < out.size() && is_blank(out[i])) ++i;
+    if (i >= out.size() || out[i] != '=') {
+      from = name + 8;
+      continue;
+    }
+    ++i;
+    while (i < out.size() && is_blank(out[i])) ++i;
+    size_t end = i;
+    if (end < out.size() && out[end] == '\'') {
+      for (++end; end < out.size() && out[end] != '\''; ++end) {
+        if (out[end] == '\\') ++end;
+      }
+      if (end < out.size()) ++end;  // the closing quote
+    } else {
+      while (end < out.size() && out[end] != '&' && !is_blank(out[end])) ++end;
+    }
+    end = std::min(end, out.size());
+    out.replace(i, end - i, "***");
+    from = i + 3;
+  }
+  return out;
 }
 
 absl::Status NotInitialisedError(absl::string_view what) {

@@ -139,7 +139,9 @@ class Store {
   }
 };
 
-// `url` fit for logs and errors: a password in it is replaced by "***".
+// `url` fit for logs and errors: every password in it is replaced by "***"
+// (the URL's userinfo, a password= or sslpassword= query parameter, and
+// password=... in a key=value connection string, quoted or not).
 std::string RedactStorageUrl(absl::string_view url);
 
 // How OpenStore treats a database that does not exist yet.

@@ -616,8 +616,8 @@ TEST_F(E2eTest, ASecondServerOnTheSameAuditLogRefusesToStart) {
   std::vector<std::string> env = testing::EnvironmentWithout("SOFTHSM2_CONF=");
   env.push_back("SOFTHSM2_CONF=" + server_->softhsm_conf());
   testing::ProcessResult second = testing::RunProcess(
-      {"/usr/bin/timeout", "20", testing::BinDir() + "/custosd", "--config",
-       server_->dir() + "/custos.yaml"},
+      {"/usr/bin/timeout", "20", testing::BinDir() + "/custosd-test",
+       "--config", server_->dir() + "/custos.yaml"},
       env, "/dev/null", server_->dir() + "/second-custosd");
   EXPECT_EQ(second.code, 1) << second;
   EXPECT_THAT(second.err, HasSubstr("in use by another custosd"));

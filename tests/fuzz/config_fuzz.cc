@@ -10,7 +10,11 @@
 //    else depends on it: parsing with no base directory gives the same
 //    configuration with the paths as written;
 //  - LoadConfig on a file holding the input gives what ParseConfig gives
-//    with the file's directory as the base.
+//    with the file's directory as the base;
+//  - every accepted role entry is a typed, unreserved principal or pattern,
+//    and the development principal is typed, unreserved and no admin;
+//  - what the shipped build accepts the test build (allow_testing) accepts
+//    too, and the test build's configurations are in range as well.
 // Seeds: the configuration scripts/dev-env writes, the one the e2e tests
 // write, and variations.
 #include <fcntl.h>
@@ -22,12 +26,15 @@
 #include <cstdlib>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/match.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "kms/policy.h"
+#include "kms/principal.h"
 #include "kms/server/config.h"
 #include "tests/fuzz/fuzz_check.h"
 
@@ -148,6 +155,22 @@ void CheckRanges(const Config& c) {
     CUSTOS_FUZZ_CHECK(d >= absl::Milliseconds(1) && d <= absl::Hours(24 * 365),
                       "a duration is infinite or out of range");
   }
+  for (const std::vector<std::string>* role : {&c.admins, &c.auditors}) {
+    for (const std::string& entry : *role) {
+      CUSTOS_FUZZ_CHECK(
+          kms::ValidateConfiguredPrincipal(entry, "role", true).ok(),
+          "a role entry is untyped or reserved");
+    }
+  }
+  if (!c.development.insecure_listen.empty()) {
+    const std::string& dev = c.development.insecure_principal;
+    CUSTOS_FUZZ_CHECK(kms::ValidateConfiguredPrincipal(dev, "dev", false).ok(),
+                      "the development principal is untyped or reserved");
+    for (const std::string& admin : c.admins) {
+      CUSTOS_FUZZ_CHECK(!kms::GlobMatch(admin, dev),
+                        "the development principal is an admin");
+    }
+  }
   static const std::set<std::string>* const kLevels = new std::set<std::string>{
       "trace", "debug", "info", "warn", "error", "critical"};
   CUSTOS_FUZZ_CHECK(kLevels->count(c.log_level) == 1, "log_level");
@@ -164,6 +187,15 @@ void FuzzOne(absl::string_view input) {
   const std::string yaml(input);
   const absl::StatusOr<Config> based = ParseConfig(yaml, kBase);
   const absl::StatusOr<Config> unbased = ParseConfig(yaml, "");
+  const absl::StatusOr<Config> test_build =
+      ParseConfig(yaml, kBase, ParseOptions{.allow_testing = true});
+  CUSTOS_FUZZ_CHECK(!based.ok() || test_build.ok(),
+                    "the test build refused what the shipped build accepts");
+  if (test_build.ok()) {
+    CheckRanges(*test_build);
+  } else {
+    CheckError(test_build.status());
+  }
   CUSTOS_FUZZ_CHECK(based.ok() == unbased.ok(),
                     "the base directory changed whether the config parses");
   if (!based.ok()) {

@@ -222,7 +222,7 @@ absl::StatusOr<std::unique_ptr<CustosdProcess>> CustosdProcess::StartReplica(
 
 ProcessResult CustosdProcess::RunCustosd(
     const std::vector<std::string>& args) const {
-  std::vector<std::string> argv = {BinDir() + "/custosd", "--config",
+  std::vector<std::string> argv = {BinDir() + "/custosd-test", "--config",
                                    config_path()};
   argv.insert(argv.end(), args.begin(), args.end());
   std::vector<std::string> env = EnvironmentWithout("SOFTHSM2_CONF=");
@@ -238,7 +238,7 @@ ProcessResult CustosdProcess::StartExpectingFailure() const {
   // A server that starts after all is stopped by timeout(1) (code 124)
   // rather than hang the test.
   std::vector<std::string> argv = {"/usr/bin/timeout", "30",
-                                   BinDir() + "/custosd", "--config",
+                                   BinDir() + "/custosd-test", "--config",
                                    config_path()};
   std::vector<std::string> env = EnvironmentWithout("SOFTHSM2_CONF=");
   env.push_back("SOFTHSM2_CONF=" + softhsm_conf());
@@ -260,7 +260,8 @@ absl::Status CustosdProcess::Launch() {
     for (const auto& [name, value] : options_.env) {
       setenv(name.c_str(), value.c_str(), 1);
     }
-    std::string binary = BinDir() + "/custosd";
+    // The test build: it accepts the config's `testing:` section.
+    std::string binary = BinDir() + "/custosd-test";
     std::string config = config_path();
     execl(binary.c_str(), binary.c_str(), "--config", config.c_str(),
           static_cast<char*>(nullptr));

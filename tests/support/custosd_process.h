@@ -1,7 +1,8 @@
 // CustosdProcess: a real custosd for end-to-end tests. Start() makes a
 // development environment with scripts/dev-env (PKI, SoftHSM2 token,
 // config) in a temporary directory, picks a free loopback port, and runs
-// build/bin/custosd on it; the test talks to it over mutual TLS with the
+// build/bin/custosd-test (custosd built to accept the config's `testing:`
+// section) on it; the test talks to it over mutual TLS with the
 // environment's client certificates. Not thread-safe (one test thread
 // drives it); the channels it hands out are.
 #ifndef CUSTOS_TESTS_SUPPORT_CUSTOSD_PROCESS_H_

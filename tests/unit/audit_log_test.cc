@@ -25,12 +25,15 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/testing/status_matchers.h"
 #include "kms/audit/audit_verifier.h"
 #include "kms/audit/json_text.h"
 #include "kms/policy.h"
+#include "kms/audit_api.h"
+#include "kms/authorizer.h"
 #include "nlohmann/json.hpp"
 #include "tests/support/memory_signer.h"
 #include "tests/support/test_token.h"
@@ -991,6 +994,205 @@ TEST(JsonTextTest, InvalidUtf8BecomesReplacementCharacters) {
     ASSERT_FALSE(parsed.is_discarded()) << absl::CHexEscape(ours);
     EXPECT_THAT(parsed.get<std::string>(), HasSubstr("\xEF\xBF\xBD"));
   }
+}
+
+// One request must not bloat the log: whatever its fields hold (here a 60 KB
+// value of control bytes, each of which JSON escapes to six), its record
+// stays within kMaxAuditRecordBytes, still parses, still chains, and says
+// what it left out.
+TEST_F(AuditLogTest, RecordsAreCappedWhateverTheRequestHolds) {
+  std::unique_ptr<FileAuditLog> log = Open();
+  ASSERT_NE(log, nullptr);
+  const std::string controls(60 * 1024, '\x01');
+  AuditRecord huge = SimpleRecord(std::string(10000, '\x02'), 0);
+  huge.operation = std::string(5000, '\x03');
+  huge.key_id = std::string(5000, '\x04');
+  huge.context["tenant"] = controls;
+  for (int i = 0; i < 64; ++i) {
+    huge.context[absl::StrCat("k", i, std::string(300, '\x05'))] = "v";
+    huge.context[absl::StrCat("pair", i)] = std::string(1000, '\x06');
+  }
+  huge.has_justification = true;
+  huge.justification.reason = JustificationReason::kSystemOperation;
+  huge.justification.detail = std::string(5000, '\x07');
+  huge.request_id = std::string(5000, '\x08');
+  huge.peer = std::string(5000, '\x0b');
+  huge.detail = controls;
+  ASSERT_THAT(log->Append(huge), IsOk());
+  // And a small one after it: the chain goes on.
+  ASSERT_THAT(log->Append(SimpleRecord("spiffe://example.org/a", 1)), IsOk());
+  std::vector<std::string> lines = AllLines(dir_);
+  ASSERT_EQ(lines.size(), 2u);
+  ExpectValidChain(lines);
+  EXPECT_LE(lines[0].size(), kMaxAuditRecordBytes);
+  nlohmann::json j = nlohmann::json::parse(lines[0]);
+  for (const char* field :
+       {"principal", "operation", "key_id", "request_id", "peer", "detail"}) {
+    const std::string value = j[field].get<std::string>();
+    EXPECT_GT(value.size(), 16u) << field;  // cut, not dropped
+    EXPECT_EQ(value.substr(value.size() - 3), "\xE2\x80\xA6") << field;
+  }
+  EXPECT_THAT(j["detail"].get<std::string>(),
+              HasSubstr("context pairs not recorded"));
+  EXPECT_LE(j["context"].dump().size(), kMaxAuditContextBytes + 16);
+  EXPECT_FALSE(j["context"].contains(
+      absl::StrCat("k0", std::string(300, '\x05'))));  // key over its cap
+}
+
+TEST(AuditJsonTextTest, CappedStringsCutAtCharacterBoundaries) {
+  std::string out;
+  EXPECT_FALSE(AppendJsonStringCapped(&out, "short", 64));
+  EXPECT_EQ(out, "\"short\"");
+  // Multi-byte characters and escapes are never split.
+  for (const std::string& value :
+       {std::string(100, '\x01'), std::string(50, 'a') + std::string(30, '"'),
+        std::string(100, '\xff')}) {
+    for (size_t cap = 8; cap < 40; ++cap) {
+      std::string capped;
+      AppendJsonStringCapped(&capped, value, cap);
+      EXPECT_LE(capped.size(), cap) << cap;
+      EXPECT_FALSE(nlohmann::json::parse(capped, nullptr, false).is_discarded())
+          << capped;
+    }
+  }
+  std::string umlauts;
+  for (int i = 0; i < 40; ++i) umlauts += "\xC3\xBC";
+  for (size_t cap = 8; cap < 40; ++cap) {
+    std::string capped;
+    ASSERT_TRUE(AppendJsonStringCapped(&capped, umlauts, cap));
+    EXPECT_LE(capped.size(), cap);
+    nlohmann::json j = nlohmann::json::parse(capped, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << capped;
+  }
+}
+
+// Blocks the writer thread inside its first checkpoint until released: a
+// disk that has stopped answering, without timing anything.
+class StalledSigner : public AuditSigner {
+ public:
+  absl::StatusOr<std::string> Sign(absl::string_view message) override {
+    // Only the writer thread signs: no race on the first notification.
+    if (!entered_.HasBeenNotified()) entered_.Notify();
+    release_.WaitForNotification();
+    return inner_.Sign(message);
+  }
+  const std::string& public_key_pem() const override {
+    return inner_.public_key_pem();
+  }
+  const std::string& fingerprint() const override {
+    return inner_.fingerprint();
+  }
+  void WaitUntilStalled() { entered_.WaitForNotification(); }
+  void Release() {
+    if (!release_.HasBeenNotified()) release_.Notify();
+  }
+
+ private:
+  absl::Notification entered_;
+  absl::Notification release_;
+  ::custos::testing::MemorySigner inner_;
+};
+
+// A full queue refuses at once, on the caller's thread, instead of blocking
+// it (a gRPC callback thread must never wait for the disk); the queued
+// records are still written once the writer moves again.
+TEST_F(AuditLogTest, FullQueueRefusesWithoutBlocking) {
+  StalledSigner signer;
+  FileAuditLog::Options options;
+  options.dir = dir_;
+  options.node_id = kNode;
+  options.signer = &signer;
+  options.checkpoint_every = 1;
+  options.max_queue = 2;
+  absl::StatusOr<std::unique_ptr<FileAuditLog>> log =
+      FileAuditLog::Open(options);
+  ASSERT_THAT(log, IsOk());
+  // Whatever fails below, the writer is released before the log is closed.
+  struct ReleaseOnExit {
+    StalledSigner* signer;
+    ~ReleaseOnExit() { signer->Release(); }
+  } release_on_exit{&signer};
+  // The first record is written; the writer then stalls in its checkpoint.
+  ASSERT_THAT((*log)->Append(SimpleRecord("spiffe://example.org/a", 0)),
+              IsOk());
+  signer.WaitUntilStalled();
+  absl::Notification queued_done[2];
+  absl::Status queued_status[2];
+  for (int i = 0; i < 2; ++i) {
+    (*log)->AppendAsync(SimpleRecord("spiffe://example.org/a", i + 1),
+                        [&, i](absl::Status s) {
+                          queued_status[i] = s;
+                          queued_done[i].Notify();
+                        });
+  }
+  bool refused_inline = false;
+  absl::Status refused;
+  (*log)->AppendAsync(SimpleRecord("spiffe://example.org/a", 3),
+                      [&](absl::Status s) {
+                        refused = s;
+                        refused_inline = true;
+                      });
+  // `done` ran before AppendAsync returned: nothing waited.
+  EXPECT_TRUE(refused_inline);
+  EXPECT_THAT(refused, StatusIs(absl::StatusCode::kUnavailable,
+                                HasSubstr("queue is full")));
+  EXPECT_EQ((*log)->stats().queue_full, 1u);
+  signer.Release();
+  for (int i = 0; i < 2; ++i) {
+    queued_done[i].WaitForNotification();
+    EXPECT_THAT(queued_status[i], IsOk());
+  }
+  log->reset();
+  // Three records and their checkpoints; the refused one is not there.
+  int requests = 0;
+  for (const std::string& line : AllLines(dir_)) {
+    nlohmann::json j = nlohmann::json::parse(line);
+    if (j["operation"] != "Checkpoint") ++requests;
+    EXPECT_NE(j.value("request_id", ""), "req-3");
+  }
+  EXPECT_EQ(requests, 3);
+}
+
+// ListAuditEvents pages are bounded by bytes, whatever page_size asks, and
+// the next page starts exactly where the last one stopped.
+TEST_F(AuditLogTest, AuditPagesAreBoundedByBytes) {
+  std::unique_ptr<FileAuditLog> log = Open();
+  ASSERT_NE(log, nullptr);
+  constexpr int kRecords = 300;
+  for (int i = 0; i < kRecords; ++i) {
+    AuditRecord r = SimpleRecord("spiffe://example.org/a", i);
+    for (int p = 0; p < 7; ++p) {
+      r.context[absl::StrCat("blob", p)] = std::string(480, 'x');
+    }
+    r.detail = std::string(1000, 'd');
+    ASSERT_THAT(log->Append(r), IsOk());
+  }
+  const Authorizer authorizer(Roles{{}, {"spiffe://example.org/auditor"}});
+  ::custos::testing::MemorySigner signer;
+  AuditReader reader(dir_, kNode);
+  AuditApi api(&reader, log.get(), &authorizer, &signer);
+  const Caller auditor{"spiffe://example.org/auditor", "", "r"};
+  AuditFilter encrypts;
+  encrypts.operation = "Encrypt";
+  std::string token;
+  std::vector<uint64_t> seen;
+  int pages = 0;
+  do {
+    absl::StatusOr<AuditPage> page = api.List(auditor, encrypts, 1000, token);
+    ASSERT_THAT(page, IsOk());
+    ASSERT_FALSE(page->events.empty());
+    size_t bytes = 0;
+    for (const AuditEvent& e : page->events) {
+      bytes += 2 * e.raw.size() + 64;
+      seen.push_back(e.seq);
+    }
+    EXPECT_LE(bytes, kMaxAuditPageBytes);
+    token = page->next_page_token;
+    ++pages;
+  } while (!token.empty() && pages < 100);
+  EXPECT_GT(pages, 2);  // 300 records of ~4.8 KB: about 110 a page
+  ASSERT_EQ(seen.size(), static_cast<size_t>(kRecords));
+  for (size_t i = 0; i < seen.size(); ++i) EXPECT_EQ(seen[i], i + 1);
 }
 
 }  // namespace

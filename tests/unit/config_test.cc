@@ -14,6 +14,7 @@
 #include "absl/strings/str_replace.h"
 #include "absl/time/time.h"
 #include "common/testing/status_matchers.h"
+#include "kms/store/store.h"
 
 namespace custos::server {
 namespace {
@@ -26,6 +27,8 @@ using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 
 constexpr char kBase[] = "/etc/custos";
+// What custosd-test (the build the tests run) parses with.
+constexpr ParseOptions kTestBuild{.allow_testing = true};
 
 // Every required field, and nothing else.
 constexpr char kMinimal[] = R"yaml(
@@ -104,14 +107,14 @@ maintenance_interval_seconds: 0.5
 log_level: debug
 development:
   insecure_listen: 127.0.0.1:7000
-  insecure_principal: dev
+  insecure_principal: cn:dev
 testing: {deletion_day_seconds: 2, min_rotation_period_seconds: 1}
 )yaml";
   std::string with_hsm = absl::StrReplaceAll(
       yaml, {{"  pin_file: hsm.pin\n",
               "  pin_file: hsm.pin\n  pool_size: 64\n  call_timeout_ms: 250\n"
               "  lease_timeout_ms: 100\n"}});
-  absl::StatusOr<Config> c = ParseConfig(with_hsm, kBase);
+  absl::StatusOr<Config> c = ParseConfig(with_hsm, kBase, kTestBuild);
   ASSERT_THAT(c, IsOk());
   EXPECT_EQ(c->node_id, "node-7");
   EXPECT_THAT(c->auditors, ElementsAre("spiffe://example.org/auditor"));
@@ -124,7 +127,7 @@ testing: {deletion_day_seconds: 2, min_rotation_period_seconds: 1}
   EXPECT_EQ(c->maintenance_interval, absl::Milliseconds(500));
   EXPECT_EQ(c->log_level, "debug");
   EXPECT_EQ(c->development.insecure_listen, "127.0.0.1:7000");
-  EXPECT_EQ(c->development.insecure_principal, "dev");
+  EXPECT_EQ(c->development.insecure_principal, "cn:dev");
   EXPECT_EQ(c->testing.deletion_day, absl::Seconds(2));
   EXPECT_EQ(c->testing.min_rotation_period, absl::Seconds(1));
 }
@@ -212,7 +215,7 @@ TEST(ParseConfigTest, UnknownNestedFieldsAreNamed) {
        "testing.deletion_days"},
   };
   for (const Case& c : cases) {
-    EXPECT_THAT(ParseConfig(c.yaml, kBase),
+    EXPECT_THAT(ParseConfig(c.yaml, kBase, kTestBuild),
                 StatusIs(absl::StatusCode::kInvalidArgument,
                          AllOf(HasSubstr(c.field), HasSubstr("unknown"))))
         << c.field;
@@ -323,7 +326,7 @@ TEST(ParseConfigTest, OtherRangesRefused) {
   };
   for (const Case& c : cases) {
     EXPECT_THAT(
-        ParseConfig(std::string(kMinimal) + c.extra, kBase),
+        ParseConfig(std::string(kMinimal) + c.extra, kBase, kTestBuild),
         StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(c.field)))
         << c.extra;
   }
@@ -358,7 +361,7 @@ TEST(ParseConfigTest, DurationsMustBeFiniteAndInRange) {
          {".nan", ".NaN", ".NAN", ".inf", ".Inf", "+.inf", "-.inf", "1e300",
           "31536000.5", "0", "-0", "0.0009", "1e-300", "-5", "often", "[1]",
           "\"\""}) {
-      EXPECT_THAT(ParseConfig(With(field, value), kBase),
+      EXPECT_THAT(ParseConfig(With(field, value), kBase, kTestBuild),
                   StatusIs(absl::StatusCode::kInvalidArgument,
                            HasSubstr(absl::StrCat(
                                field,
@@ -372,7 +375,7 @@ TEST(ParseConfigTest, DurationsMustBeFiniteAndInRange) {
 TEST(ParseConfigTest, DurationsAtTheEndsOfTheRangeAreAccepted) {
   for (const char* field : kSecondsFields) {
     for (const char* value : {"0.001", "1", "31536000", "3.1536e7"}) {
-      EXPECT_THAT(ParseConfig(With(field, value), kBase), IsOk())
+      EXPECT_THAT(ParseConfig(With(field, value), kBase, kTestBuild), IsOk())
           << field << ": " << value;
     }
   }
@@ -458,7 +461,7 @@ TEST(ParseConfigTest, MetricsListenIsAnIpv4AddressAndPort) {
   }
   for (const char* bad :
        {"127.0.0.1", "localhost:9464", "[::1]:9464", "127.0.0.1:0",
-        "127.0.0.1:65536", "127.0.0.1:http", "127.0.0.1:", ":9464",
+        "127.0.0.1:65536", "127.0.0.1:http", "127.0.0.1:", ":0", "99999",
         "127.0.0.1:94640", "127.0.0.1:+9464", "1.2.3:9464"}) {
     EXPECT_THAT(
         ParseConfig(absl::StrCat(kMinimal, "metrics_listen: \"", bad, "\"\n"),
@@ -595,3 +598,192 @@ TEST(ConfigTlsReloadTest, OutOfRangeValuesAreRefusedByName) {
 
 }  // namespace
 }  // namespace custos::server
+
+namespace custos::server {
+namespace {
+
+using ::custos::testing::IsOk;
+using ::custos::testing::StatusIs;
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+// The shipped custosd parses with the default options: a config that
+// shortens deletion windows is refused, naming the section and the build
+// that accepts it.
+TEST(ConfigHardeningTest, TestingSectionRefusedOutsideTheTestBuild) {
+  const std::string yaml =
+      std::string(kMinimal) + "testing: {deletion_day_seconds: 1}\n";
+  EXPECT_THAT(ParseConfig(yaml, kBase),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("testing"), HasSubstr("custosd-test"))));
+  absl::StatusOr<Config> c = ParseConfig(yaml, kBase, kTestBuild);
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(c->testing.deletion_day, absl::Seconds(1));
+}
+
+TEST(ConfigHardeningTest, RoleEntriesMustBeTypedAndNotReserved) {
+  for (const char* good :
+       {"spiffe://example.org/admin", "spiffe://example.org/ops/*",
+        "dns:ops.example.org", "cn:billing-batch", "urn:example:admin", "*"}) {
+    EXPECT_THAT(ParseConfig(Replace("  - spiffe://example.org/admin",
+                                    absl::StrCat("  - \"", good, "\"")),
+                            kBase),
+                IsOk())
+        << good;
+  }
+  struct Case {
+    const char* entry;
+    const char* says;
+  };
+  const Case bad[] = {
+      {"billing-batch", "cn:NAME"},  // untyped: was a CN or DNS name
+      {"ops.example.org", "dns:HOST"},
+      {"custos:system", "reserved"},
+      {"CUSTOS:system", "reserved"},
+      {"cert-sha256:00ff", "never matches"},
+      {"DNS:ops.example.org", "lower case"},
+      {"cn:two words", "space"},
+  };
+  for (const Case& c : bad) {
+    EXPECT_THAT(ParseConfig(Replace("  - spiffe://example.org/admin",
+                                    absl::StrCat("  - \"", c.entry, "\"")),
+                            kBase),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         AllOf(HasSubstr("admins[0]"), HasSubstr(c.says))))
+        << c.entry;
+    EXPECT_THAT(
+        ParseConfig(absl::StrCat(kMinimal, "auditors: [\"", c.entry, "\"]\n"),
+                    kBase),
+        StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("auditors[0]")))
+        << c.entry;
+  }
+}
+
+std::string WithDevelopment(const std::string& listen,
+                            const std::string& principal) {
+  return absl::StrCat(kMinimal, "development: {insecure_listen: \"", listen,
+                      "\", insecure_principal: \"", principal, "\"}\n");
+}
+
+TEST(ConfigHardeningTest, InsecureListenOnlyOnLoopback) {
+  for (const char* good :
+       {"127.0.0.1:7000", "127.1.2.3:7000", "localhost:7000", "[::1]:7000"}) {
+    EXPECT_THAT(ParseConfig(WithDevelopment(good, "cn:dev"), kBase), IsOk())
+        << good;
+  }
+  for (const char* bad :
+       {"0.0.0.0:7000", "10.0.0.1:7000", "[::]:7000", "example.org:7000",
+        "127.0.0.1", ":7000", "128.0.0.1:7000"}) {
+    EXPECT_THAT(ParseConfig(WithDevelopment(bad, "cn:dev"), kBase),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         AllOf(HasSubstr("development.insecure_listen"),
+                               HasSubstr("loopback"))))
+        << bad;
+  }
+}
+
+TEST(ConfigHardeningTest, InsecurePrincipalIsNeverAnAdmin) {
+  // kMinimal's admin, an admin pattern, and a reserved name.
+  EXPECT_THAT(ParseConfig(WithDevelopment("127.0.0.1:7000",
+                                          "spiffe://example.org/admin"),
+                          kBase),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       AllOf(HasSubstr("development.insecure_principal"),
+                             HasSubstr("admin"))));
+  const std::string pattern_admin =
+      absl::StrReplaceAll(WithDevelopment("127.0.0.1:7000", "cn:dev"),
+                          {{"  - spiffe://example.org/admin", "  - \"cn:*\""}});
+  EXPECT_THAT(ParseConfig(pattern_admin, kBase),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("must not be an admin")));
+  EXPECT_THAT(
+      ParseConfig(WithDevelopment("127.0.0.1:7000", "custos:system"), kBase),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("reserved")));
+  EXPECT_THAT(
+      ParseConfig(WithDevelopment("127.0.0.1:7000", "dev"), kBase),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("has no type")));
+  EXPECT_THAT(
+      ParseConfig(WithDevelopment("127.0.0.1:7000", "cn:*"), kBase),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not a pattern")));
+}
+
+TEST(ConfigHardeningTest, MetricsPortAloneMeansLoopback) {
+  for (const char* port : {"9464", ":9464"}) {
+    absl::StatusOr<Config> c = ParseConfig(
+        absl::StrCat(kMinimal, "metrics_listen: \"", port, "\"\n"), kBase);
+    ASSERT_THAT(c, IsOk()) << port;
+    EXPECT_EQ(c->metrics_listen, "127.0.0.1:9464") << port;
+  }
+  // Unquoted YAML reads a bare port as a number: the same.
+  absl::StatusOr<Config> c =
+      ParseConfig(absl::StrCat(kMinimal, "metrics_listen: 9464\n"), kBase);
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(c->metrics_listen, "127.0.0.1:9464");
+}
+
+TEST(ConfigHardeningTest, RateLimitSettings) {
+  absl::StatusOr<Config> c = ParseConfig(kMinimal, kBase);
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(c->limits.requests_per_second_per_principal, 0);  // off
+  c = ParseConfig(absl::StrCat(kMinimal,
+                               "limits: {requests_per_second_per_principal: "
+                               "2.5, burst_per_principal: 10}\n"),
+                  kBase);
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(c->limits.requests_per_second_per_principal, 2.5);
+  EXPECT_EQ(c->limits.burst_per_principal, 10);
+  for (const char* bad : {"-1", ".nan", ".inf", "1e9", "fast"}) {
+    EXPECT_THAT(
+        ParseConfig(absl::StrCat(kMinimal,
+                                 "limits: {requests_per_second_per_principal: ",
+                                 bad, "}\n"),
+                    kBase),
+        StatusIs(absl::StatusCode::kInvalidArgument,
+                 HasSubstr("limits.requests_per_second_per_principal")))
+        << bad;
+  }
+}
+
+}  // namespace
+}  // namespace custos::server
+
+namespace custos::kms {
+namespace {
+
+// A PostgreSQL password never reaches a log line or an error, wherever the
+// URL carries it.
+TEST(RedactStorageUrlTest, HidesEveryPassword) {
+  struct Case {
+    const char* url;
+    const char* secret;
+    const char* kept;  // must survive, so the line still helps
+  };
+  const Case cases[] = {
+      {"postgresql://custos:s3cret@db:5432/custos", "s3cret", "@db:5432"},
+      {"postgresql://custos:p@ss/w0rd?x@db/custos", "w0rd", "@db/custos"},
+      {"postgresql://custos@db/custos?password=s3cret&sslmode=require",
+       "s3cret", "sslmode=require"},
+      {"postgres://db/custos?sslmode=require&PASSWORD=s3cret", "s3cret",
+       "sslmode=require"},
+      {"postgresql://db/custos?sslpassword=keypass", "keypass", "db/custos"},
+      {"host=db user=custos password=s3cret dbname=custos", "s3cret",
+       "dbname=custos"},
+      {"host=db password = 'two words\\' quoted' dbname=x", "words",
+       "dbname=x"},
+  };
+  for (const Case& c : cases) {
+    const std::string redacted = RedactStorageUrl(c.url);
+    EXPECT_THAT(redacted, ::testing::Not(::testing::HasSubstr(c.secret)))
+        << c.url;
+    EXPECT_THAT(redacted, ::testing::HasSubstr(c.kept)) << c.url;
+    EXPECT_THAT(redacted, ::testing::HasSubstr("***")) << c.url;
+  }
+  EXPECT_EQ(RedactStorageUrl("sqlite:///var/lib/custos/custos.db"),
+            "sqlite:///var/lib/custos/custos.db");
+  EXPECT_EQ(RedactStorageUrl("postgresql://custos@db:5432/custos"),
+            "postgresql://custos@db:5432/custos");
+}
+
+}  // namespace
+}  // namespace custos::kms

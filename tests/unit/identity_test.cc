@@ -16,6 +16,7 @@
 
 #include "absl/status/status.h"
 #include "common/testing/status_matchers.h"
+#include "kms/authorizer.h"
 #include "tests/support/test_certs.h"
 
 namespace custos::server {
@@ -69,27 +70,27 @@ TEST_F(IdentityTest, FirstDnsNameWhenNoUri) {
   spec.common_name = "cn-name";
   spec.dns_names = {"billing.example.org", "other.example.org"};
   EXPECT_THAT(IdentityFromPem(Issue(spec)),
-              IsOkAndHolds("billing.example.org"));
+              IsOkAndHolds("dns:billing.example.org"));
 }
 
 TEST_F(IdentityTest, CommonNameWhenNoSan) {
   CertSpec spec;
   spec.common_name = "billing-batch";
-  EXPECT_THAT(IdentityFromPem(Issue(spec)), IsOkAndHolds("billing-batch"));
+  EXPECT_THAT(IdentityFromPem(Issue(spec)), IsOkAndHolds("cn:billing-batch"));
 }
 
 TEST_F(IdentityTest, IpSanIsNotAnIdentity) {
   CertSpec spec;
   spec.common_name = "cn-name";
   spec.ips = {"10.0.0.1"};
-  EXPECT_THAT(IdentityFromPem(Issue(spec)), IsOkAndHolds("cn-name"));
+  EXPECT_THAT(IdentityFromPem(Issue(spec)), IsOkAndHolds("cn:cn-name"));
 }
 
 TEST_F(IdentityTest, AcceptsClientAndServerAuthTogether) {
   CertSpec spec;
   spec.common_name = "both";
   spec.server_auth = true;
-  EXPECT_THAT(IdentityFromPem(Issue(spec)), IsOkAndHolds("both"));
+  EXPECT_THAT(IdentityFromPem(Issue(spec)), IsOkAndHolds("cn:both"));
 }
 
 TEST_F(IdentityTest, RefusesCaCertificateAsClient) {
@@ -286,11 +287,13 @@ TEST_F(IdentityTest, CacheReturnsTheSameAnswer) {
 
   IdentityCache cache;
   for (int i = 0; i < 3; ++i) {
-    EXPECT_THAT(cache.Lookup(good),
+    EXPECT_THAT(cache.Lookup(good).principal,
                 IsOkAndHolds("spiffe://example.org/cached"));
-    EXPECT_THAT(cache.Lookup(bad), StatusIs(absl::StatusCode::kUnauthenticated,
-                                            HasSubstr("clientAuth")));
-    EXPECT_THAT(cache.Lookup("garbage"),
+    EXPECT_THAT(
+        cache.Lookup(bad).principal,
+        StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("clientAuth")));
+    EXPECT_EQ(cache.Lookup(bad).fingerprint, CertificateFingerprint(bad));
+    EXPECT_THAT(cache.Lookup("garbage").principal,
                 StatusIs(absl::StatusCode::kUnauthenticated));
   }
 }
@@ -300,12 +303,151 @@ TEST_F(IdentityTest, CacheKeepsAnsweringPastItsCapacity) {
   CertSpec spec;
   spec.uris = {"spiffe://example.org/first"};
   const std::string first = Issue(spec);
-  ASSERT_THAT(cache.Lookup(first), IsOkAndHolds("spiffe://example.org/first"));
+  ASSERT_THAT(cache.Lookup(first).principal,
+              IsOkAndHolds("spiffe://example.org/first"));
   // Fill the cache past its bound with distinct (garbage) entries.
   for (int i = 0; i < 5000; ++i) {
-    ASSERT_FALSE(cache.Lookup("garbage-" + std::to_string(i)).ok());
+    ASSERT_FALSE(cache.Lookup("garbage-" + std::to_string(i)).principal.ok());
   }
-  EXPECT_THAT(cache.Lookup(first), IsOkAndHolds("spiffe://example.org/first"));
+  EXPECT_THAT(cache.Lookup(first).principal,
+              IsOkAndHolds("spiffe://example.org/first"));
+}
+
+// The reserved prefix: custos:system is the principal of the service's own
+// work, and no certificate may claim it (or any custos: name), in any
+// letter case, as a CN or as a URI.
+TEST_F(IdentityTest, RefusesReservedCustosNames) {
+  auto cn = [](std::string value) {
+    CertSpec spec;
+    spec.common_name = std::move(value);
+    return spec;
+  };
+  auto uri = [](std::string value) {
+    CertSpec spec;
+    spec.uris = {std::move(value)};
+    return spec;
+  };
+  for (const CertSpec& spec :
+       {cn("custos:system"), cn("CUSTOS:system"), cn("Custos:anything"),
+        uri("custos:system"), uri("CUSTOS:system"), uri("custos://system")}) {
+    EXPECT_THAT(
+        IdentityFromPem(Issue(spec)),
+        StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("reserved")))
+        << spec.common_name << " " << (spec.uris.empty() ? "" : spec.uris[0]);
+  }
+}
+
+// Types never collide: a URI cannot pose as a DNS name, a CN or a refused
+// certificate's fingerprint.
+TEST_F(IdentityTest, RefusesUrisSpelledAsAnotherType) {
+  for (const char* value : {"dns:admin.example.org", "cn:admin", "CN:admin",
+                            "cert-sha256:00ff", "no-scheme/admin"}) {
+    CertSpec spec;
+    spec.uris = {value};
+    EXPECT_THAT(
+        IdentityFromPem(Issue(spec)),
+        StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("SAN URI")))
+        << value;
+  }
+}
+
+// A CN spelled like a SPIFFE URI is a CN: it gets the cn: prefix and does
+// not match the URI principal, as an admin or in a key policy.
+TEST_F(IdentityTest, CommonNameSpelledLikeAUriDoesNotMatchTheUri) {
+  CertSpec spec;
+  spec.common_name = "spiffe://example.org/admin";
+  absl::StatusOr<std::string> identity = IdentityFromPem(Issue(spec));
+  ASSERT_THAT(identity, IsOkAndHolds("cn:spiffe://example.org/admin"));
+  const kms::Authorizer authorizer(
+      kms::Roles{{"spiffe://example.org/admin", "spiffe://example.org/*"}, {}});
+  EXPECT_FALSE(authorizer.IsAdmin(*identity));
+  kms::Key key;
+  key.id = "k-x";
+  kms::PolicyBinding binding;
+  binding.principals = {"spiffe://example.org/admin"};
+  binding.operations = {kms::KeyOperation::kEncrypt};
+  key.policy.bindings.push_back(binding);
+  const kms::Caller caller{*identity, "", ""};
+  const kms::EncryptionContext context;
+  EXPECT_THAT(authorizer.Check(caller, kms::Rpc::kEncrypt, &key,
+                               kms::KeyOperation::kEncrypt, &context, nullptr),
+              StatusIs(absl::StatusCode::kPermissionDenied));
+  // The control: the URI itself is allowed.
+  const kms::Caller uri_caller{"spiffe://example.org/admin", "", ""};
+  EXPECT_TRUE(authorizer
+                  .Check(uri_caller, kms::Rpc::kEncrypt, &key,
+                         kms::KeyOperation::kEncrypt, &context, nullptr)
+                  .ok());
+  // The same text as a DNS SAN is refused (not a host name) rather than
+  // turned into something else.
+  CertSpec dns;
+  dns.dns_names = {"spiffe://example.org/admin"};
+  EXPECT_THAT(IdentityFromPem(Issue(dns)),
+              StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("DNS")));
+}
+
+TEST_F(IdentityTest, DnsNamesAreLowerCasedHostNames) {
+  CertSpec spec;
+  spec.dns_names = {"Billing.Example.ORG"};
+  EXPECT_THAT(IdentityFromPem(Issue(spec)),
+              IsOkAndHolds("dns:billing.example.org"));
+  for (const char* bad : {"*.example.org", "a..b", "under_score.org"}) {
+    CertSpec b;
+    b.dns_names = {bad};
+    EXPECT_THAT(IdentityFromPem(Issue(b)),
+                StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("DNS")))
+        << bad;
+  }
+}
+
+TEST_F(IdentityTest, Utf8CommonNameIsKeptAsUtf8) {
+  CertSpec spec;
+  spec.common_name = "M\xC3\xBCller-batch";  // Müller
+  EXPECT_THAT(IdentityFromPem(Issue(spec)),
+              IsOkAndHolds("cn:M\xC3\xBCller-batch"));
+}
+
+TEST_F(IdentityTest, PrincipalLengthIsCappedAt512Bytes) {
+  const std::string prefix = "spiffe://example.org/";
+  CertSpec spec;
+  spec.uris = {prefix + std::string(512 - prefix.size(), 'a')};
+  EXPECT_THAT(IdentityFromPem(Issue(spec)), IsOkAndHolds(spec.uris[0]));
+  spec.uris = {prefix + std::string(513 - prefix.size(), 'a')};
+  EXPECT_THAT(IdentityFromPem(Issue(spec)),
+              StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("512")));
+}
+
+// The authorizer refuses a reserved principal whatever the roles say, so
+// that a development principal or another identity source cannot act as
+// the service.
+TEST_F(IdentityTest, AuthorizerRefusesReservedCallers) {
+  const kms::Authorizer authorizer(kms::Roles{{"*"}, {"*"}});
+  EXPECT_FALSE(authorizer.IsAdmin("custos:system"));
+  EXPECT_FALSE(authorizer.IsAuditor("Custos:System"));
+  const kms::Caller caller{"custos:system", "", ""};
+  EXPECT_THAT(
+      authorizer.Check(caller, kms::Rpc::kGenerateRandom, nullptr,
+                       kms::KeyOperation{}, nullptr, nullptr),
+      StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("reserved")));
+}
+
+// A refused certificate is named by the hash of its DER encoding: stable,
+// distinct per certificate, and free of anything it claims.
+TEST_F(IdentityTest, FingerprintIsTheCertificateHash) {
+  CertSpec spec;
+  spec.common_name = "custos:system";
+  const std::string a = Issue(spec);
+  const std::string b = Issue(spec);
+  const std::string fa = CertificateFingerprint(a);
+  EXPECT_EQ(fa, CertificateFingerprint(a));
+  EXPECT_NE(fa, CertificateFingerprint(b));  // another serial and key
+  EXPECT_EQ(fa.size(), std::string("cert-sha256:").size() + 64);
+  EXPECT_EQ(fa.rfind("cert-sha256:", 0), 0u);
+  EXPECT_EQ(fa.find("custos:"), std::string::npos);
+  // The same certificate followed by other text: the same hash (of the
+  // DER, not of the PEM bytes).
+  EXPECT_EQ(CertificateFingerprint(a + "trailing text\n"), fa);
+  EXPECT_EQ(CertificateFingerprint("garbage").rfind("cert-sha256:", 0), 0u);
 }
 
 }  // namespace
