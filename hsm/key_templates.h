@@ -1,5 +1,5 @@
 // The attribute templates Custos generates keys with, and the checks it makes
-// before using any key (SECURITY.md, threat 6). The checks never trust the
+// before using any key (docs/security.md, threat 6). The checks never trust the
 // template alone: SoftHSM does not enforce every attribute, so what the token
 // reports is read back and compared.
 #ifndef CUSTOS_HSM_KEY_TEMPLATES_H_

@@ -25,7 +25,8 @@ std::string FromPadded(const unsigned char* bytes, size_t size) {
 }
 
 // Several processes sharing a SoftHSM token directory can see a half-written
-// file for a moment (MEASURED.md): such reads are retried briefly.
+// file for a moment (docs/hsm.md, "SoftHSM2's behaviour the code depends on"):
+// such reads are retried briefly.
 bool IsTransient(CK_RV rv) {
   return rv == CKR_GENERAL_ERROR || rv == CKR_FUNCTION_FAILED ||
          rv == CKR_TOKEN_NOT_RECOGNIZED;

@@ -271,9 +271,10 @@ absl::StatusOr<SecretBytes> Session::DecryptAesGcm(
   CK_RV rv = fn_->C_Decrypt(handle_, Bytes(ciphertext), ciphertext.size(),
                             out.data(), &out_len);
   // A failed tag check is CKR_ENCRYPTED_DATA_INVALID by the spec, and
-  // CKR_GENERAL_ERROR from SoftHSM (MEASURED.md). Both end the operation
-  // (PKCS#11 v2.40 section 5.2), so the session stays usable: a stream of bad
-  // ciphertexts must not cost a new session each.
+  // CKR_GENERAL_ERROR from SoftHSM (docs/hsm.md, "SoftHSM2's behaviour the code
+  // depends on"). Both end the operation (PKCS#11 v2.40 section 5.2), so the
+  // session stays usable: a stream of bad ciphertexts must not cost a new
+  // session each.
   if (rv == CKR_ENCRYPTED_DATA_INVALID || rv == CKR_GENERAL_ERROR ||
       rv == CKR_ENCRYPTED_DATA_LEN_RANGE) {
     return CkStatusAs(absl::StatusCode::kInvalidArgument,

@@ -1,4 +1,4 @@
-// The one authorization point of the service (SECURITY.md, property 2).
+// The one authorization point of the service (docs/security.md, property 2).
 //
 // Every RPC, before it touches a key, asks Check(). Deny by default:
 // - management RPCs (keys, aliases, policies) need the admin role;

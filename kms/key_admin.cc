@@ -126,10 +126,6 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::CreateKey(
         key.policy.version = 1;
         audit.SetPolicy(key.policy);
         if (!params.alias.empty()) key.aliases.push_back(params.alias);
-        // The record first: an audit log that cannot write stops the call
-        // before any key material exists (material is only destroyed after
-        // a record of its own, which that log could not write either).
-        CUSTOS_RETURN_IF_ERROR(audit.RecordBeforeCommit());
         // Until the row commits (or the object is discarded), a concurrent
         // Reconcile must not take the new object for garbage.
         absl::ReaderMutexLock material(&material_mu_);
@@ -142,7 +138,11 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::CreateKey(
         v1.create_time = now;
         key.versions.push_back(std::move(v1));
         std::string id = key.id;
-        absl::Status s = registry_->Insert(std::move(key));
+        // If the record cannot be written, the object stays with its intent
+        // (its destruction could not be recorded either): the reconciler
+        // claims and destroys it once the audit log writes again.
+        absl::Status s = audit.RecordBeforeCommit();
+        if (s.ok()) s = registry_->Insert(std::move(key));
         if (!s.ok()) {
           DiscardUncommitted(id, 1, hsm_id);
           return s;

@@ -19,6 +19,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
 #include "hsm/key_templates.h"
@@ -99,6 +100,20 @@ absl::Status KeyService::DestroyGarbage(const std::string& key_id,
   return hsm_->DestroyObjects(hsm_id).status();
 }
 
+bool KeyService::NamedByStoredVersion(const hsm::HsmObject& object) {
+  // The label names the key ("custos:<key id>:v<n>"); the database, not
+  // the label, says whether one of its versions owns the object.
+  absl::string_view label = object.label;
+  if (!absl::ConsumePrefix(&label, kHsmLabelPrefix)) return false;
+  const std::string key_id(label.substr(0, label.find(':')));
+  absl::StatusOr<Key> stored = registry_->store()->LoadKey(key_id);
+  if (!stored.ok()) return false;
+  for (const KeyVersion& v : stored->versions) {
+    if (v.hsm_id == object.id) return true;
+  }
+  return false;
+}
+
 absl::StatusOr<MaintenanceReport> KeyService::Reconcile() {
   MaintenanceReport report;
   // The versions committed before the listing. Each one's object was made
@@ -162,6 +177,8 @@ absl::StatusOr<MaintenanceReport> KeyService::Reconcile() {
       }
       auto intent = intents.find(o->id);
       if (intent == intents.end()) {
+        // Another replica's version this cache has not heard of yet?
+        if (NamedByStoredVersion(*o)) continue;
         quarantined.push_back(o);
         continue;
       }

@@ -69,7 +69,7 @@ absl::Status KeyService::TakeEncryptions(const Key& key,
     // Claim the next block from the durable count itself (not from a cached
     // copy): this process then owns exactly [start, end), so several
     // processes sharing a database never hand out the same range, and after
-    // a restart the count may run high, never low (SECURITY.md, threat 9).
+    // a restart the count may run high, never low (docs/security.md, threat 9).
     uint64_t start = 0, end = 0;
     const uint32_t number = version.number;
     CUSTOS_RETURN_IF_ERROR(
@@ -118,13 +118,6 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::RotateFrom(
   // removes; never a row without an object, and never a primary version
   // that is not durable. A reconcile running meanwhile waits for the
   // commit (material_mu_).
-  //
-  // The record first: an audit log that cannot write stops the rotation
-  // before any key material exists.
-  if (audit != nullptr) {
-    audit->SetKey(key_id, number);
-    CUSTOS_RETURN_IF_ERROR(audit->RecordBeforeCommit());
-  }
   absl::ReaderMutexLock material(&material_mu_);
   CUSTOS_ASSIGN_OR_RETURN(std::string hsm_id,
                           GenerateVersionMaterial(key_id, number));
@@ -146,7 +139,9 @@ absl::StatusOr<std::shared_ptr<const Key>> KeyService::RotateFrom(
         if (k.rotation_period > absl::ZeroDuration()) {
           k.next_rotation_time = now + k.rotation_period;
         }
-        return absl::OkStatus();
+        if (audit == nullptr) return absl::OkStatus();
+        audit->SetKey(key_id, number);
+        return audit->RecordBeforeCommit();
       });
   if (!updated.ok()) {
     // The version did not become durable: its object must not linger.

@@ -420,6 +420,8 @@ class KeyService {
   // database calls garbage.
   absl::Status DestroyGarbage(const std::string& key_id, uint32_t version,
                               const std::string& hsm_id, absl::string_view why);
+  // Whether the database (not this cache) has a version owning `object`.
+  bool NamedByStoredVersion(const hsm::HsmObject& object);
   // Writes a record of work on HSM material by the service itself.
   absl::Status RecordMaterialEvent(const std::string& key_id, uint32_t version,
                                    const std::string& operation,

@@ -3,8 +3,8 @@
 // it denies by default, and nothing outside a key's policy (being an admin or
 // an auditor, say) grants use of the key. See docs/policies.md.
 //
-// Threat model (SECURITY.md, threat 3): patterns come only from the policy,
-// which an admin wrote; the strings a caller sends (its identity, its
+// Threat model (docs/security.md, threat 3): patterns come only from the
+// policy, which an admin wrote; the strings a caller sends (its identity, its
 // encryption context) are always matched literally, never expanded.
 #ifndef CUSTOS_KMS_POLICY_H_
 #define CUSTOS_KMS_POLICY_H_

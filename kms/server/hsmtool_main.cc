@@ -67,8 +67,13 @@ absl::Status RunQuarantine(const std::string& command, const Flags& flags) {
         "--config: quarantine needs custosd's configuration file (it names "
         "the database, the token and the audit directory)");
   }
-  CUSTOS_ASSIGN_OR_RETURN(custos::server::Config config,
-                          custos::server::LoadConfig(flags.config));
+  CUSTOS_ASSIGN_OR_RETURN(
+      custos::server::Config config,
+      custos::server::LoadConfig(
+          flags.config,
+          // The tool uses none of the test settings;
+          // it reads the tests' configs too.
+          custos::server::ParseOptions{.allow_testing = true}));
   CUSTOS_ASSIGN_OR_RETURN(
       std::unique_ptr<custos::kms::Store> store,
       custos::kms::OpenStore(config.storage, custos::kms::OpenMode::kExisting));

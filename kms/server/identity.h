@@ -2,10 +2,11 @@
 //
 // gRPC has already verified the chain to the configured client CA (and the
 // validity period). On top of that Custos requires the clientAuth extended
-// key usage and refuses CA certificates used as client leaves (SECURITY.md,
-// threat 4). The identity is the first SAN URI (e.g. spiffe://...), else the
-// first DNS SAN (as dns:HOST), else the subject CN (as cn:NAME); see
-// kms/principal.h for the spelling and the reserved names. Thread-safe.
+// key usage and refuses CA certificates used as client leaves
+// (docs/security.md, threat 4). The identity is the first SAN URI (e.g.
+// spiffe://...), else the first DNS SAN (as dns:HOST), else the subject CN (as
+// cn:NAME); see kms/principal.h for the spelling and the reserved names.
+// Thread-safe.
 #ifndef CUSTOS_KMS_SERVER_IDENTITY_H_
 #define CUSTOS_KMS_SERVER_IDENTITY_H_
 

@@ -73,7 +73,7 @@ constexpr bool kTestBuild = false;
 
 void ForbidCoreDumps() {
   // Key material passes through this process's memory (data keys): it must
-  // never land in a core file (SECURITY.md, threat 5).
+  // never land in a core file (docs/security.md, threat 5).
   struct rlimit none = {0, 0};
   setrlimit(RLIMIT_CORE, &none);
   prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
@@ -159,7 +159,9 @@ bool NodeHasAuditLog(const Config& config) {
 // custosd --init: see the file comment. Idempotent: a second run on an
 // initialised node changes nothing and says so.
 absl::Status Init(const std::string& config_path) {
-  CUSTOS_ASSIGN_OR_RETURN(Config config, LoadConfig(config_path));
+  CUSTOS_ASSIGN_OR_RETURN(
+      Config config,
+      LoadConfig(config_path, ParseOptions{.allow_testing = kTestBuild}));
   SetUpLogging(config.log_level);
   ForbidCoreDumps();
   CUSTOS_ASSIGN_OR_RETURN(

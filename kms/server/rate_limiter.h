@@ -1,4 +1,4 @@
-// RateLimiter: a token bucket per principal (SECURITY.md, threat 11). Each
+// RateLimiter: a token bucket per principal (docs/security.md, threat 11). Each
 // principal's bucket holds up to `burst` requests and refills at
 // `requests_per_second`; a request that finds its bucket empty is refused
 // with RESOURCE_EXHAUSTED (the handlers audit the refusal). Buckets are kept

@@ -1,4 +1,4 @@
-// SECURITY.md's bad inputs, table-driven, against a real custosd over
+// docs/security.md's bad inputs, table-driven, against a real custosd over
 // mutual TLS. Each case asserts a clear typed error, exactly one audit
 // record for the call (when the call reaches custosd: transport-level
 // refusals such as oversized messages are gRPC's), and that nothing is lost

@@ -166,11 +166,11 @@ class CrashE2eTest : public ::testing::Test {
     return all;
   }
 
-  // Generate-intents left in the database.
+  // Generate-intents left in the database, unsettled (not claimed).
   int Intents() {
-    testing::CommandResult r =
-        testing::RunCommand("sqlite3 " + server_->database_path() +
-                            " 'SELECT COUNT(*) FROM material_intents'");
+    testing::CommandResult r = testing::RunCommand(
+        "sqlite3 " + server_->database_path() +
+        " 'SELECT COUNT(*) FROM material_intents WHERE claimed = 0'");
     EXPECT_EQ(r.exit_code, 0) << r.output;
     return std::atoi(r.output.c_str());
   }

@@ -430,7 +430,10 @@ TEST_F(AuditSigningFaultE2eTest, ServesUpToTheTailBoundThenFailsClosed) {
   EXPECT_GT(served, 0u);
   EXPECT_LE(served, kBound - tail);
   EXPECT_EQ(refused.error_code(), Code::UNAVAILABLE) << refused.error_message();
+  // Callers get the generic reason; the server log has the details.
   EXPECT_THAT(refused.error_message(),
+              ::testing::HasSubstr("the audit log cannot record it"));
+  EXPECT_THAT(testing::ReadAll(server_->log_path()),
               ::testing::HasSubstr("no checkpoint could be signed"));
   EXPECT_TRUE(resp.random().empty());
   EXPECT_EQ(UnsignedTail(), kBound);

@@ -109,8 +109,9 @@ TEST_F(HsmTest, CmkCannotBeWrappedUnderAnyKey) {
       .Bool(CKA_EXTRACTABLE, true);
   CUSTOS_ASSERT_OK_AND_ASSIGN(CK_OBJECT_HANDLE wrapping_key,
                               s.GenerateKey(CKM_AES_KEY_GEN, wrapper));
-  // The two wrapping mechanisms SoftHSM supports (MEASURED.md) refuse the
-  // CMK because it is not extractable.
+  // The two wrapping mechanisms SoftHSM supports (docs/hsm.md, "SoftHSM2's
+  // behaviour the code depends on") refuse the CMK because it is not
+  // extractable.
   for (CK_MECHANISM_TYPE mech : {CKM_AES_KEY_WRAP, CKM_AES_KEY_WRAP_PAD}) {
     CK_MECHANISM m = {mech, nullptr, 0};
     unsigned char out[256];

@@ -1752,8 +1752,15 @@ class HookedStore : public Store {
   }
   absl::Status InsertKey(const Key& key) override {
     if (hook_) std::exchange(hook_, nullptr)();
-    return next_->InsertKey(key);
+    if (!fail_before_.ok()) return fail_before_;
+    absl::Status s = next_->InsertKey(key);
+    if (s.ok() && !fail_after_.ok()) return fail_after_;
+    return s;
   }
+  // InsertKey fails without writing (a commit known to have failed).
+  void FailBefore(absl::Status s) { fail_before_ = std::move(s); }
+  // InsertKey writes, then reports `s` (a connection lost after COMMIT).
+  void FailAfter(absl::Status s) { fail_after_ = std::move(s); }
   absl::StatusOr<Key> UpdateKey(absl::string_view id, Mutator mutate) override {
     return next_->UpdateKey(id, mutate);
   }
@@ -1789,7 +1796,58 @@ class HookedStore : public Store {
  private:
   Store* const next_;
   std::function<void()> hook_;
+  absl::Status fail_before_, fail_after_;
 };
+
+// A create whose commit fails: its object is destroyed (recorded first) only
+// when the database shows that no version owns it. One whose commit landed
+// although the caller was told it failed keeps its material.
+TEST_F(KeyServiceReconcileTest,
+       FailedCommitDiscardsOnlyWhatTheDatabaseDisowns) {
+  ClearOtherTestsObjects();
+  HookedStore store(stack_->store.get(), nullptr);
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<KeyRegistry> registry,
+                              KeyRegistry::Load(&store));
+  KeyService service(Options(), hsm_, registry.get(), stack_->audit.get(),
+                     &authorizer_);
+  auto custos_objects = [&]() -> std::set<std::string> {
+    std::set<std::string> ids;
+    absl::StatusOr<std::vector<hsm::HsmObject>> objects =
+        hsm_->ListKeyObjects();
+    EXPECT_TRUE(objects.ok());
+    for (const auto& o : *objects) {
+      if (o.label.rfind(kHsmLabelPrefix, 0) == 0 &&
+          o.object_class == CKO_SECRET_KEY) {
+        ids.insert(o.id);
+      }
+    }
+    return ids;
+  };
+  const std::set<std::string> before = custos_objects();
+
+  store.FailBefore(absl::UnavailableError("database is locked"));
+  EXPECT_THAT(service.CreateKey(As(kAdmin), KeyParams()),
+              StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_EQ(custos_objects(), before) << "the uncommitted object remains";
+  EXPECT_THAT(AuditText(), HasSubstr("its version was never committed"));
+
+  store.FailBefore(absl::OkStatus());
+  store.FailAfter(absl::UnavailableError("connection lost after COMMIT"));
+  EXPECT_THAT(service.CreateKey(As(kAdmin), KeyParams()),
+              StatusIs(absl::StatusCode::kUnavailable));
+  const std::set<std::string> after = custos_objects();
+  ASSERT_EQ(after.size(), before.size() + 1)
+      << "the committed version's material was destroyed";
+  CUSTOS_ASSERT_OK_AND_ASSIGN(std::vector<Key> keys,
+                              stack_->store->LoadAllKeys());
+  std::set<std::string> named;
+  for (const Key& k : keys) {
+    for (const KeyVersion& v : k.versions) named.insert(v.hsm_id);
+  }
+  for (const std::string& id : after) {
+    EXPECT_EQ(named.count(id), 1u) << hsm::ObjectIdHex(id);
+  }
+}
 
 TEST_F(KeyServiceReconcileTest, KeyCreatedDuringAReconcileKeepsItsMaterial) {
   ClearOtherTestsObjects();
@@ -1869,9 +1927,11 @@ TEST_F(KeyServiceReconcileTest,
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::string foreign,
                               hsm_->GenerateAesKey("another-app:key"));
 
+  // With an object no row names, even the garbage waits: the database
+  // might be an older backup whose intent a newer one committed.
   CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport report, service().Reconcile());
-  EXPECT_EQ(report.orphans_destroyed, 1);
-  EXPECT_EQ(report.destroyed_objects, 1);
+  EXPECT_EQ(report.orphans_destroyed, 0);
+  EXPECT_EQ(report.orphans_waiting, 1);
   EXPECT_EQ(report.quarantined, 1);
   EXPECT_FALSE(report.refused);
   EXPECT_EQ(report.missing_objects, 0);
@@ -1879,8 +1939,20 @@ TEST_F(KeyServiceReconcileTest,
   EXPECT_EQ(service().quarantined_objects(), 1);
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::vector<hsm::HsmObject> objects,
                               hsm_->ListKeyObjects());
-  EXPECT_THAT(HsmIds(objects), ::testing::Not(::testing::Contains(garbage)));
+  EXPECT_THAT(HsmIds(objects), ::testing::Contains(garbage));
   EXPECT_THAT(HsmIds(objects), ::testing::Contains(unnamed));
+  EXPECT_THAT(AuditText(), HasSubstr("\"QuarantineHsmObjects\""));
+  EXPECT_THAT(AuditText(), HasSubstr(hsm::ObjectIdHex(unnamed)));
+
+  // The operator settles the quarantine; then the garbage goes.
+  CUSTOS_ASSERT_OK(hsm_->DestroyObjects(unnamed).status());
+  CUSTOS_ASSERT_OK_AND_ASSIGN(report, service().Reconcile());
+  EXPECT_EQ(report.orphans_destroyed, 1);
+  EXPECT_EQ(report.destroyed_objects, 1);
+  EXPECT_EQ(report.quarantined, 0);
+  EXPECT_EQ(service().quarantined_objects(), 0);
+  CUSTOS_ASSERT_OK_AND_ASSIGN(objects, hsm_->ListKeyObjects());
+  EXPECT_THAT(HsmIds(objects), ::testing::Not(::testing::Contains(garbage)));
   EXPECT_THAT(HsmIds(objects), ::testing::Contains(foreign));
   EXPECT_THAT(HsmIds(objects), ::testing::Contains(key->versions[0].hsm_id));
   CUSTOS_EXPECT_OK(Open(dk.blob, kContext));
@@ -1889,17 +1961,15 @@ TEST_F(KeyServiceReconcileTest,
   const std::string audit = AuditText();
   EXPECT_THAT(audit, HasSubstr("\"DestroyHsmObject\""));
   EXPECT_THAT(audit, HasSubstr(hsm::ObjectIdHex(garbage)));
-  EXPECT_THAT(audit, HasSubstr("\"QuarantineHsmObjects\""));
-  EXPECT_THAT(audit, HasSubstr(hsm::ObjectIdHex(unnamed)));
+  // The garbage's intent stays claimed, a tombstone no commit can name.
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::vector<MaterialIntent> intents,
                               stack_->store->ListIntents());
-  EXPECT_THAT(intents, ::testing::IsEmpty());
-  // Running it again destroys nothing more; the quarantine stays.
+  ASSERT_EQ(intents.size(), 1u);
+  EXPECT_TRUE(intents[0].claimed);
+  // Running it again destroys nothing more.
   CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport again, service().Reconcile());
   EXPECT_EQ(again.destroyed_objects, 0);
-  EXPECT_EQ(again.quarantined, 1);
   CUSTOS_EXPECT_OK(hsm_->DestroyObjects(foreign).status());
-  CUSTOS_EXPECT_OK(hsm_->DestroyObjects(unnamed).status());
 }
 
 // When most Custos objects on the token are named by no row (the wrong
@@ -1973,20 +2043,24 @@ TEST_F(KeyServiceReconcileTest, OrphanGraceWaitsBeforeDestroying) {
       std::shared_ptr<const Key> key,
       b->service->CreateKey(As(kAdmin), KeyParams(SvcAPolicy())));
 
+  // b's object is neither waiting nor quarantined: a asks the database,
+  // not its stale cache, whether a version owns it.
   CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport first, a->service->Reconcile());
-  EXPECT_EQ(first.orphans_waiting, 2);
+  EXPECT_EQ(first.orphans_waiting, 1);
+  EXPECT_EQ(first.quarantined, 0);
   EXPECT_EQ(first.destroyed_objects, 0);
   clock_.Advance(absl::Minutes(9));
   CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport early, a->service->Reconcile());
-  EXPECT_EQ(early.orphans_waiting, 2);
+  EXPECT_EQ(early.orphans_waiting, 1);
   EXPECT_EQ(early.destroyed_objects, 0);
 
-  // a learns of b's key (the change feed refreshes its registry).
-  CUSTOS_ASSERT_OK(a->registry->Refresh(key->id));
+  // Past the grace, with a's cache still not knowing b's key.
   clock_.Advance(absl::Minutes(2));
   CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport late, a->service->Reconcile());
   EXPECT_EQ(late.orphans_waiting, 0);
+  EXPECT_EQ(late.quarantined, 0);
   EXPECT_EQ(late.orphans_destroyed, 1);
+  CUSTOS_ASSERT_OK(a->registry->Refresh(key->id));
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::vector<hsm::HsmObject> objects,
                               hsm_->ListKeyObjects());
   EXPECT_THAT(HsmIds(objects), ::testing::Not(::testing::Contains(orphan)));
@@ -1997,7 +2071,7 @@ TEST_F(KeyServiceReconcileTest, OrphanGraceWaitsBeforeDestroying) {
 }
 
 TEST_F(KeyServiceReconcileTest, ReportsAVersionWhoseObjectIsMissing) {
-  CUSTOS_ASSERT_OK(service().Reconcile());
+  ClearOtherTestsObjects();
   CUSTOS_ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Key> key, NewKey());
   CUSTOS_ASSERT_OK(hsm_->DestroyObjects(key->versions[0].hsm_id));
   CUSTOS_ASSERT_OK_AND_ASSIGN(MaintenanceReport report, service().Reconcile());

@@ -2,10 +2,10 @@
 // SQLite file in a temporary directory, and a fresh database on a real
 // PostgreSQL server (tests/support/postgres_server.h; one server per test
 // suite, one database per test). Round trips of every field, transactional
-// updates, alias rules, refusal of rows the store cannot trust (SECURITY.md:
-// an unknown state is never treated as enabled), durability across reopen,
-// migrations; and what several replicas on one database rely on: changes
-// seen across stores, concurrent updates that lose nothing, concurrent
+// updates, alias rules, refusal of rows the store cannot trust
+// (docs/security.md: an unknown state is never treated as enabled), durability
+// across reopen, migrations; and what several replicas on one database rely on:
+// changes seen across stores, concurrent updates that lose nothing, concurrent
 // inserts and aliases granted once, migrations that do not race.
 //
 // The tests that corrupt rows do so through a raw connection (sqlite3 or
@@ -342,6 +342,46 @@ TEST_P(StoreContractTest, IntentsRoundTrip) {
   ASSERT_THAT(intents, IsOk());
   ASSERT_EQ(intents->size(), 1u);
   EXPECT_EQ((*intents)[0].hsm_id, b);
+}
+
+// A version's commit settles its intent; a claimed intent never commits; a
+// claim fails once a version names the object.
+TEST_P(StoreContractTest, CommitsSettleIntentsAndClaimedIntentsNeverCommit) {
+  std::unique_ptr<Store> store = Open();
+  ASSERT_NE(store, nullptr);
+  Key key = SampleKey("k-claims", "c");
+  const KeyVersion v2 = key.versions[1];
+  key.versions.pop_back();
+  key.primary_version = 1;
+  const std::string v1_id = key.versions[0].hsm_id;
+  ASSERT_THAT(store->InsertIntent({v1_id, key.id, 1, kT0}), IsOk());
+  ASSERT_THAT(store->InsertKey(key), IsOk());
+  absl::StatusOr<std::vector<MaterialIntent>> intents = store->ListIntents();
+  ASSERT_THAT(intents, IsOk());
+  EXPECT_THAT(*intents, IsEmpty()) << "the commit left its intent";
+  EXPECT_THAT(store->ClaimIntent(v1_id), IsOkAndHolds(false));
+
+  // An intent claimed as garbage: claiming again still says so, and the
+  // version that names it cannot be committed, nor can a claim undo that.
+  ASSERT_THAT(store->InsertIntent({v2.hsm_id, key.id, 2, kT0}), IsOk());
+  EXPECT_THAT(store->ClaimIntent(v2.hsm_id), IsOkAndHolds(true));
+  EXPECT_THAT(store->ClaimIntent(v2.hsm_id), IsOkAndHolds(true));
+  EXPECT_THAT(store->UpdateKey(key.id,
+                               [&](Key& k) {
+                                 k.versions.push_back(v2);
+                                 k.primary_version = 2;
+                                 return absl::OkStatus();
+                               }),
+              StatusIs(absl::StatusCode::kAborted, HasSubstr("claimed")));
+  absl::StatusOr<Key> stored = store->LoadKey(key.id);
+  ASSERT_THAT(stored, IsOk());
+  EXPECT_EQ(stored->versions.size(), 1u);
+  intents = store->ListIntents();
+  ASSERT_THAT(intents, IsOk());
+  ASSERT_EQ(intents->size(), 1u);
+  EXPECT_TRUE((*intents)[0].claimed);
+  // No intent at all (a key made before intents existed): nothing to claim.
+  EXPECT_THAT(store->ClaimIntent(std::string(16, '\x42')), IsOkAndHolds(false));
 }
 
 // ---- Round trips ----

@@ -1,5 +1,5 @@
 // IdentityFromPem and IdentityCache: which name a client certificate
-// identifies as, and which certificates are refused (SECURITY.md, threat 4).
+// identifies as, and which certificates are refused (docs/security.md, threat 4).
 // Chain and validity checks are gRPC's job and are not tested here.
 #include "kms/server/identity.h"
 
