@@ -70,11 +70,11 @@ absl::StatusOr<InitOutcome> InitDeployment(Store& store, hsm::Hsm& hsm,
     // Another --init won the race, or the write failed (perhaps only as far
     // as this process could tell): the marker (no secret) goes again only
     // if the database does not name it.
-    absl::StatusOr<std::optional<Deployment>> now = store.LoadDeployment();
-    if (now.ok() && now->has_value() && (*now)->id == marker) {
+    absl::StatusOr<std::optional<Deployment>> stored = store.LoadDeployment();
+    if (stored.ok() && stored->has_value() && (*stored)->id == marker) {
       return InitOutcome::kCreated;
     }
-    if (now.ok()) {
+    if (stored.ok()) {
       hsm.DestroyMarker(marker, kDeploymentMarkerLabel).IgnoreError();
     }
     if (!absl::IsAlreadyExists(recorded)) return recorded;
