@@ -162,6 +162,17 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerTlsCredentials(
   // gRPC stays initialised while they are made (the credentials then hold
   // it).
   grpc::GrpcLibraryCodegen grpc_library;
+  // Every check that can fail comes before the options: gRPC 1.51's
+  // TlsServerCredentialsOptions frees its C options only when credentials
+  // are made from them, so an early return would leak them.
+  std::shared_ptr<const CrlWatcher> crls;
+  if (!tls.crl_dir.empty()) {
+    CrlWatcher::Options watch;
+    watch.dir = tls.crl_dir;
+    watch.client_ca_path = tls.client_ca;
+    watch.interval = absl::Seconds(tls.reload_interval_seconds);
+    CUSTOS_ASSIGN_OR_RETURN(crls, CrlWatcher::Start(watch));
+  }
   // The provider reads the three files now and then every interval on a
   // thread of its own; gRPC builds a new SSL context when their contents
   // change. It does not check that a new key matches the new certificate:
@@ -176,13 +187,7 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerTlsCredentials(
   options.watch_identity_key_cert_pairs();
   options.set_cert_request_type(
       GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-  if (!tls.crl_dir.empty()) {
-    CrlWatcher::Options watch;
-    watch.dir = tls.crl_dir;
-    watch.client_ca_path = tls.client_ca;
-    watch.interval = absl::Seconds(tls.reload_interval_seconds);
-    CUSTOS_ASSIGN_OR_RETURN(std::shared_ptr<const CrlWatcher> crls,
-                            CrlWatcher::Start(watch));
+  if (crls != nullptr) {
     options.set_certificate_verifier(
         grpc::experimental::ExternalCertificateVerifier::Create<
             RevocationVerifier>(std::move(crls)));
